@@ -1,0 +1,1 @@
+"""The fedstream client process and the Task interface."""

@@ -1,0 +1,55 @@
+"""The client process's configuration."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from fedstream.common.config import ConfigError
+
+MIB = 1 << 20
+
+
+@dataclass
+class ClientConfig:
+    server: str = "127.0.0.1:50051"
+    """HOST:PORT of the coordinator."""
+    task: str = "digits"
+    """Task: a built-in name (digits, charlm, synthetic) or package.module:ClassName."""
+    task_opt: dict[str, str] = field(default_factory=dict)
+    """Task option KEY=VALUE; must match the coordinator's where it shapes the model."""
+    partition: int = 0
+    """Which partition of the local data this client trains on (0-based)."""
+    num_partitions: int = 1
+    """How many partitions the data is split into."""
+    name: str = ""
+    """Client identity in the federation (default: HOSTNAME-pPARTITION)."""
+    seed: int = 0
+    """Run seed; must match the coordinator's so data splits agree."""
+    device: str = "cpu"
+    """Torch device to train on: cpu, cuda, cuda:1, ..."""
+    threads: int = 0
+    """Torch CPU threads (0 keeps torch's default)."""
+    chunk_bytes: int = MIB
+    """Bytes per streamed chunk of update data."""
+    stall_timeout: float = 60.0
+    """Seconds a transfer may move no bytes before it is abandoned and retried."""
+    max_backoff: float = 30.0
+    """Longest wait between reconnection attempts, in seconds."""
+    give_up_after: float = 300.0
+    """Seconds without reaching the coordinator after which the client exits non-zero."""
+    log_level: str = "INFO"
+    """Logging level: DEBUG, INFO, WARNING or ERROR."""
+
+    def validate(self) -> None:
+        host, sep, port = self.server.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"server: expected HOST:PORT, got {self.server!r}")
+        if not 0 <= self.partition < self.num_partitions:
+            raise ConfigError(f"partition {self.partition} is outside 0..{self.num_partitions - 1}")
+        if not 1024 <= self.chunk_bytes <= 16 * MIB:
+            raise ConfigError("chunk_bytes must be between 1 KiB and 16 MiB")
+        if self.threads < 0:
+            raise ConfigError("threads must be 0 or more")
+        if not self.name:
+            self.name = f"{socket.gethostname()}-p{self.partition}"

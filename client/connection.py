@@ -1,0 +1,258 @@
+"""The client's side of the wire: channels, session, model download and update upload.
+
+Control calls (Join, Poll) and bulk calls (Download, Upload) run on two separate
+channels, each with its own HTTP/2 connection, so a long-poll never queues behind
+tensor bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from fedstream.common.errors import WireError
+from fedstream.common.framing import ChunkParser, MalformedChunk, frame_data, serialize_chunk
+from fedstream.common.progress import TransferProgress
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.tensor_codec import Manifest, TensorAssembler, iter_chunks
+
+log = logging.getLogger(__name__)
+
+SERVICE = "/" + pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+MAX_MESSAGE = 80 << 20
+POLL_DEADLINE = 120.0
+CONTROL_DEADLINE = 30.0
+
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+"""Statuses after which the same call may succeed later (the peer or the link recovers)."""
+
+
+class Backoff:
+    """Exponential backoff with full jitter: sleep a uniform draw below a doubling cap."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None):
+        self.base = base
+        self.cap = cap
+        self.attempt = 0
+        self.rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * (2**self.attempt))
+        self.attempt += 1
+        return self.rng.uniform(0.0, ceiling)
+
+    def sleep(self) -> float:
+        delay = self.next_delay()
+        time.sleep(delay)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class Session:
+    client_id: str
+    token: str
+    run_id: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+class StallWatchdog:
+    """Cancels a streaming call that has moved no bytes for `timeout` seconds."""
+
+    def __init__(self, call: Any, timeout: float) -> None:
+        self.call = call
+        self.timeout = timeout
+        self.last = time.monotonic()
+        self.stalled = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            if time.monotonic() - self.last > self.timeout:
+                self.stalled = True
+                self.call.cancel()
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _channel(target: str, isolated_name: str) -> grpc.Channel:
+    return grpc.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.primary_user_agent", f"fedstream-{isolated_name}"),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ],
+    )
+
+
+class Connection:
+    """Stubs over one control and one bulk channel to the coordinator."""
+
+    def __init__(self, target: str, chunk_bytes: int, stall_timeout: float) -> None:
+        self.target = target
+        self.chunk_bytes = chunk_bytes
+        self.stall_timeout = stall_timeout
+        self.control = _channel(target, "control")
+        self.bulk = _channel(target, "bulk")
+        self._join = self.control.unary_unary(
+            f"{SERVICE}/Join",
+            request_serializer=pb.JoinRequest.SerializeToString,
+            response_deserializer=pb.JoinReply.FromString,
+        )
+        self._poll = self.control.unary_unary(
+            f"{SERVICE}/Poll",
+            request_serializer=pb.PollRequest.SerializeToString,
+            response_deserializer=pb.PollReply.FromString,
+        )
+        self._download = self.bulk.unary_stream(
+            f"{SERVICE}/Download",
+            request_serializer=pb.DownloadRequest.SerializeToString,
+            response_deserializer=ChunkParser(pb.ModelChunk),
+        )
+        self._upload = self.bulk.stream_unary(
+            f"{SERVICE}/Upload",
+            request_serializer=serialize_chunk,
+            response_deserializer=pb.UploadReply.FromString,
+        )
+
+    def close(self) -> None:
+        self.control.close()
+        self.bulk.close()
+
+    def join(self, request: pb.JoinRequest) -> Session:
+        reply = self._join(request, timeout=CONTROL_DEADLINE)
+        return Session(reply.client_id, reply.token, reply.run_id)
+
+    def poll(self, session: Session, held_version: int) -> pb.PollReply:
+        reply: pb.PollReply = self._poll(
+            pb.PollRequest(held_model_version=held_version),
+            metadata=session.metadata,
+            timeout=POLL_DEADLINE,
+        )
+        return reply
+
+    def download(
+        self, session: Session, version: int, attempts: int = 5
+    ) -> dict[str, torch.Tensor]:
+        """The global model `version`, resuming from the last byte received after a break."""
+        out: dict[str, torch.Tensor] | None = None
+        manifest: Manifest | None = None
+        offset = 0
+        backoff = Backoff(cap=5.0)
+        progress: TransferProgress | None = None
+        for attempt in range(1, attempts + 1):
+            request = pb.DownloadRequest(
+                model_version=version, offset=offset, chunk_bytes=self.chunk_bytes
+            )
+            call = self._download(request, metadata=session.metadata)
+            watchdog = StallWatchdog(call, self.stall_timeout)
+            assembler: TensorAssembler | None = None
+            try:
+                for item in call:
+                    watchdog.progress()
+                    if isinstance(item, memoryview):
+                        if assembler is None:
+                            raise WireError("model data arrived before the model header")
+                        assembler.write(item)
+                        if progress is not None:
+                            progress.advance(len(item))
+                    elif isinstance(item, pb.ModelHeader):
+                        received = Manifest.from_proto(item.manifest)
+                        if manifest is None:
+                            manifest = received
+                            out = {
+                                e.name: torch.empty(e.shape, dtype=e.dtype)
+                                for e in manifest.entries
+                            }
+                            progress = TransferProgress(
+                                log, f"download of model v{version}", manifest.total_bytes
+                            )
+                        else:
+                            manifest.require_same_layout(received)
+                        if item.offset != offset:
+                            raise WireError(f"download resumed at {item.offset}, asked {offset}")
+                        assembler = TensorAssembler(manifest, out, offset)
+                    elif isinstance(item, MalformedChunk):
+                        raise WireError(item.reason)
+                if assembler is None or not assembler.complete:
+                    got = assembler.bytes_written if assembler else 0
+                    total = manifest.total_bytes if manifest else "?"
+                    raise WireError(f"download ended after {got} of {total} bytes")
+                if progress is not None and progress.total >= 64 << 20:
+                    log.info("download of model v%d: %s", version, progress.summary())
+                return assembler.tensors()
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                # CANCELLED without a stall is the coordinator closing the round: not retried.
+                retryable = watchdog.stalled or (
+                    code in RETRYABLE and code != grpc.StatusCode.CANCELLED
+                )
+                if not retryable or attempt == attempts:
+                    raise
+                offset = assembler.bytes_written if assembler else offset
+                log.warning(
+                    "download of model v%d broke at byte %d (%s); resuming",
+                    version,
+                    offset,
+                    "stalled" if watchdog.stalled else code.name,
+                )
+                backoff.sleep()
+            finally:
+                watchdog.close()
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def upload(
+        self,
+        session: Session,
+        header: pb.UpdateHeader,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> pb.UploadReply:
+        """Stream one update: the header, then the tensors' bytes in manifest order."""
+        manifest = Manifest.from_tensors(tensors)
+        header.manifest.CopyFrom(manifest.to_proto())
+        progress = TransferProgress(log, f"upload for round {header.round}", manifest.total_bytes)
+
+        def messages() -> Iterator[pb.UpdateChunk | bytes]:
+            yield pb.UpdateChunk(header=header)
+            for chunk in iter_chunks(list(tensors.values()), self.chunk_bytes):
+                yield frame_data(chunk)
+                progress.advance(len(chunk))
+
+        reply: pb.UploadReply = self._upload(messages(), metadata=session.metadata)
+        if manifest.total_bytes >= 64 << 20:
+            log.info("upload for round %d: %s", header.round, progress.summary())
+        return reply

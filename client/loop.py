@@ -1,0 +1,224 @@
+"""The client's life cycle: join, poll, pull, train, push, repeat; reconnect on failure.
+
+    join  -> poll -> (train task) download model vN unless held -> train -> upload delta
+          -> poll -> ... -> done: exit 0
+
+A coordinator that cannot be reached is retried with exponential backoff and jitter; one
+that restarted (our session token is unknown to it) is re-joined; a run that stays
+unreachable for `give_up_after` seconds ends the client with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import torch
+
+from fedstream.client.config import ClientConfig
+from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
+from fedstream.client.task import Task, load_task
+from fedstream.common.errors import FedstreamError
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.round_config import from_proto as config_from_proto
+
+log = logging.getLogger(__name__)
+
+EXIT_DONE = 0
+EXIT_UNREACHABLE = 1
+EXIT_REFUSED = 2
+
+
+class Refused(Exception):
+    """The coordinator will never accept this client as configured (wrong task, say)."""
+
+
+class FederatedClient:
+    def __init__(self, config: ClientConfig, task: Task) -> None:
+        self.config = config
+        self.task = task
+        self.model = task.build_model().to(task.device)
+        self.connection = Connection(config.server, config.chunk_bytes, config.stall_timeout)
+        self.session: Session | None = None
+        self.held: dict[str, torch.Tensor] | None = None
+        """The global model last downloaded (CPU), reused while its version is current."""
+        self.held_version = -1
+        self.backoff = Backoff(cap=config.max_backoff)
+        self.last_contact = time.monotonic()
+
+    def run(self) -> int:
+        try:
+            while True:
+                try:
+                    if self.session is None:
+                        self._join()
+                    assert self.session is not None
+                    reply = self.connection.poll(self.session, self.held_version)
+                    self._contacted()
+                    action = reply.WhichOneof("action")
+                    if action == "done":
+                        log.info("coordinator says the run is done (%s)", reply.done.reason)
+                        return EXIT_DONE
+                    if action == "train":
+                        self._train_round(reply.train)
+                except grpc.RpcError as exc:
+                    if not self._recover(exc):
+                        return EXIT_UNREACHABLE
+        except Refused as exc:
+            log.error("%s", exc)
+            return EXIT_REFUSED
+        finally:
+            self.connection.close()
+
+    def _join(self) -> None:
+        request = pb.JoinRequest(
+            name=self.config.name,
+            task=self.config.task,
+            partition=self.config.partition,
+            num_partitions=self.config.num_partitions,
+        )
+        try:
+            session = self.connection.join(request)
+        except grpc.RpcError as exc:
+            if exc.code() in (  # type: ignore[attr-defined]
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                raise Refused(f"coordinator refused to join: {exc.details()}") from exc  # type: ignore[attr-defined]
+            raise
+        if self.session is not None and session.run_id != self.session.run_id:
+            self._forget_model()
+        if self.session is None or session.run_id != self.session.run_id:
+            log.info(
+                "joined %s as %s (run %s)", self.config.server, session.client_id, session.run_id
+            )
+        self.session = session
+        self._contacted()
+
+    def _train_round(self, task: pb.TrainTask) -> None:
+        assert self.session is not None
+        if self.held is None or self.held_version != task.model_version:
+            self.held = self.connection.download(self.session, task.model_version)
+            self.held_version = task.model_version
+            self._contacted()
+        self._load_held()
+        config = config_from_proto(task.config)
+        started = time.monotonic()
+        result = self.task.train(self.model, config)
+        log.info(
+            "round %d: trained on %d examples in %.1fs (%s)",
+            task.round,
+            result.num_examples,
+            time.monotonic() - started,
+            ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()),
+        )
+        deltas = self._deltas_in_place()
+        header = pb.UpdateHeader(
+            round=task.round,
+            model_version=task.model_version,
+            num_examples=result.num_examples,
+            metrics=result.metrics,
+        )
+        self._upload(header, deltas, task)
+
+    def _upload(
+        self, header: pb.UpdateHeader, deltas: dict[str, torch.Tensor], task: pb.TrainTask
+    ) -> None:
+        """Push the update, retrying transient failures until the round's deadline."""
+        assert self.session is not None
+        deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
+        backoff = Backoff(cap=self.config.max_backoff)
+        while True:
+            try:
+                reply = self.connection.upload(self.session, header, deltas)
+                self._contacted()
+                log.info(
+                    "round %d: update %s (%s)",
+                    task.round,
+                    "accepted" if reply.accepted else "not needed",
+                    reply.detail,
+                )
+                return
+            except grpc.RpcError as exc:
+                code = exc.code()  # type: ignore[attr-defined]
+                if code not in RETRYABLE or time.monotonic() + backoff.base > deadline:
+                    log.warning(
+                        "round %d: update refused (%s): %s", task.round, code.name, exc.details()
+                    )  # type: ignore[attr-defined]
+                    return
+                log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
+                backoff.sleep()
+
+    def _load_held(self) -> None:
+        assert self.held is not None
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in self.held.items():
+                state[name].copy_(tensor)
+
+    def _deltas_in_place(self) -> dict[str, torch.Tensor]:
+        """local - global for every exchanged tensor, written over the held global copy.
+
+        Reusing the held tensors keeps the client at one model plus one copy; the held
+        model is then gone, so the next round downloads afresh (its version is new anyway).
+        """
+        assert self.held is not None
+        state = self.model.state_dict()
+        deltas = self.held
+        with torch.no_grad():
+            for name, tensor in deltas.items():
+                tensor.neg_().add_(state[name].detach().to("cpu"))
+        self._forget_model()
+        return deltas
+
+    def _forget_model(self) -> None:
+        self.held = None
+        self.held_version = -1
+
+    def _contacted(self) -> None:
+        self.last_contact = time.monotonic()
+        self.backoff.reset()
+
+    def _recover(self, exc: grpc.RpcError) -> bool:
+        """Decide what a failed call means; False when it is time to give up."""
+        code = exc.code()  # type: ignore[attr-defined]
+        details = exc.details()  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            log.info("coordinator does not know our session (%s); joining again", details)
+            self.session = None
+            return True
+        if code not in RETRYABLE:
+            log.warning("call failed (%s): %s; polling again", code.name, details)
+            time.sleep(self.backoff.next_delay())
+            return True
+        silent = time.monotonic() - self.last_contact
+        if silent > self.config.give_up_after:
+            log.error("coordinator unreachable for %.0fs; giving up", silent)
+            return False
+        delay = self.backoff.next_delay()
+        log.warning("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
+        time.sleep(delay)
+        return True
+
+
+def main(config: ClientConfig) -> int:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    task = load_task(config.task, config.task_opt, config.seed)
+    task.device = torch.device(config.device)
+    task.load_data(config.partition, config.num_partitions)
+    try:
+        client = FederatedClient(config, task)
+    except FedstreamError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_REFUSED
+    log.info(
+        "client %s: task %s, partition %d of %d, device %s",
+        config.name,
+        config.task,
+        config.partition,
+        config.num_partitions,
+        config.device,
+    )
+    return client.run()

@@ -1,0 +1,103 @@
+"""The Task interface: the user's model and data, free of any transport or federation code.
+
+A Task is named on the command line either by a built-in short name (`digits`, `charlm`,
+`synthetic`) or by import path (`package.module:ClassName`), and constructed with its
+options as strings (`--task-opt KEY=VALUE`), which it parses itself.
+
+The same Task class runs on both sides: the coordinator calls `build_model` for the initial
+weights and `evaluate` on its held-out split; a client calls `load_data` for its private
+partition and `train` each round.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+ConfigScalar = float | int | str | bool
+
+BUILTIN_TASKS: dict[str, str] = {
+    "digits": "fedstream.client.tasks.digits:DigitsTask",
+    "charlm": "fedstream.client.tasks.charlm:CharLMTask",
+    "synthetic": "fedstream.client.tasks.synthetic:SyntheticTask",
+}
+
+
+class TaskError(ValueError):
+    """A task name or option that cannot be used."""
+
+
+@dataclass
+class TrainResult:
+    """What one round of local training reports back."""
+
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Metrics of a model on some data; `loss` always, `accuracy` where it means something."""
+
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A model and the data to train it on; subclass this to plug in your own."""
+
+    def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
+        self.options: dict[str, str] = dict(options or {})
+        self.seed = seed
+        self.device = torch.device("cpu")
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A freshly initialised model; deterministic given `self.seed`."""
+
+    @abstractmethod
+    def load_data(self, partition: int, num_partitions: int) -> None:
+        """Load this client's private share: partition `partition` of `num_partitions`."""
+
+    @abstractmethod
+    def train(self, model: torch.nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
+        """Train `model` in place on the loaded partition for one round."""
+
+    def evaluate(self, model: torch.nn.Module) -> EvalResult | None:
+        """Evaluate on the task's held-out split, or None when the task has none."""
+        return None
+
+    def option(self, key: str, default: str) -> str:
+        return self.options.get(key, default)
+
+    def int_option(self, key: str, default: int) -> int:
+        return int(float(self.option(key, str(default))))
+
+    def float_option(self, key: str, default: float) -> float:
+        return float(self.option(key, str(default)))
+
+
+def resolve_task_class(name: str) -> type[Task]:
+    """Find a Task class by built-in short name or `package.module:ClassName`."""
+    path = BUILTIN_TASKS.get(name, name)
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        known = ", ".join(sorted(BUILTIN_TASKS))
+        raise TaskError(f"unknown task {name!r}: use one of {known} or 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TaskError(f"cannot import task module {module_name!r}: {exc}") from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TaskError(f"{path!r} is not a fedstream Task subclass")
+    return cls
+
+
+def load_task(name: str, options: Mapping[str, str] | None = None, seed: int = 0) -> Task:
+    """Construct the named task with its options."""
+    return resolve_task_class(name)(options, seed)

@@ -1,0 +1,1 @@
+"""Shared pieces of fedstream: wire contract, tensor codec, config, checkpoints."""

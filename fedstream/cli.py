@@ -1,0 +1,75 @@
+"""The `fedstream` command: `server`, `client` and `demo`.
+
+Every flag can also come from a TOML file (`--config FILE`, one table per command) and
+from `FEDSTREAM_<COMMAND>_<FLAG>` environment variables; a flag beats the environment,
+which beats the file, which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedstream.client.config import ClientConfig
+from fedstream.client.task import TaskError
+from fedstream.common.config import ConfigError, add_arguments, load_config
+from fedstream.common.errors import FedstreamError
+from fedstream.common.logs import setup_logging
+from fedstream.demo import DemoConfig
+from fedstream.server.config import ServerConfig
+
+COMMANDS: dict[str, tuple[type, str]] = {
+    "server": (ServerConfig, "run the coordinator daemon"),
+    "client": (ClientConfig, "run a client process against a coordinator"),
+    "demo": (DemoConfig, "run a local cluster: one server and N clients as processes"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedstream",
+        description="Federated learning for large models over streamed gRPC.",
+        epilog="Precedence: flag > FEDSTREAM_<COMMAND>_<FLAG> environment variable > "
+        "[command] table of --config FILE > default.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (cls, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary)
+        sub.add_argument(
+            "--config", type=Path, metavar="FILE", help="TOML file with a [%s] table" % name
+        )
+        add_arguments(sub, cls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    config_file = args.pop("config", None)
+    cls = COMMANDS[command][0]
+    try:
+        config = load_config(cls, command, args, config_file)
+    except ConfigError as exc:
+        print(f"fedstream {command}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if command == "server":
+            from fedstream.server.daemon import main as server_main
+
+            setup_logging(config.log_level, "server")
+            return server_main(config)
+        if command == "client":
+            from fedstream.client.loop import main as client_main
+
+            setup_logging(config.log_level, config.name)
+            return client_main(config)
+        from fedstream.demo import main as demo_main
+
+        return demo_main(config)
+    except (TaskError, ConfigError, FedstreamError) as exc:
+        print(f"fedstream {command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,192 @@
+"""`fedstream demo`: a whole local cluster as real processes on loopback.
+
+One `fedstream server` and N `fedstream client` processes, started through the same CLI
+a user types, each logging to RUN_DIR/logs/. Rounds are shown as they complete, and a
+summary table closes the run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedstream.common.config import ConfigError
+
+
+@dataclass
+class DemoConfig:
+    clients: int = 3
+    """Number of client processes."""
+    rounds: int = 5
+    """Number of training rounds."""
+    task: str = "digits"
+    """Task for the whole cluster: digits, charlm, synthetic or package.module:ClassName."""
+    task_opt: dict[str, str] = field(default_factory=dict)
+    """Task option KEY=VALUE, passed to the server and every client."""
+    round_config: dict[str, str] = field(default_factory=dict)
+    """Training setting KEY=VALUE sent to clients each round."""
+    run_dir: Path = Path("runs/demo")
+    """Run directory; a previous run there is replaced."""
+    seed: int = 0
+    """Run seed."""
+    timeout: float = 600.0
+    """Seconds after which the demo stops every process and fails."""
+
+    def validate(self) -> None:
+        if self.clients < 1:
+            raise ConfigError("clients must be at least 1")
+        if self.rounds < 1:
+            raise ConfigError("rounds must be at least 1")
+
+
+def _pairs(flag: str, values: dict[str, str]) -> list[str]:
+    return [arg for key, value in values.items() for arg in (flag, f"{key}={value}")]
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    if not run_dir.exists():
+        return
+    is_run = (run_dir / "checkpoints").is_dir() or (run_dir / "metrics.jsonl").exists()
+    if any(run_dir.iterdir()) and not is_run:
+        raise ConfigError(f"{run_dir} exists and is not a fedstream run directory")
+    shutil.rmtree(run_dir)
+
+
+def _wait_for_address(path: Path, server: subprocess.Popen[bytes], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited early with code {server.returncode}")
+        if path.exists():
+            return str(json.loads(path.read_text())["address"])
+        time.sleep(0.1)
+    raise RuntimeError("server did not start listening in time")
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _format_row(record: dict[str, Any], keys: list[str]) -> str:
+    cells = [f"{record['round']:>5}"]
+    for key in keys:
+        value = record.get(key)
+        cells.append(f"{value:>14.4f}" if isinstance(value, float) else f"{value!s:>14}")
+    cells.append(f"{record.get('duration_s', 0):>9.1f}")
+    return "  ".join(cells)
+
+
+def print_summary(history: list[dict[str, Any]], out: TextIO = sys.stdout) -> None:
+    keys = sorted({k for r in history for k in r if k.startswith(("eval_", "train_"))})
+    header = "  ".join([f"{'round':>5}", *[f"{k:>14}" for k in keys], f"{'seconds':>9}"])
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for record in history:
+        print(_format_row(record, keys), file=out)
+
+
+def main(config: DemoConfig) -> int:
+    _clear_run_dir(config.run_dir)
+    logs = config.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fedstream = [sys.executable, "-m", "fedstream"]
+    common = [
+        "--task",
+        config.task,
+        "--seed",
+        str(config.seed),
+        *_pairs("--task-opt", config.task_opt),
+    ]
+    processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with open(logs / f"{name}.log", "wb") as log_file:
+            proc = subprocess.Popen([*fedstream, *args], stdout=log_file, stderr=subprocess.STDOUT)
+        processes[name] = proc
+        return proc
+
+    print(
+        f"fedstream demo: 1 server + {config.clients} clients, task {config.task}, "
+        f"{config.rounds} rounds, run dir {config.run_dir}"
+    )
+    deadline = time.monotonic() + config.timeout
+    try:
+        server = start(
+            "server",
+            [
+                "server",
+                "--address", "127.0.0.1:0",
+                "--run-dir", str(config.run_dir),
+                "--rounds", str(config.rounds),
+                "--min-clients", str(config.clients),
+                "--done-grace", "10",
+                *common,
+                *_pairs("--round-config", config.round_config),
+            ],
+        )  # fmt: skip
+        address = _wait_for_address(config.run_dir / "coordinator.json", server, 120.0)
+        print(f"server listening on {address}; logs in {logs}")
+        for i in range(config.clients):
+            start(
+                f"client-{i}",
+                [
+                    "client",
+                    "--server", address,
+                    "--partition", str(i),
+                    "--num-partitions", str(config.clients),
+                    "--name", f"demo-client-{i}",
+                    "--threads", "1",
+                    *common,
+                ],
+            )  # fmt: skip
+        shown = 0
+        started = time.monotonic()
+        running = True
+        while running:
+            running = any(p.poll() is None for p in processes.values())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"demo did not finish within {config.timeout:.0f}s")
+            history = _read_metrics(config.run_dir / "metrics.jsonl")
+            for record in history[shown:]:
+                metrics = ", ".join(
+                    f"{k}={v:.4f}" for k, v in record.items() if k.startswith("eval_")
+                )
+                print(
+                    f"[{time.monotonic() - started:6.1f}s] round {record['round']}/"
+                    f"{config.rounds}: {record['updates']} updates, {metrics or 'no eval'}",
+                    flush=True,
+                )
+            shown = len(history)
+            if running:
+                time.sleep(0.2)
+    except (TimeoutError, RuntimeError, KeyboardInterrupt) as exc:
+        print(f"demo failed: {exc!r}", file=sys.stderr)
+        for proc in processes.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in processes.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return 1
+    failed = {name: p.returncode for name, p in processes.items() if p.returncode != 0}
+    if failed:
+        print(f"demo failed: processes exited with {failed}; see {logs}", file=sys.stderr)
+        return 1
+    history = _read_metrics(config.run_dir / "metrics.jsonl")
+    print()
+    print_summary(history)
+    print()
+    print(f"metrics:     {config.run_dir / 'metrics.jsonl'}")
+    print(f"plot:        {config.run_dir / 'metrics.png'}")
+    print(f"checkpoints: {config.run_dir / 'checkpoints'}")
+    return 0

@@ -1,0 +1,1 @@
+"""The fedstream coordinator daemon."""

@@ -1,0 +1,496 @@
+"""The round state machine: the coordinator as plain Python, driven by the gRPC skin.
+
+    waiting     until at least min_clients have joined
+    round r     select clients, publish the round; they pull model version r-1, train and
+                push deltas; the round closes when every selected client has reported, or
+                at the deadline (uploads still moving bytes are waited for)
+                -> with enough updates: aggregate into version r, evaluate, checkpoint,
+                   metrics; without: the round is run again with a fresh selection
+    done        every poll is answered Done; the daemon stops once all have heard it
+
+Everything a client sends is validated before it touches state; failures raise the
+domain errors of `server/errors.py`, which the servicer maps to gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedstream.client.task import Task
+from fedstream.common.errors import InvalidManifest
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.round_config import Scalar, parse_scalar
+from fedstream.common.round_config import to_proto as config_to_proto
+from fedstream.common.tensor_codec import Manifest, ManifestLimits, iter_chunks
+from fedstream.server.config import ServerConfig
+from fedstream.server.errors import (
+    InvalidUpdate,
+    NotSelected,
+    OffsetOutOfRange,
+    TaskMismatch,
+    UploadInProgress,
+    WrongRound,
+)
+from fedstream.server.registry import ClientRecord, ClientRegistry
+from fedstream.server.run_store import RunStore
+from fedstream.server.spool import UploadSpool
+from fedstream.server.strategies import Strategy
+
+log = logging.getLogger(__name__)
+
+MAX_EXAMPLES = 1 << 40
+MAX_METRICS = 64
+MAX_METRIC_NAME = 64
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    DONE = "done"
+
+
+class GlobalModel:
+    """The global weights: the exchanged (floating-point) tensors of the task's model.
+
+    The tensors share storage with the model's parameters, so evaluating the module sees
+    the current weights and no second copy exists.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.tensors: dict[str, torch.Tensor] = {
+            name: tensor
+            for name, tensor in module.state_dict().items()
+            if tensor.is_floating_point()
+        }
+        for name, tensor in self.tensors.items():
+            if not tensor.is_contiguous():
+                raise ValueError(f"model tensor {name!r} is not contiguous")
+        self.manifest = Manifest.from_tensors(self.tensors)
+        self.version = 0
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        Manifest.from_tensors(tensors).require_same_layout(self.manifest)
+        with torch.no_grad():
+            for name, target in self.tensors.items():
+                target.copy_(tensors[name])
+
+    def chunks(self, offset: int, chunk_bytes: int) -> Iterator[memoryview | bytes]:
+        return iter_chunks(list(self.tensors.values()), chunk_bytes, offset)
+
+
+@dataclass
+class OpenRound:
+    """The bookkeeping of the round in flight."""
+
+    number: int
+    attempt: int
+    selected: frozenset[str]
+    config: dict[str, Scalar]
+    started: float
+    deadline: float
+    accepting: bool = True
+    reported: set[str] = field(default_factory=set)
+    uploading: set[str] = field(default_factory=set)
+    num_examples: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weights: dict[str, float] = field(default_factory=dict)
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class Coordinator:
+    def __init__(
+        self, config: ServerConfig, task: Task, strategy: Strategy, store: RunStore
+    ) -> None:
+        self.config = config
+        self.task = task
+        self.strategy = strategy
+        self.store = store
+        self.registry = ClientRegistry()
+        self.model = GlobalModel(task.build_model())
+        self.run_id = uuid.uuid4().hex
+        self.phase = Phase.WAITING
+        self.round: OpenRound | None = None
+        self.completed = 0
+        self.history: list[dict[str, Any]] = []
+        self.base_round_config = {k: parse_scalar(v) for k, v in config.round_config.items()}
+        self.upload_limits = ManifestLimits(
+            max_tensors=len(self.model.manifest.entries),
+            max_total_bytes=self.model.manifest.total_bytes,
+            max_tensor_bytes=max((e.nbytes for e in self.model.manifest.entries), default=0),
+        )
+        self._changed = asyncio.Event()
+        self._fold_lock = asyncio.Lock()
+        self._downloads: set[asyncio.Task[Any]] = set()
+
+    # ---- life cycle -------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Continue from the run directory's newest checkpoint, or write round 0's."""
+        resumed = self.store.resume()
+        if resumed is None:
+            self.store.save(0, self.model.tensors, self.strategy.state_tensors(), [])
+            log.info("new run in %s: %s", self.store.run_dir, self._model_summary())
+            return
+        self.model.load(resumed.model)
+        self.model.version = resumed.round
+        self.strategy.load_state_tensors(resumed.strategy_state)
+        self.completed = resumed.round
+        self.history = resumed.history
+        log.info(
+            "resumed %s at round %d of %d: %s",
+            self.store.run_dir,
+            resumed.round,
+            self.config.rounds,
+            self._model_summary(),
+        )
+
+    async def run(self) -> None:
+        """Run rounds until the configured number have completed."""
+        while self.completed < self.config.rounds:
+            await self._wait_for_clients()
+            attempt = 1
+            while True:
+                open_round = self._open_round(self.completed + 1, attempt)
+                if await self._close(open_round):
+                    await self._finish(open_round)
+                    break
+                self.strategy.abort_round()
+                log.warning(
+                    "round %d: %d of %d selected clients reported, fewer than needed; "
+                    "running it again",
+                    open_round.number,
+                    len(open_round.reported),
+                    len(open_round.selected),
+                )
+                attempt += 1
+                await self._wait_for_clients()
+        self.phase = Phase.DONE
+        self.round = None
+        self._notify()
+        log.info("run complete: %d rounds", self.completed)
+
+    async def wait_clients_told(self, grace: float) -> None:
+        """After the run: give every live client up to `grace` seconds to hear it is done."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            waiting = [r for r in self.registry.live(self.config.client_timeout) if not r.told_done]
+            if not waiting:
+                return
+            await self._wait_change(deadline - time.monotonic())
+
+    # ---- calls from clients ------------------------------------------------------------
+
+    def join(self, request: pb.JoinRequest) -> tuple[ClientRecord, pb.JoinReply]:
+        if request.task != self.config.task:
+            raise TaskMismatch(
+                f"client runs task {request.task!r}; this coordinator runs {self.config.task!r}"
+            )
+        if not request.name or len(request.name) > 128:
+            raise InvalidUpdate("client name must be 1 to 128 characters")
+        if request.num_partitions < 1 or request.partition >= request.num_partitions:
+            raise InvalidUpdate(
+                f"partition {request.partition} is outside 0..{request.num_partitions - 1}"
+            )
+        record = self.registry.join(request.name, request.partition, request.num_partitions)
+        log.info("client %s joined (partition %d)", record.name, record.partition)
+        self._notify()
+        reply = pb.JoinReply(
+            client_id=record.name,
+            token=record.token,
+            run_id=self.run_id,
+            max_chunk_bytes=self.config.max_chunk_bytes,
+        )
+        return record, reply
+
+    async def poll(self, client: ClientRecord) -> pb.PollReply:
+        deadline = time.monotonic() + self.config.poll_timeout
+        while True:
+            if self.phase is Phase.DONE:
+                client.told_done = True
+                self._notify()
+                return pb.PollReply(done=pb.Done(reason=f"run complete: {self.completed} rounds"))
+            task = self._task_for(client)
+            if task is not None:
+                client.busy = True
+                return pb.PollReply(train=task)
+            client.busy = False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return pb.PollReply(wait=pb.Wait(retry_after_seconds=0.0))
+            await self._wait_change(remaining)
+
+    def open_download(
+        self, client: ClientRecord, request: pb.DownloadRequest
+    ) -> tuple[pb.ModelHeader, Iterator[memoryview | bytes]]:
+        open_round = self.round
+        if self.phase is not Phase.TRAINING or open_round is None or not open_round.accepting:
+            raise WrongRound("no round is open for download")
+        if request.model_version != self.model.version:
+            raise WrongRound(
+                f"model version {request.model_version} is not current "
+                f"(current: {self.model.version})"
+            )
+        total = self.model.manifest.total_bytes
+        if request.offset > total:
+            raise OffsetOutOfRange(f"offset {request.offset} is beyond the model's {total} bytes")
+        chunk = request.chunk_bytes or self.config.chunk_bytes
+        chunk = max(1024, min(chunk, self.config.max_chunk_bytes))
+        header = pb.ModelHeader(
+            model_version=self.model.version,
+            manifest=self.model.manifest.to_proto(),
+            offset=request.offset,
+        )
+        return header, self.model.chunks(request.offset, chunk)
+
+    def track_download(self, task: asyncio.Task[Any], nbytes: int | None = None) -> None:
+        """Register the running download so closing the round can cancel it."""
+        if nbytes is None:
+            self._downloads.add(task)
+            return
+        self._downloads.discard(task)
+        if self.round is not None:
+            self.round.bytes_down += nbytes
+
+    async def receive_upload(
+        self, client: ClientRecord, header: pb.UpdateHeader, chunks: AsyncIterator[memoryview]
+    ) -> pb.UploadReply:
+        open_round = self._check_upload_header(client, header)
+        if client.name in open_round.reported:
+            return pb.UploadReply(
+                accepted=False, detail=f"update for round {open_round.number} already booked"
+            )
+        manifest = Manifest.from_proto(header.manifest, self.upload_limits)
+        if manifest.codec != "raw":
+            raise InvalidManifest(f"codec {manifest.codec!r} is not supported")
+        manifest.require_same_layout(self.model.manifest)
+        if client.name in open_round.uploading:
+            raise UploadInProgress(f"an upload from {client.name} is already streaming")
+        open_round.uploading.add(client.name)
+        spool_path = self.config.spool_path / f"r{open_round.number}-{client.name}.bin"
+        spool = UploadSpool(spool_path, manifest)
+        try:
+            async for chunk in chunks:
+                spool.write(chunk)
+            spool.finish()
+            await asyncio.to_thread(spool.verify_finite)
+            async with self._fold_lock:
+                if self.round is not open_round or not open_round.accepting:
+                    raise WrongRound(f"round {open_round.number} closed while the update arrived")
+                await asyncio.to_thread(
+                    self.strategy.fold, client.name, header.num_examples, spool.tensors()
+                )
+                self._book(open_round, client, header, spool.bytes_written)
+        except BaseException:
+            open_round.rejected += 1
+            raise
+        finally:
+            open_round.uploading.discard(client.name)
+            spool.discard()
+            self._notify()
+        return pb.UploadReply(accepted=True, detail=f"booked for round {open_round.number}")
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _check_upload_header(self, client: ClientRecord, header: pb.UpdateHeader) -> OpenRound:
+        open_round = self.round
+        if open_round is None or not open_round.accepting:
+            raise WrongRound(f"round {header.round} is not open for updates")
+        if header.round != open_round.number:
+            raise WrongRound(f"round {header.round} is not the open round ({open_round.number})")
+        if header.model_version != self.model.version:
+            raise WrongRound(
+                f"update against model version {header.model_version}; "
+                f"the round trains version {self.model.version}"
+            )
+        if client.name not in open_round.selected:
+            raise NotSelected(f"client {client.name} is not selected for round {header.round}")
+        if not 1 <= header.num_examples <= MAX_EXAMPLES:
+            raise InvalidUpdate(f"num_examples {header.num_examples} is outside 1..{MAX_EXAMPLES}")
+        if len(header.metrics) > MAX_METRICS:
+            raise InvalidUpdate(f"{len(header.metrics)} metrics; the limit is {MAX_METRICS}")
+        for key, value in header.metrics.items():
+            if not key or len(key) > MAX_METRIC_NAME or not math.isfinite(value):
+                raise InvalidUpdate(f"metric {key[:MAX_METRIC_NAME]!r}={value} is not usable")
+        return open_round
+
+    def _book(
+        self, open_round: OpenRound, client: ClientRecord, header: pb.UpdateHeader, nbytes: int
+    ) -> None:
+        open_round.reported.add(client.name)
+        open_round.num_examples += header.num_examples
+        open_round.bytes_up += nbytes
+        for key, value in header.metrics.items():
+            open_round.metric_sums[key] = (
+                open_round.metric_sums.get(key, 0.0) + value * header.num_examples
+            )
+            open_round.metric_weights[key] = (
+                open_round.metric_weights.get(key, 0.0) + header.num_examples
+            )
+        client.busy = False
+        log.info(
+            "round %d: update from %s (%d examples, %d/%d reported)",
+            open_round.number,
+            client.name,
+            header.num_examples,
+            len(open_round.reported),
+            len(open_round.selected),
+        )
+
+    def _task_for(self, client: ClientRecord) -> pb.TrainTask | None:
+        open_round = self.round
+        if (
+            open_round is None
+            or not open_round.accepting
+            or client.name not in open_round.selected
+            or client.name in open_round.reported
+        ):
+            return None
+        task = pb.TrainTask(
+            round=open_round.number,
+            model_version=self.model.version,
+            deadline_seconds=max(0.0, open_round.deadline - time.monotonic()),
+        )
+        config_to_proto(open_round.config, task.config)
+        return task
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), max(0.0, timeout))
+
+    async def _wait_for_clients(self) -> None:
+        announced = -1
+        while True:
+            live = len(self.registry.live(self.config.client_timeout))
+            if live >= self.config.min_clients:
+                return
+            if live != announced:
+                log.info("waiting for clients: %d of %d joined", live, self.config.min_clients)
+                announced = live
+            await self._wait_change(1.0)
+
+    def _open_round(self, number: int, attempt: int) -> OpenRound:
+        live = [r.name for r in self.registry.live(self.config.client_timeout)]
+        count = min(
+            len(live), max(self.config.min_clients, math.ceil(self.config.fraction * len(live)))
+        )
+        rng = random.Random(f"{self.config.seed}/{number}/{attempt}")
+        selected = frozenset(rng.sample(live, count))
+        now = time.monotonic()
+        open_round = OpenRound(
+            number=number,
+            attempt=attempt,
+            selected=selected,
+            config=self.strategy.configure_round(number, self.base_round_config),
+            started=now,
+            deadline=now + self.config.round_timeout,
+        )
+        self.round = open_round
+        self.strategy.begin_round(self.model.tensors)
+        self.phase = Phase.TRAINING
+        self._notify()
+        log.info(
+            "round %d/%d started: %d of %d clients selected",
+            number,
+            self.config.rounds,
+            count,
+            len(live),
+        )
+        return open_round
+
+    async def _close(self, open_round: OpenRound) -> bool:
+        """Wait for the round's end; True when it has enough updates to aggregate."""
+        while True:
+            if open_round.reported >= open_round.selected:
+                break
+            now = time.monotonic()
+            if now >= open_round.deadline and not open_round.uploading:
+                log.warning(
+                    "round %d: deadline reached with %d of %d updates",
+                    open_round.number,
+                    len(open_round.reported),
+                    len(open_round.selected),
+                )
+                break
+            await self._wait_change(max(0.05, open_round.deadline - now))
+        open_round.accepting = False
+        self._notify()
+        downloads = list(self._downloads)
+        for download in downloads:
+            download.cancel()
+        if downloads:
+            await asyncio.wait(downloads, timeout=5.0)
+        async with self._fold_lock:
+            needed = min(self.config.min_reports, len(open_round.selected))
+            return len(open_round.reported) >= max(1, needed)
+
+    async def _finish(self, open_round: OpenRound) -> None:
+        self.phase = Phase.AGGREGATING
+        await asyncio.to_thread(self.strategy.finish_round, self.model.tensors)
+        self.model.version = open_round.number
+        evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
+        record: dict[str, Any] = {
+            "round": open_round.number,
+            "model_version": self.model.version,
+            "time": time.time(),
+            "duration_s": round(time.monotonic() - open_round.started, 3),
+            "clients_selected": len(open_round.selected),
+            "updates": len(open_round.reported),
+            "rejected_uploads": open_round.rejected,
+            "attempt": open_round.attempt,
+            "num_examples": open_round.num_examples,
+            "bytes_down": open_round.bytes_down,
+            "bytes_up": open_round.bytes_up,
+        }
+        for key, total in sorted(open_round.metric_sums.items()):
+            record[f"train_{key}"] = total / open_round.metric_weights[key]
+        if evaluation is not None:
+            for key, value in sorted(evaluation.metrics.items()):
+                record[f"eval_{key}"] = value
+        self.history.append(record)
+        await asyncio.to_thread(
+            self.store.save,
+            open_round.number,
+            self.model.tensors,
+            self.strategy.state_tensors(),
+            self.history,
+        )
+        self.store.append_metrics(record)
+        await asyncio.to_thread(self.store.plot, self.history)
+        self.completed = open_round.number
+        shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_"))}
+        log.info(
+            "round %d/%d done in %.1fs: %d updates, %s",
+            open_round.number,
+            self.config.rounds,
+            record["duration_s"],
+            record["updates"],
+            ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics",
+        )
+
+    def _model_summary(self) -> str:
+        manifest = self.model.manifest
+        params = sum(e.numel for e in manifest.entries)
+        return (
+            f"task {self.config.task}, {len(manifest.entries)} tensors, {params:,} parameters, "
+            f"{manifest.total_bytes / 2**20:.1f} MiB"
+        )

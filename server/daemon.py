@@ -1,0 +1,95 @@
+"""The coordinator daemon: the whole life cycle of `fedstream server` on one screen."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedstream.client.task import load_task
+from fedstream.common.checkpoint import write_json_atomic
+from fedstream.server.config import ServerConfig
+from fedstream.server.coordinator import Coordinator
+from fedstream.server.run_store import RunIdentity, RunStore
+from fedstream.server.servicer import SERVICE_NAME, CoordinatorServicer
+from fedstream.server.strategies import FedAvg
+
+log = logging.getLogger(__name__)
+
+MANIFEST_HEADROOM = 64 << 20
+"""Room for a header message (its manifest) beyond the largest data chunk."""
+
+
+def grpc_options(max_chunk_bytes: int) -> list[tuple[str, int]]:
+    limit = max_chunk_bytes + MANIFEST_HEADROOM
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run the coordinator until the run completes (0) or a signal stops it (0)."""
+    task = load_task(config.task, config.task_opt, config.seed)
+    strategy = FedAvg()
+    identity = RunIdentity(config.task, dict(config.task_opt), config.seed, "fedavg")
+    store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
+    coordinator = Coordinator(config, task, strategy, store)
+    coordinator.restore()
+
+    server = grpc.aio.server(options=grpc_options(config.max_chunk_bytes))
+    server.add_generic_rpc_handlers(
+        (CoordinatorServicer(coordinator, config.stall_timeout).handler(),)
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(config.address)
+    host = config.address.rpartition(":")[0]
+    address = f"{host}:{port}"
+    await server.start()
+    write_json_atomic(
+        config.run_dir / "coordinator.json",
+        {"address": address, "pid": os.getpid(), "run_id": coordinator.run_id},
+    )
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("coordinator listening on %s (run %s)", address, coordinator.run_id)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    run = asyncio.create_task(coordinator.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+
+    code = 0
+    if run.done():
+        stopper.cancel()
+        if run.exception() is not None:
+            log.error("coordinator failed", exc_info=run.exception())
+            code = 1
+        else:
+            await coordinator.wait_clients_told(config.done_grace)
+    else:
+        log.info("stopping on signal; the run resumes from %s", config.run_dir)
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2.0)
+    return code
+
+
+def main(config: ServerConfig) -> int:
+    return asyncio.run(serve(config))

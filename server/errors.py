@@ -1,0 +1,39 @@
+"""The coordinator's domain errors; `server/servicer.py` maps each to a gRPC status."""
+
+from fedstream.common.errors import FedstreamError
+
+
+class UnknownClient(FedstreamError):
+    """A call without a valid session token (never joined, or joined a previous run)."""
+
+
+class TaskMismatch(FedstreamError):
+    """A client joining with a different task or partition layout than the coordinator's."""
+
+
+class WrongRound(FedstreamError):
+    """An update or download for a round or model version that is not the current one."""
+
+
+class NotSelected(FedstreamError):
+    """A client sending an update for a round it was not selected for."""
+
+
+class UploadInProgress(FedstreamError):
+    """A second upload from a client whose first upload for the round is still streaming."""
+
+
+class TransferStalled(FedstreamError):
+    """A transfer that moved no bytes for longer than the stall timeout."""
+
+
+class ShuttingDown(FedstreamError):
+    """The coordinator is stopping and takes no more work."""
+
+
+class InvalidUpdate(FedstreamError):
+    """An update header whose fields are out of bounds (examples, metrics, codec)."""
+
+
+class OffsetOutOfRange(FedstreamError):
+    """A download resume offset beyond the end of the model's byte stream."""

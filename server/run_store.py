@@ -1,0 +1,142 @@
+"""The run directory: one atomic checkpoint per round, metrics as JSON lines, a plot.
+
+    RUN_DIR/checkpoints/round_00003.safetensors   global model after round 3, with the
+                                                  task, its options, the seed, the metrics
+                                                  history and the strategy's state
+    RUN_DIR/metrics.jsonl                         one JSON object per round
+    RUN_DIR/metrics.png                           the metrics per round
+
+The checkpoint is the single source of truth: it is written atomically, and on resume
+metrics.jsonl is rewritten from the history it carries, so a crash at any point leaves a
+consistent run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedstream.common.checkpoint import load_checkpoint, save_checkpoint
+from fedstream.common.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "fedstream-round/1"
+STRATEGY_PREFIX = "strategy/"
+_NAME = re.compile(r"round_(\d{5,})\.safetensors")
+
+
+@dataclass
+class RunIdentity:
+    """What a checkpoint must agree on to be resumed by a run."""
+
+    task: str
+    task_opt: dict[str, str]
+    seed: int
+    strategy: str
+
+
+@dataclass
+class Resumed:
+    round: int
+    model: dict[str, torch.Tensor]
+    strategy_state: dict[str, torch.Tensor]
+    history: list[dict[str, Any]]
+
+
+class RunStore:
+    def __init__(self, run_dir: Path, identity: RunIdentity, keep: int = 3) -> None:
+        self.run_dir = run_dir
+        self.identity = identity
+        self.keep = keep
+        self.checkpoint_dir = run_dir / "checkpoints"
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.plot_path = run_dir / "metrics.png"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint_path(self, round_number: int) -> Path:
+        return self.checkpoint_dir / f"round_{round_number:05d}.safetensors"
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.checkpoint_dir.iterdir():
+            match = _NAME.fullmatch(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def save(
+        self,
+        round_number: int,
+        model: Mapping[str, torch.Tensor],
+        strategy_state: Mapping[str, torch.Tensor],
+        history: list[dict[str, Any]],
+    ) -> Path:
+        tensors = dict(model)
+        tensors.update({STRATEGY_PREFIX + k: v for k, v in strategy_state.items()})
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "round": str(round_number),
+            "task": self.identity.task,
+            "task_opt": json.dumps(self.identity.task_opt, sort_keys=True),
+            "seed": str(self.identity.seed),
+            "strategy": self.identity.strategy,
+            "history": json.dumps(history),
+        }
+        path = self.checkpoint_path(round_number)
+        save_checkpoint(path, tensors, metadata)
+        for _, old in self.checkpoints()[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def resume(self) -> Resumed | None:
+        """The newest checkpoint, checked against this run's identity; None when there is none."""
+        found = self.checkpoints()
+        if not found:
+            return None
+        round_number, path = found[-1]
+        tensors, metadata = load_checkpoint(path)
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{path} is not a fedstream round checkpoint")
+        theirs = RunIdentity(
+            metadata["task"],
+            json.loads(metadata["task_opt"]),
+            int(metadata["seed"]),
+            metadata.get("strategy", "fedavg"),
+        )
+        if theirs != self.identity:
+            raise ConfigError(
+                f"run directory {self.run_dir} holds a different run ({theirs}); "
+                f"this one is {self.identity}: use another --run-dir"
+            )
+        model = {k: v for k, v in tensors.items() if not k.startswith(STRATEGY_PREFIX)}
+        state = {
+            k[len(STRATEGY_PREFIX) :]: v
+            for k, v in tensors.items()
+            if k.startswith(STRATEGY_PREFIX)
+        }
+        history = json.loads(metadata["history"])
+        self.rewrite_metrics(history)
+        return Resumed(round_number, model, state, history)
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+        tmp.replace(self.metrics_path)
+
+    def plot(self, history: list[dict[str, Any]]) -> None:
+        """Every numeric metric per round, one panel each, into metrics.png."""
+        from fedstream.common.plot import plot_metrics
+
+        plot_metrics(history, self.plot_path)
