@@ -129,10 +129,13 @@ class Coordinator:
         self.completed = 0
         self.history: list[dict[str, Any]] = []
         self.base_round_config = {k: parse_scalar(v) for k, v in config.round_config.items()}
+        # Loose enough that a wrong dtype is reported as such, tight enough that no
+        # manifest can make the coordinator spool far more than a model's worth.
+        bound = 4 * self.model.manifest.total_bytes + (1 << 20)
         self.upload_limits = ManifestLimits(
             max_tensors=len(self.model.manifest.entries),
-            max_total_bytes=self.model.manifest.total_bytes,
-            max_tensor_bytes=max((e.nbytes for e in self.model.manifest.entries), default=0),
+            max_total_bytes=bound,
+            max_tensor_bytes=bound,
         )
         self._changed = asyncio.Event()
         self._fold_lock = asyncio.Lock()
@@ -278,7 +281,7 @@ class Coordinator:
         manifest = Manifest.from_proto(header.manifest, self.upload_limits)
         if manifest.codec != "raw":
             raise InvalidManifest(f"codec {manifest.codec!r} is not supported")
-        manifest.require_same_layout(self.model.manifest)
+        self.model.manifest.require_same_layout(manifest)
         if client.name in open_round.uploading:
             raise UploadInProgress(f"an upload from {client.name} is already streaming")
         open_round.uploading.add(client.name)

@@ -11,7 +11,7 @@ import signal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedstream.client.task import load_task
+from fedstream.client.task import Task, load_task
 from fedstream.common.checkpoint import write_json_atomic
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
@@ -38,56 +38,70 @@ def grpc_options(max_chunk_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+class CoordinatorDaemon:
+    """The coordinator behind a gRPC server with the standard health service."""
+
+    def __init__(self, config: ServerConfig, task: Task | None = None) -> None:
+        self.config = config
+        task = task or load_task(config.task, config.task_opt, config.seed)
+        identity = RunIdentity(config.task, dict(config.task_opt), config.seed, "fedavg")
+        store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
+        self.coordinator = Coordinator(config, task, FedAvg(), store)
+        self.coordinator.restore()
+        self.server = grpc.aio.server(options=grpc_options(config.max_chunk_bytes))
+        servicer = CoordinatorServicer(self.coordinator, config.stall_timeout)
+        self.server.add_generic_rpc_handlers((servicer.handler(),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.address = ""
+
+    async def start(self) -> str:
+        """Listen, mark the service SERVING, and record the bound address in the run dir."""
+        port = self.server.add_insecure_port(self.config.address)
+        self.address = f"{self.config.address.rpartition(':')[0]}:{port}"
+        await self.server.start()
+        write_json_atomic(
+            self.config.run_dir / "coordinator.json",
+            {"address": self.address, "pid": os.getpid(), "run_id": self.coordinator.run_id},
+        )
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("coordinator listening on %s (run %s)", self.address, self.coordinator.run_id)
+        return self.address
+
+    async def run(self) -> None:
+        """All rounds, then a grace period for every client to hear the run is over."""
+        await self.coordinator.run()
+        await self.coordinator.wait_clients_told(self.config.done_grace)
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=2.0)
+
+
 async def serve(config: ServerConfig) -> int:
-    """Run the coordinator until the run completes (0) or a signal stops it (0)."""
-    task = load_task(config.task, config.task_opt, config.seed)
-    strategy = FedAvg()
-    identity = RunIdentity(config.task, dict(config.task_opt), config.seed, "fedavg")
-    store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
-    coordinator = Coordinator(config, task, strategy, store)
-    coordinator.restore()
-
-    server = grpc.aio.server(options=grpc_options(config.max_chunk_bytes))
-    server.add_generic_rpc_handlers(
-        (CoordinatorServicer(coordinator, config.stall_timeout).handler(),)
-    )
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(config.address)
-    host = config.address.rpartition(":")[0]
-    address = f"{host}:{port}"
-    await server.start()
-    write_json_atomic(
-        config.run_dir / "coordinator.json",
-        {"address": address, "pid": os.getpid(), "run_id": coordinator.run_id},
-    )
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("coordinator listening on %s (run %s)", address, coordinator.run_id)
-
+    """Run the coordinator until the run completes (0), fails (1) or a signal stops it (0)."""
+    daemon = CoordinatorDaemon(config)
+    await daemon.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    run = asyncio.create_task(coordinator.run())
+    run = asyncio.create_task(daemon.run())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
-
     code = 0
     if run.done():
         stopper.cancel()
         if run.exception() is not None:
             log.error("coordinator failed", exc_info=run.exception())
             code = 1
-        else:
-            await coordinator.wait_clients_told(config.done_grace)
     else:
-        log.info("stopping on signal; the run resumes from %s", config.run_dir)
+        log.info("stopping on signal; restart with --run-dir %s to resume", config.run_dir)
         run.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await run
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=2.0)
+    await daemon.stop()
     return code
 
 

@@ -1,0 +1,150 @@
+"""Built-in task `charlm`: a small byte-level GPT on the text of CPython's pydoc topics.
+
+`pydoc_data.topics.topics` (about 80 topics, 460 KB of reference text) ships with every
+CPython, so the task needs no download; its text changes a little between Python versions.
+Tokens are UTF-8 bytes (a vocabulary of 256), so no vocabulary has to be agreed between
+processes. Topics sorted by name; every tenth is held out for evaluation, and the rest are
+dealt to clients by topic, which makes the clients' text differ in subject matter (non-IID).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pydoc_data.topics import topics
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedstream.client.task import ConfigScalar, EvalResult, Task, TaskError, TrainResult
+from fedstream.client.tasks.gpt import GPT, GPTConfig
+from fedstream.client.tasks.training import (
+    ProximalTerm,
+    check_partition,
+    config_float,
+    config_int,
+    derive_seed,
+    evaluating,
+    seeded_rng,
+)
+
+HELDOUT_EVERY = 10
+"""Topic i (in name order) is held out when i % HELDOUT_EVERY == 0."""
+EVAL_WINDOWS = 64
+"""Evaluation scores this many windows, evenly spaced over the held-out text."""
+
+
+@functools.cache
+def _split_topics() -> tuple[list[str], list[str]]:
+    """(training topic texts, held-out topic texts), each in topic-name order."""
+    texts = [topics[name] for name in sorted(topics)]
+    train = [text for i, text in enumerate(texts) if i % HELDOUT_EVERY]
+    heldout = [text for i, text in enumerate(texts) if not i % HELDOUT_EVERY]
+    return train, heldout
+
+
+def _encode(texts: list[str]) -> torch.Tensor:
+    """The texts joined by blank lines, as a 1-D int64 tensor of UTF-8 bytes."""
+    data = "\n\n".join(texts).encode("utf-8")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+@functools.cache
+def _heldout_tokens() -> torch.Tensor:
+    return _encode(_split_topics()[1])
+
+
+def _windows(
+    tokens: torch.Tensor, starts: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, (len(starts), block_size) each, from `tokens`."""
+    chunks = tokens[starts.unsqueeze(1) + torch.arange(block_size + 1)]
+    return chunks[:, :-1], chunks[:, 1:]
+
+
+class CharLMTask(Task):
+    """Options: `n_layer` (2), `n_head` (4), `n_embd` (128), `block_size` (64), `dropout` (0).
+
+    Round config: `local_steps` (30), `batch_size` (16), `lr` (3e-3; AdamW, fresh each
+    round), `proximal_mu` (0), `round` (varies the windows drawn).
+    """
+
+    def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
+        super().__init__(options, seed)
+        try:
+            self.config = GPTConfig(
+                block_size=self.int_option("block_size", 64),
+                n_layer=self.int_option("n_layer", 2),
+                n_head=self.int_option("n_head", 4),
+                n_embd=self.int_option("n_embd", 128),
+                dropout=self.float_option("dropout", 0.0),
+            )
+        except ValueError as exc:
+            raise TaskError(f"charlm options: {exc}") from exc
+        self.partition = 0
+        self._tokens: torch.Tensor | None = None
+
+    def build_model(self) -> nn.Module:
+        with seeded_rng(self.seed):
+            return GPT(self.config)
+
+    def load_data(self, partition: int, num_partitions: int) -> None:
+        """Take training topic j (in name order, held-out topics skipped) when
+        j % num_partitions == partition."""
+        check_partition(partition, num_partitions)
+        train, _ = _split_topics()
+        if num_partitions > len(train):
+            raise TaskError(
+                f"charlm has {len(train)} training topics, fewer than {num_partitions} partitions"
+            )
+        tokens = _encode(train[partition::num_partitions])
+        if len(tokens) <= self.config.block_size:
+            raise TaskError(
+                f"partition {partition} is shorter than block_size {self.config.block_size}"
+            )
+        self.partition = partition
+        self._tokens = tokens
+
+    def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
+        if self._tokens is None:
+            raise TaskError("load_data must be called before train")
+        steps = config_int(config, "local_steps", 30)
+        batch_size = config_int(config, "batch_size", 16)
+        if steps < 1 or batch_size < 1:
+            raise TaskError(f"need local_steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
+        block_size = self.config.block_size
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config_float(config, "lr", 3e-3))
+        proximal = ProximalTerm(model, config_float(config, "proximal_mu", 0.0))
+        generator = torch.Generator().manual_seed(
+            derive_seed(self.seed, self.partition, config_int(config, "round", 0))
+        )
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(steps):
+            starts = torch.randint(
+                len(self._tokens) - block_size, (batch_size,), generator=generator
+            )
+            x, y = (t.to(self.device) for t in _windows(self._tokens, starts, block_size))
+            logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            (loss + proximal()).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            loss_sum += loss.detach()
+        return TrainResult(
+            num_examples=steps * batch_size * block_size,
+            metrics={"loss": loss_sum.item() / steps},
+        )
+
+    def evaluate(self, model: nn.Module) -> EvalResult:
+        tokens = _heldout_tokens()
+        block_size = self.config.block_size
+        if len(tokens) <= block_size:
+            raise TaskError(f"held-out text is shorter than block_size {block_size}")
+        starts = torch.linspace(0, len(tokens) - block_size - 1, EVAL_WINDOWS).long()
+        x, y = (t.to(self.device) for t in _windows(tokens, starts, block_size))
+        with evaluating(model):
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+        return EvalResult(num_examples=y.numel(), metrics={"loss": loss})

@@ -1,0 +1,138 @@
+"""Rounds over real gRPC on loopback: clients, stragglers, deadlines, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedstream.client.connection import Connection
+from fedstream.common.checkpoint import load_checkpoint
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+
+from .conftest import TinyModel, start_client, wait_for
+
+
+def fedavg_of_tiny(model: TinyModel, partitions: list[int], rounds: int) -> dict[str, torch.Tensor]:
+    """The FedAvg result of TinyTask computed independently, the way the formula reads."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    for _ in range(rounds):
+        weights = [10 * (p + 1) for p in partitions]
+        for name, g in state.items():
+            deltas = [(g + 0.125 * (p + 1)) - g for p in partitions]  # in the tensor's dtype
+            mean = sum(w * d.float() for w, d in zip(weights, deltas, strict=True)) / sum(weights)
+            state[name] = (g.float() + mean).to(g.dtype)
+    return state
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_clients_complete_rounds_and_model_is_the_weighted_mean(coordinator, tmp_path):
+    running = coordinator(rounds=3, min_clients=3)
+    clients = [start_client(running.address, p) for p in (0, 1, 2)]
+    assert [c.join(60) for c in clients] == [0, 0, 0]
+    running.wait_done(30)
+
+    expected = fedavg_of_tiny(TinyModel(0), [0, 1, 2], rounds=3)
+    final, metadata = load_checkpoint(tmp_path / "run" / "checkpoints" / "round_00003.safetensors")
+    for name, tensor in expected.items():
+        assert final[name].dtype == tensor.dtype
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6)
+    assert metadata["task"] == "tiny" and metadata["round"] == "3"
+
+    history = read_metrics(tmp_path / "run")
+    assert [r["round"] for r in history] == [1, 2, 3]
+    assert all(r["updates"] == 3 and r["num_examples"] == 60 for r in history)
+    # client metrics are example-weighted: loss = partition, weights 10, 20, 30
+    assert history[0]["train_loss"] == pytest.approx((0 * 10 + 1 * 20 + 2 * 30) / 60)
+    assert history[-1]["eval_loss"] == pytest.approx(float(expected["w"].sum()), rel=1e-5)
+    assert history[0]["bytes_up"] == 3 * (12 * 4 + 5 * 2)
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 0
+
+
+def test_round_config_reaches_the_task(coordinator):
+    running = coordinator(rounds=1, min_clients=1, round_config={"lr": "0.5", "mode": "x"})
+    client = start_client(running.address, 0)
+    assert client.join(60) == 0
+    config = client.client.task.last_config
+    assert config["lr"] == 0.5 and config["mode"] == "x" and config["round"] == 1
+
+
+def test_silent_client_costs_its_update_not_the_round(coordinator, tmp_path):
+    running = coordinator(rounds=1, min_clients=2, round_timeout=3.0)
+    silent = Connection(running.address, 1 << 20, 30.0)
+    session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
+    honest = start_client(running.address, 0)
+    reply = silent.poll(session, -1)
+    assert reply.WhichOneof("action") == "train"  # selected, then never answers
+    assert honest.join(60) == 0
+    running.wait_done(30)
+    silent.close()
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["clients_selected"] == 2 and record["updates"] == 1
+    assert record["duration_s"] >= 3.0
+
+
+def test_round_without_enough_updates_is_run_again(coordinator, tmp_path):
+    running = coordinator(rounds=1, min_clients=1, min_reports=1, round_timeout=1.5)
+    silent = Connection(running.address, 1 << 20, 30.0)
+    session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
+    first = silent.poll(session, -1)
+    assert first.train.round == 1
+    # nothing is uploaded: after the deadline round 1 starts again with a fresh selection
+    wait_for(lambda: running.coordinator.round.attempt >= 2, 20, "round 1 to be re-run")
+    assert running.coordinator.completed == 0
+    assert silent.poll(session, -1).train.round == 1
+    honest = start_client(running.address, 0)
+    assert honest.join(60) == 0
+    silent.close()
+    running.wait_done(30)
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["attempt"] >= 2 and record["updates"] >= 1
+
+
+def test_health_service_reports_serving(coordinator):
+    running = coordinator(rounds=1)
+    with grpc.insecure_channel(running.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "fedstream.v1.Coordinator"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_resumed_run_ends_where_the_uninterrupted_run_ends(coordinator, tmp_path):
+    first = coordinator(rounds=2, min_clients=2, run_dir=tmp_path / "resumed")
+    clients = [start_client(first.address, p) for p in (0, 1)]
+    assert [c.join(60) for c in clients] == [0, 0]
+    first.wait_done(30)
+
+    second = coordinator(rounds=4, min_clients=2, run_dir=tmp_path / "resumed")
+    assert second.coordinator.completed == 2
+    clients = [start_client(second.address, p) for p in (0, 1)]
+    assert [c.join(60) for c in clients] == [0, 0]
+    second.wait_done(30)
+
+    expected = fedavg_of_tiny(TinyModel(0), [0, 1], rounds=4)
+    final, _ = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "round_00004.safetensors")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6)
+    assert [r["round"] for r in read_metrics(tmp_path / "resumed")] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_different_run(coordinator, tmp_path):
+    from fedstream.common.config import ConfigError
+
+    first = coordinator(rounds=1, min_clients=1, run_dir=tmp_path / "r")
+    assert start_client(first.address, 0).join(60) == 0
+    first.wait_done(30)
+    with pytest.raises(ConfigError, match="different run"):
+        coordinator(rounds=2, min_clients=1, run_dir=tmp_path / "r", seed=7)
