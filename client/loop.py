@@ -11,6 +11,7 @@ unreachable for `give_up_after` seconds ends the client with a non-zero exit.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 
 import grpc
@@ -58,7 +59,11 @@ class FederatedClient:
                     self._contacted()
                     action = reply.WhichOneof("action")
                     if action == "done":
-                        log.info("coordinator says the run is done (%s)", reply.done.reason)
+                        log.info(
+                            "coordinator says the run is done (%s); peak memory %.0f MiB",
+                            reply.done.reason,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        )
                         return EXIT_DONE
                     if action == "train":
                         self._train_round(reply.train)

@@ -20,6 +20,7 @@ import enum
 import logging
 import math
 import random
+import resource
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -53,6 +54,11 @@ log = logging.getLogger(__name__)
 MAX_EXAMPLES = 1 << 40
 MAX_METRICS = 64
 MAX_METRIC_NAME = 64
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, as the OS counts it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Phase(enum.Enum):
@@ -296,7 +302,7 @@ class Coordinator:
                 if self.round is not open_round or not open_round.accepting:
                     raise WrongRound(f"round {open_round.number} closed while the update arrived")
                 await asyncio.to_thread(
-                    self.strategy.fold, client.name, header.num_examples, spool.tensors()
+                    self.strategy.fold, client.name, header.num_examples, spool.blocks()
                 )
                 self._book(open_round, client, header, spool.bytes_written)
         except BaseException:
@@ -463,6 +469,7 @@ class Coordinator:
             "num_examples": open_round.num_examples,
             "bytes_down": open_round.bytes_down,
             "bytes_up": open_round.bytes_up,
+            "coordinator_peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
         }
         for key, total in sorted(open_round.metric_sums.items()):
             record[f"train_{key}"] = total / open_round.metric_weights[key]

@@ -2,14 +2,13 @@
 
 An upload is written to its own file chunk by chunk, so a client that dies mid-upload
 leaves nothing in the model, and the coordinator's memory does not grow with the number
-of clients uploading at once. Only a complete, verified spool is folded into the round.
+of clients uploading at once. Only a complete, verified spool is folded into the round,
+read back through a small reused buffer with plain reads: memory-mapping the file would
+count a whole update's pages in the coordinator's resident set.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import mmap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -18,10 +17,20 @@ import torch
 
 from fedstream.common.errors import NonFiniteValues, WireError
 from fedstream.common.tensor_codec import Manifest, tensor_bytes
+from fedstream.server.strategies.base import DeltaBlock
 
 
-FINITE_CHECK_BLOCK = 1 << 24
-"""Elements checked at a time, so the check's mask stays small for huge tensors."""
+BLOCK_BYTES = 16 << 20
+"""Bytes of an update read back at a time when verifying and folding it."""
+
+
+def _read_exactly(f: BinaryIO, into: memoryview, path: Path) -> None:
+    done = 0
+    while done < len(into):
+        n = f.readinto(into[done:])
+        if not n:
+            raise WireError(f"spool {path.name} is shorter than its manifest")
+        done += n
 
 
 class UploadSpool:
@@ -56,54 +65,32 @@ class UploadSpool:
                 f"{self.manifest.total_bytes} declared bytes"
             )
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The spooled tensors in manifest order, as views of the memory-mapped file.
+    def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[DeltaBlock]:
+        """The spooled tensors in manifest order, a block of elements at a time.
 
-        The pages belong to the page cache, not to the coordinator's heap, so reading a
-        multi-gigabyte update costs no extra resident memory of its own. A tensor whose
-        offset is not aligned to its element size is read into fresh memory instead.
+        Blocks are read into one reused buffer, so folding a multi-gigabyte update costs
+        `block_bytes` of memory; each block is valid only until the next is read.
         """
-        with open(self.path, "rb") as f:
-            mapped = (
-                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.bytes_written else None
-            )
-            try:
-                offset = 0
-                for entry in self.manifest.entries:
-                    yield entry.name, self._tensor_at(mapped, f, offset, entry.dtype, entry.shape)
-                    offset += entry.nbytes
-            finally:
-                if mapped is not None:
-                    with contextlib.suppress(BufferError):
-                        mapped.close()
-
-    @staticmethod
-    def _tensor_at(
-        mapped: mmap.mmap | None,
-        f: BinaryIO,
-        offset: int,
-        dtype: torch.dtype,
-        shape: tuple[int, ...],
-    ) -> torch.Tensor:
-        count = math.prod(shape)
-        if mapped is None or count == 0:
-            return torch.empty(shape, dtype=dtype)
-        if offset % dtype.itemsize == 0:
-            return torch.frombuffer(mapped, dtype=dtype, count=count, offset=offset).view(shape)
-        tensor = torch.empty(shape, dtype=dtype)
-        f.seek(offset)
-        f.readinto(tensor_bytes(tensor))
-        return tensor
+        buffer = torch.empty(block_bytes, dtype=torch.uint8)
+        view = tensor_bytes(buffer)
+        with open(self.path, "rb", buffering=0) as f:
+            for entry in self.manifest.entries:
+                itemsize = entry.dtype.itemsize
+                per_block = max(1, block_bytes // itemsize)
+                for start in range(0, entry.numel, per_block):
+                    count = min(per_block, entry.numel - start)
+                    nbytes = count * itemsize
+                    if nbytes > len(view):
+                        buffer = torch.empty(nbytes, dtype=torch.uint8)
+                        view = tensor_bytes(buffer)
+                    _read_exactly(f, view[:nbytes], self.path)
+                    yield DeltaBlock(entry.name, start, buffer[:nbytes].view(entry.dtype))
 
     def verify_finite(self) -> None:
         """NonFiniteValues naming the first tensor holding a NaN or an infinity."""
-        for name, tensor in self.tensors():
-            if not tensor.is_floating_point():
-                continue
-            flat = tensor.reshape(-1)
-            for start in range(0, flat.numel(), FINITE_CHECK_BLOCK):
-                if not bool(torch.isfinite(flat[start : start + FINITE_CHECK_BLOCK]).all()):
-                    raise NonFiniteValues(f"update tensor {name!r} holds NaN or infinite values")
+        for block in self.blocks():
+            if block.values.is_floating_point() and not bool(torch.isfinite(block.values).all()):
+                raise NonFiniteValues(f"update tensor {block.name!r} holds NaN or infinite values")
 
     def discard(self) -> None:
         if self._file is not None:

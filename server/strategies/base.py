@@ -11,13 +11,32 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from fedstream.common.round_config import Scalar
 
-DeltaStream = Iterable[tuple[str, torch.Tensor]]
-"""An update's tensors (local minus global), one at a time, in manifest order."""
+
+@dataclass(frozen=True)
+class DeltaBlock:
+    """A run of elements of one tensor of an update (local minus global).
+
+    `values` is 1-D and holds elements `start .. start + len(values)` of the flattened
+    tensor `name`. It may live in a reused buffer: use it before taking the next block.
+    """
+
+    name: str
+    start: int
+    values: torch.Tensor
+
+    def target(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The matching elements of a same-shaped tensor in `tensors`, as a flat view."""
+        return tensors[self.name].view(-1)[self.start : self.start + self.values.numel()]
+
+
+DeltaStream = Iterable[DeltaBlock]
+"""An update, block by block, in manifest order."""
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -35,8 +35,8 @@ class FedAvg(Strategy):
         self._weight = 0.0
 
     def fold(self, client: str, num_examples: int, delta: DeltaStream) -> None:
-        for name, tensor in delta:
-            self._sum[name].add_(tensor, alpha=float(num_examples))
+        for block in delta:
+            block.target(self._sum).add_(block.values, alpha=float(num_examples))
         self._weight += num_examples
 
     def finish_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
