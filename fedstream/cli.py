@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (cls, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
         sub.add_argument(
-            "--config", type=Path, metavar="FILE", help="TOML file with a [%s] table" % name
+            "--config", type=Path, metavar="FILE", help=f"TOML file with a [{name}] table"
         )
         add_arguments(sub, cls)
     return parser

@@ -9,6 +9,7 @@ count a whole update's pages in the coordinator's resident set.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -19,12 +20,11 @@ from fedstream.common.errors import NonFiniteValues, WireError
 from fedstream.common.tensor_codec import Manifest, tensor_bytes
 from fedstream.server.strategies.base import DeltaBlock
 
-
 BLOCK_BYTES = 16 << 20
 """Bytes of an update read back at a time when verifying and folding it."""
 
 
-def _read_exactly(f: BinaryIO, into: memoryview, path: Path) -> None:
+def _read_exactly(f: io.RawIOBase, into: memoryview, path: Path) -> None:
     done = 0
     while done < len(into):
         n = f.readinto(into[done:])

@@ -63,12 +63,12 @@ class Strategy(ABC):
     def finish_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
         """Write the next global model into `global_tensors`, in place."""
 
-    def abort_round(self) -> None:
+    def abort_round(self) -> None:  # noqa: B027 (optional hook; most strategies need nothing)
         """Drop the running state of a round that will not be finished."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """State carried across rounds, for the checkpoint."""
         return {}
 
-    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Restore what `state_tensors` returned."""
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:  # noqa: B027
+        """Restore what `state_tensors` returned (stateless strategies have nothing)."""
