@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -239,16 +239,16 @@ class Connection:
         self,
         session: Session,
         header: pb.UpdateHeader,
-        tensors: Mapping[str, torch.Tensor],
+        manifest: Manifest,
+        pieces: Iterable[torch.Tensor],
     ) -> pb.UploadReply:
-        """Stream one update: the header, then the tensors' bytes in manifest order."""
-        manifest = Manifest.from_tensors(tensors)
+        """Stream one update: the header, then the bytes of `pieces` (in manifest order)."""
         header.manifest.CopyFrom(manifest.to_proto())
         progress = TransferProgress(log, f"upload for round {header.round}", manifest.total_bytes)
 
         def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(header=header)
-            for chunk in iter_chunks(list(tensors.values()), self.chunk_bytes):
+            for chunk in iter_chunks(pieces, self.chunk_bytes):
                 yield frame_data(chunk)
                 progress.advance(len(chunk))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Iterator
 
 import grpc
 import torch
@@ -23,8 +24,12 @@ from fedstream.client.task import Task, load_task
 from fedstream.common.errors import FedstreamError
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
+from fedstream.common.tensor_codec import Manifest
 
 log = logging.getLogger(__name__)
+
+DELTA_BLOCK_ELEMENTS = 1 << 22
+"""Elements of a delta computed at a time while uploading."""
 
 EXIT_DONE = 0
 EXIT_UNREACHABLE = 1
@@ -118,25 +123,23 @@ class FederatedClient:
             time.monotonic() - started,
             ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()),
         )
-        deltas = self._deltas_in_place()
         header = pb.UpdateHeader(
             round=task.round,
             model_version=task.model_version,
             num_examples=result.num_examples,
             metrics=result.metrics,
         )
-        self._upload(header, deltas, task)
+        self._upload(header, task)
 
-    def _upload(
-        self, header: pb.UpdateHeader, deltas: dict[str, torch.Tensor], task: pb.TrainTask
-    ) -> None:
+    def _upload(self, header: pb.UpdateHeader, task: pb.TrainTask) -> None:
         """Push the update, retrying transient failures until the round's deadline."""
-        assert self.session is not None
+        assert self.session is not None and self.held is not None
+        manifest = Manifest.from_tensors(self.held)
         deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
         backoff = Backoff(cap=self.config.max_backoff)
         while True:
             try:
-                reply = self.connection.upload(self.session, header, deltas)
+                reply = self.connection.upload(self.session, header, manifest, self._deltas())
                 self._contacted()
                 log.info(
                     "round %d: update %s (%s)",
@@ -149,8 +152,11 @@ class FederatedClient:
                 code = exc.code()  # type: ignore[attr-defined]
                 if code not in RETRYABLE or time.monotonic() + backoff.base > deadline:
                     log.warning(
-                        "round %d: update refused (%s): %s", task.round, code.name, exc.details()
-                    )  # type: ignore[attr-defined]
+                        "round %d: update refused (%s): %s",
+                        task.round,
+                        code.name,
+                        exc.details(),  # type: ignore[attr-defined]
+                    )
                     return
                 log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
                 backoff.sleep()
@@ -162,20 +168,22 @@ class FederatedClient:
             for name, tensor in self.held.items():
                 state[name].copy_(tensor)
 
-    def _deltas_in_place(self) -> dict[str, torch.Tensor]:
-        """local - global for every exchanged tensor, written over the held global copy.
+    def _deltas(self) -> Iterator[torch.Tensor]:
+        """local - global, in manifest order, a block of elements at a time.
 
-        Reusing the held tensors keeps the client at one model plus one copy; the held
-        model is then gone, so the next round downloads afresh (its version is new anyway).
+        Computed while uploading, so the client holds the model, the downloaded global
+        copy and one block: never a second whole-model delta. The global copy survives,
+        so a re-run round or a retried upload needs no new download.
         """
         assert self.held is not None
         state = self.model.state_dict()
-        deltas = self.held
         with torch.no_grad():
-            for name, tensor in deltas.items():
-                tensor.neg_().add_(state[name].detach().to("cpu"))
-        self._forget_model()
-        return deltas
+            for name, held in self.held.items():
+                base = held.reshape(-1)
+                local = state[name].detach().reshape(-1)
+                for start in range(0, base.numel(), DELTA_BLOCK_ELEMENTS):
+                    end = min(start + DELTA_BLOCK_ELEMENTS, base.numel())
+                    yield local[start:end].to("cpu") - base[start:end]
 
     def _forget_model(self) -> None:
         self.held = None

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedstream.client.connection import Connection
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.tensor_codec import Manifest
 
 from .conftest import TinyModel, start_client, wait_for
 
@@ -27,6 +28,12 @@ def fedavg_of_tiny(model: TinyModel, partitions: list[int], rounds: int) -> dict
             mean = sum(w * d.float() for w, d in zip(weights, deltas, strict=True)) / sum(weights)
             state[name] = (g.float() + mean).to(g.dtype)
     return state
+
+
+def attempt(running) -> int:
+    """The open round's attempt number, 0 while no round is open."""
+    open_round = running.coordinator.round
+    return open_round.attempt if open_round is not None else 0
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -86,7 +93,7 @@ def test_round_without_enough_updates_is_run_again(coordinator, tmp_path):
     first = silent.poll(session, -1)
     assert first.train.round == 1
     # nothing is uploaded: after the deadline round 1 starts again with a fresh selection
-    wait_for(lambda: running.coordinator.round.attempt >= 2, 20, "round 1 to be re-run")
+    wait_for(lambda: attempt(running) >= 2, 20, "round 1 to be re-run")
     assert running.coordinator.completed == 0
     assert silent.poll(session, -1).train.round == 1
     honest = start_client(running.address, 0)
@@ -136,3 +143,24 @@ def test_resume_refuses_a_different_run(coordinator, tmp_path):
     first.wait_done(30)
     with pytest.raises(ConfigError, match="different run"):
         coordinator(rounds=2, min_clients=1, run_dir=tmp_path / "r", seed=7)
+
+
+def test_client_holding_the_model_version_skips_the_download(coordinator, tmp_path):
+    running = coordinator(rounds=1, min_clients=2, min_reports=2, round_timeout=2.0)
+    silent = Connection(running.address, 1 << 20, 30.0)
+    session = silent.join(pb.JoinRequest(name="late", task="tiny", partition=1, num_partitions=8))
+    client = start_client(running.address, 0)
+    wait_for(lambda: attempt(running) >= 2, 30, "round 1 to be re-run")
+    # attempt 2 trains the same model version: the client reuses its copy
+    wait_for(lambda: "client-0" in running.coordinator.round.reported, 30, "client-0's update")
+    init = {k: v for k, v in TinyModel(0).state_dict().items() if v.is_floating_point()}
+    manifest = Manifest.from_tensors(init)
+    header = pb.UpdateHeader(round=1, model_version=0, num_examples=20)
+    pieces = [(v + 0.25) - v for v in init.values()]
+    assert silent.upload(session, header, manifest, pieces).accepted
+    assert client.join(60) == 0
+    running.wait_done(30)
+    silent.close()
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["attempt"] >= 2 and record["updates"] == 2
+    assert record["bytes_down"] == 0
