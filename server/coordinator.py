@@ -145,7 +145,6 @@ class Coordinator:
         )
         self._changed = asyncio.Event()
         self._fold_lock = asyncio.Lock()
-        self._downloads: set[asyncio.Task[Any]] = set()
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -265,16 +264,25 @@ class Coordinator:
             manifest=self.model.manifest.to_proto(),
             offset=request.offset,
         )
-        return header, self.model.chunks(request.offset, chunk)
+        return header, self._while_open(open_round, self.model.chunks(request.offset, chunk))
 
-    def track_download(self, task: asyncio.Task[Any], nbytes: int | None = None) -> None:
-        """Register the running download so closing the round can cancel it."""
-        if nbytes is None:
-            self._downloads.add(task)
-            return
-        self._downloads.discard(task)
+    def count_download(self, nbytes: int) -> None:
         if self.round is not None:
             self.round.bytes_down += nbytes
+
+    def _while_open(
+        self, open_round: OpenRound, chunks: Iterator[memoryview | bytes]
+    ) -> Iterator[memoryview | bytes]:
+        """Chunks of the global model for as long as the round it belongs to is open.
+
+        Aggregation rewrites the global tensors in place once the round closes; a chunk
+        is a view of them until it is framed, which happens in the same event-loop step
+        as this check, so no download ever reads a tensor that is being rewritten.
+        """
+        for chunk in chunks:
+            if self.round is not open_round or not open_round.accepting:
+                raise WrongRound(f"round {open_round.number} closed during the download")
+            yield chunk
 
     async def receive_upload(
         self, client: ClientRecord, header: pb.UpdateHeader, chunks: AsyncIterator[memoryview]
@@ -442,12 +450,9 @@ class Coordinator:
                 break
             await self._wait_change(max(0.05, open_round.deadline - now))
         open_round.accepting = False
+        for record in self.registry.all():
+            record.busy = False  # the round they held a task for is over
         self._notify()
-        downloads = list(self._downloads)
-        for download in downloads:
-            download.cancel()
-        if downloads:
-            await asyncio.wait(downloads, timeout=5.0)
         async with self._fold_lock:
             needed = min(self.config.min_reports, len(open_round.selected))
             return len(open_round.reported) >= max(1, needed)

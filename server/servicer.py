@@ -113,17 +113,16 @@ class CoordinatorServicer:
             header, chunks = self.coordinator.open_download(client, request)
         except FedstreamError as exc:
             await _reject(context, "Download", exc)
-        task = asyncio.current_task()
-        assert task is not None
-        self.coordinator.track_download(task)
         sent = 0
         try:
             yield pb.ModelChunk(header=header)
             for chunk in chunks:
                 yield frame_data(chunk)
                 sent += len(chunk)
+        except FedstreamError as exc:
+            await _reject(context, "Download", exc)
         finally:
-            self.coordinator.track_download(task, sent)
+            self.coordinator.count_download(sent)
 
     async def upload(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext

@@ -15,7 +15,7 @@ from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.tensor_codec import Manifest
 
-from .conftest import TinyModel, start_client, wait_for
+from .conftest import ClientThread, TinyModel, TinyTask, client_config, start_client, wait_for
 
 
 def fedavg_of_tiny(model: TinyModel, partitions: list[int], rounds: int) -> dict[str, torch.Tensor]:
@@ -164,3 +164,39 @@ def test_client_holding_the_model_version_skips_the_download(coordinator, tmp_pa
     (record,) = read_metrics(tmp_path / "run")
     assert record["attempt"] >= 2 and record["updates"] == 2
     assert record["bytes_down"] == 0
+
+
+class WideTask(TinyTask):
+    """TinyTask with an 8 MiB tensor, so a download cannot sit whole in socket buffers."""
+
+    def build_model(self) -> torch.nn.Module:
+        model = TinyModel(self.seed)
+        model.wide = torch.nn.Parameter(torch.zeros(2 << 20))
+        return model
+
+
+def test_closing_a_round_ends_a_stalled_download(coordinator, tmp_path):
+    task = WideTask({}, 0)
+    task.load_data(0, 8)
+    running = coordinator(task=task, rounds=1, min_clients=2, round_timeout=3.0, chunk_bytes=1024)
+    slow = Connection(running.address, 1024, 60.0)
+    session = slow.join(pb.JoinRequest(name="slow", task="tiny", partition=1, num_partitions=8))
+    wide = WideTask({}, 0)
+    wide.load_data(0, 8)
+    honest = ClientThread(client_config(running.address, 0), wide)
+    assert slow.poll(session, -1).train.round == 1
+    stream = slow._download(
+        pb.DownloadRequest(model_version=0, chunk_bytes=1024), metadata=session.metadata
+    )
+    next(stream), next(stream)  # the header and one chunk, then nothing more is read
+    wait_for(lambda: running.coordinator.completed == 1, 30, "round 1 to complete")
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream:
+            pass
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "closed during the download" in info.value.details()
+    assert honest.join(60) == 0
+    running.wait_done(30)
+    slow.close()
+    (record,) = read_metrics(tmp_path / "run")
+    assert record["updates"] == 1
