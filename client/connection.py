@@ -166,9 +166,13 @@ class Connection:
         return reply
 
     def download(
-        self, session: Session, version: int, attempts: int = 5
+        self, session: Session, version: int, expected: Manifest, attempts: int = 5
     ) -> dict[str, torch.Tensor]:
-        """The global model `version`, resuming from the last byte received after a break."""
+        """The global model `version`, resuming from the last byte received after a break.
+
+        InvalidManifest, before any model bytes are received, when the coordinator's model
+        is not laid out as `expected` (the client's own model).
+        """
         out: dict[str, torch.Tensor] | None = None
         manifest: Manifest | None = None
         offset = 0
@@ -192,6 +196,7 @@ class Connection:
                             progress.advance(len(item))
                     elif isinstance(item, pb.ModelHeader):
                         received = Manifest.from_proto(item.manifest)
+                        expected.require_same_layout(received)
                         if manifest is None:
                             manifest = received
                             out = {

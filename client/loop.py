@@ -21,7 +21,7 @@ import torch
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
 from fedstream.client.task import Task, load_task
-from fedstream.common.errors import FedstreamError
+from fedstream.common.errors import FedstreamError, InvalidManifest
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.tensor_codec import Manifest
@@ -45,6 +45,9 @@ class FederatedClient:
         self.config = config
         self.task = task
         self.model = task.build_model().to(task.device)
+        self.layout = Manifest.from_tensors(
+            {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+        )
         self.connection = Connection(config.server, config.chunk_bytes, config.stall_timeout)
         self.session: Session | None = None
         self.held: dict[str, torch.Tensor] | None = None
@@ -109,7 +112,13 @@ class FederatedClient:
     def _train_round(self, task: pb.TrainTask) -> None:
         assert self.session is not None
         if self.held is None or self.held_version != task.model_version:
-            self.held = self.connection.download(self.session, task.model_version)
+            try:
+                self.held = self.connection.download(self.session, task.model_version, self.layout)
+            except InvalidManifest as exc:
+                raise Refused(
+                    f"the coordinator's model is not this client's model "
+                    f"(do --task and --task-opt match the server's?): {exc}"
+                ) from exc
             self.held_version = task.model_version
             self._contacted()
         self._load_held()

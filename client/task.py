@@ -18,17 +18,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedstream.common.errors import TaskError
+
 ConfigScalar = float | int | str | bool
+
+__all__ = ["ConfigScalar", "EvalResult", "Task", "TaskError", "TrainResult", "load_task"]
 
 BUILTIN_TASKS: dict[str, str] = {
     "digits": "fedstream.client.tasks.digits:DigitsTask",
     "charlm": "fedstream.client.tasks.charlm:CharLMTask",
     "synthetic": "fedstream.client.tasks.synthetic:SyntheticTask",
 }
-
-
-class TaskError(ValueError):
-    """A task name or option that cannot be used."""
 
 
 @dataclass

@@ -24,14 +24,21 @@ _ORDER_KEY = "__order__"
 """Metadata key holding the tensor names in saved order: safetensors sorts them on disk."""
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Have `write` create a temporary file, then make it `path` durably and atomically."""
     path = Path(path)
-    # A random name rather than mkstemp: the writer creates the file, so the process
-    # umask decides its mode as it would for any other file.
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
         write(tmp)
+        # Some writers (safetensors) create their file 0600; give it the mode any other
+        # file would get, so the run directory stays readable to the operator's tools.
+        os.chmod(tmp, 0o666 & ~_umask())
         fd = os.open(tmp, os.O_RDWR)
         try:
             os.fsync(fd)

@@ -27,3 +27,7 @@ class NonFiniteValues(FedstreamError):
 
 class InvalidCheckpoint(FedstreamError):
     """A checkpoint file that cannot be read back as it was written."""
+
+
+class TaskError(FedstreamError, ValueError):
+    """A task name or option that cannot be used."""

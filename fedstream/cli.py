@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedstream.client.config import ClientConfig
-from fedstream.client.task import TaskError
 from fedstream.common.config import ConfigError, add_arguments, load_config
 from fedstream.common.errors import FedstreamError
 from fedstream.common.logs import setup_logging
@@ -68,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedstream.demo import main as demo_main
 
         return demo_main(config)
-    except (TaskError, ConfigError, FedstreamError) as exc:
+    except (ConfigError, FedstreamError) as exc:
         print(f"fedstream {command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -77,6 +77,7 @@ class CoordinatorDaemon:
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=2.0)
+        (self.config.run_dir / "coordinator.json").unlink(missing_ok=True)
 
 
 async def serve(config: ServerConfig) -> int:

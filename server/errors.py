@@ -27,10 +27,6 @@ class TransferStalled(FedstreamError):
     """A transfer that moved no bytes for longer than the stall timeout."""
 
 
-class ShuttingDown(FedstreamError):
-    """The coordinator is stopping and takes no more work."""
-
-
 class InvalidUpdate(FedstreamError):
     """An update header whose fields are out of bounds (examples, metrics, codec)."""
 

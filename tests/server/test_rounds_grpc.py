@@ -200,3 +200,10 @@ def test_closing_a_round_ends_a_stalled_download(coordinator, tmp_path):
     slow.close()
     (record,) = read_metrics(tmp_path / "run")
     assert record["updates"] == 1
+
+
+def test_client_with_a_different_model_exits_with_a_clear_error(coordinator):
+    running = coordinator(task=WideTask({}, 0), rounds=1, min_clients=1)
+    client = start_client(running.address, 0)  # a TinyTask client: no `wide` tensor
+    assert client.join(60) == 2
+    running.stop()

@@ -1,0 +1,34 @@
+# fedstream in a container: `docker compose up --build` runs the cluster of
+# docker-compose.yml; `docker run fedstream client --server HOST:50051 ...` runs one process.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /opt/fedstream
+COPY pyproject.toml README.md constraints.txt ./
+COPY protos ./protos
+COPY common ./common
+COPY server ./server
+COPY client ./client
+COPY fedstream ./fedstream
+
+# constraints.txt pins torch; the PyTorch CPU index supplies that version as a CPU-only
+# wheel (2.x.y+cpu sorts above PyPI's CUDA build), which keeps the image small.
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu \
+        -c constraints.txt . \
+    && python -c "import fedstream.cli, torch; assert not torch.version.cuda, torch.version.cuda"
+
+# Run unprivileged. /runs is where the compose file mounts its named volume; creating it
+# here makes a fresh volume belong to this user.
+RUN useradd --create-home --uid 1000 fedstream \
+    && mkdir /runs \
+    && chown fedstream:fedstream /runs
+USER fedstream
+WORKDIR /home/fedstream
+
+EXPOSE 50051
+ENTRYPOINT ["fedstream"]
+CMD ["--help"]

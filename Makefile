@@ -1,0 +1,64 @@
+# fedstream's everyday commands. `make demo` and `make test` work on a fresh clone:
+# both create the virtual environment in .venv first.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The interpreter the virtual environment is made from: python3.11, else python3.
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: help venv demo test lint protos clean distclean
+
+help:
+	@echo "make venv       create .venv and install fedstream with its dev tools"
+	@echo "make demo       local cluster: 1 server + 3 clients train digits (runs/demo)"
+	@echo "make test       the test suite (PYTEST_ARGS='-k compose' to narrow it)"
+	@echo "make lint       ruff check, ruff format --check, mypy"
+	@echo "make protos     regenerate common/proto/v1 from protos/"
+	@echo "make clean      remove caches and build outputs"
+	@echo "make distclean  clean, and remove .venv and runs/ too"
+
+venv: $(STAMP)
+
+# constraints.txt pins torch to the CPU wheel on local disk (a bare `torch` would fetch a
+# CUDA build) and pins the code generators the committed stubs were made with.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || { test -n "$(PYTHON)" || { echo "need python3.11 or python3" >&2; exit 1; }; \
+		echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	@touch $@
+
+demo: $(STAMP)
+	$(BIN)/fedstream demo --run-dir runs/demo $(DEMO_ARGS)
+
+# docker-compose is only needed by the compose test, which skips without it.
+test: $(STAMP)
+	@if ! command -v docker-compose >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null 2>&1; then \
+		echo "installing docker-compose with apt-get"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq docker-compose >/dev/null; } \
+		|| echo "warning: could not install docker-compose; the compose test will skip"; \
+	fi
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy common server client fedstream
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) runs

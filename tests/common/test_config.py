@@ -1,0 +1,254 @@
+"""Configuration: flag > environment > TOML file > default, for every kind of field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedstream.client.config import ClientConfig
+from fedstream.common.config import ConfigError, add_arguments, field_docs, load_config
+from fedstream.server.config import ServerConfig
+
+
+@dataclass
+class Sample:
+    count: int = 1
+    """How many."""
+    ratio: float = 0.5
+    """A share,
+    spread over   two lines."""
+    verbose: bool = False
+    """Talk more."""
+    label: str = "plain"
+    """A name."""
+    path: Path = Path("default/dir")
+    """Where things go."""
+    extra: dict[str, str] = field(default_factory=dict)
+    """Extra KEY=VALUE settings."""
+    maybe_dir: Path | None = None
+    """An optional folder."""
+    undocumented: int = 0
+
+
+SECTION = "sample"
+
+
+def parse_flags(argv: list[str]) -> dict[str, Any]:
+    """What the CLI hands load_config: only the flags actually given."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Sample)
+    return vars(parser.parse_args(argv))
+
+
+def load(
+    tmp_path: Path,
+    flags: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    toml: str | None = None,
+) -> Sample:
+    config_file = None
+    if toml is not None:
+        config_file = tmp_path / "fedstream.toml"
+        config_file.write_text(toml)
+    return load_config(Sample, SECTION, parse_flags(flags or []), config_file, env or {})
+
+
+# field, TOML value, environment value, flags, and the value each layer must produce.
+PRECEDENCE_CASES = [
+    ("count", "7", "8", ["--count", "9"], 7, 8, 9),
+    ("ratio", "0.25", "0.125", ["--ratio", "0.75"], 0.25, 0.125, 0.75),
+    ("verbose", "true", "off", ["--verbose"], True, False, True),
+    ("verbose", "false", "yes", ["--no-verbose"], False, True, False),
+    ("label", '"file"', "env", ["--label", "flag"], "file", "env", "flag"),
+    ("path", '"f/dir"', "e/dir", ["--path", "g/dir"], Path("f/dir"), Path("e/dir"), Path("g/dir")),
+    ("maybe_dir", '"f"', "e", ["--maybe-dir", "g"], Path("f"), Path("e"), Path("g")),
+    (
+        "extra",
+        '{ a = "1", b = 2 }',
+        "a=3, c=4",
+        ["--extra", "a=5", "--extra", "d=6"],
+        {"a": "1", "b": "2"},
+        {"a": "3", "c": "4"},
+        {"a": "5", "d": "6"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "toml_value", "env_value", "flags", "from_file", "from_env", "from_flag"),
+    PRECEDENCE_CASES,
+    ids=[f"{case[0]}-{i}" for i, case in enumerate(PRECEDENCE_CASES)],
+)
+def test_flag_beats_env_beats_file_beats_default(
+    tmp_path: Path,
+    name: str,
+    toml_value: str,
+    env_value: str,
+    flags: list[str],
+    from_file: Any,
+    from_env: Any,
+    from_flag: Any,
+) -> None:
+    toml = f"[{SECTION}]\n{name} = {toml_value}\n"
+    env = {f"FEDSTREAM_{SECTION.upper()}_{name.upper()}": env_value}
+    default = getattr(Sample(), name)
+
+    def value(config: Sample, expected: Any) -> Any:
+        got = getattr(config, name)
+        assert type(got) is type(expected), f"{name}: {got!r} is not a {type(expected)}"
+        return got
+
+    assert getattr(load(tmp_path), name) == default
+    assert value(load(tmp_path, toml=toml), from_file) == from_file
+    assert value(load(tmp_path, env=env), from_env) == from_env
+    assert value(load(tmp_path, flags=flags), from_flag) == from_flag
+    assert value(load(tmp_path, env=env, toml=toml), from_env) == from_env
+    assert value(load(tmp_path, flags=flags, toml=toml), from_flag) == from_flag
+    assert value(load(tmp_path, flags=flags, env=env, toml=toml), from_flag) == from_flag
+
+
+def test_only_the_given_fields_change(tmp_path: Path) -> None:
+    config = load(tmp_path, flags=["--count", "3"], env={"FEDSTREAM_SAMPLE_LABEL": "x"})
+    assert dataclasses.replace(config, count=1, label="plain") == Sample()
+
+
+def test_a_mapping_from_a_higher_layer_replaces_the_lower_one_whole(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        flags=["--extra", "a=1"],
+        env={"FEDSTREAM_SAMPLE_EXTRA": "b=2"},
+        toml=f"[{SECTION}.extra]\nc = 3\n",
+    )
+    assert config.extra == {"a": "1"}
+
+
+def test_toml_table_form_of_a_mapping(tmp_path: Path) -> None:
+    toml = f'[{SECTION}]\ncount = 2\n\n[{SECTION}.extra]\nlr = 0.05\nname = "x"\nflag = true\n'
+    config = load(tmp_path, toml=toml)
+    assert config.count == 2
+    assert config.extra == {"lr": "0.05", "name": "x", "flag": "True"}
+
+
+def test_mapping_values_may_contain_equals_signs(tmp_path: Path) -> None:
+    config = load(tmp_path, flags=["--extra", "expr=a=b"], env={})
+    assert config.extra == {"expr": "a=b"}
+
+
+@pytest.mark.parametrize(("text", "expected"), [("12", 12), ("1e3", 1000), ("-4", -4), ("3.0", 3)])
+def test_int_fields_accept_integral_numbers(tmp_path: Path, text: str, expected: int) -> None:
+    config = load(tmp_path, env={"FEDSTREAM_SAMPLE_COUNT": text})
+    assert config.count == expected and type(config.count) is int
+
+
+@pytest.mark.parametrize("text", ["1", "TRUE", "yes", "On", " true "])
+def test_bool_true_spellings(tmp_path: Path, text: str) -> None:
+    assert load(tmp_path, env={"FEDSTREAM_SAMPLE_VERBOSE": text}).verbose is True
+
+
+@pytest.mark.parametrize("text", ["0", "False", "no", "OFF"])
+def test_bool_false_spellings(tmp_path: Path, text: str) -> None:
+    assert load(tmp_path, toml=f'[{SECTION}]\nverbose = "{text}"\n').verbose is False
+
+
+def test_other_sections_of_the_file_are_ignored(tmp_path: Path) -> None:
+    toml = f"[other]\nanything = 1\n\n[{SECTION}]\ncount = 4\n"
+    assert load(tmp_path, toml=toml).count == 4
+
+
+def test_unknown_toml_key_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown \[sample\] keys \['cuont'\]"):
+        load(tmp_path, toml=f"[{SECTION}]\ncuont = 4\n")
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="nope.toml"):
+        load_config(Sample, SECTION, {}, missing, {})
+
+
+def test_malformed_toml_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="fedstream.toml"):
+        load(tmp_path, toml=f"[{SECTION}\ncount = 4\n")
+
+
+@pytest.mark.parametrize(
+    ("layer", "name", "raw"),
+    [
+        ("flag", "count", "many"),
+        ("env", "count", "2.5"),
+        ("toml", "count", '"lots"'),
+        ("flag", "ratio", "fast"),
+        ("env", "verbose", "maybe"),
+        ("toml", "verbose", "3"),
+        ("flag", "extra", "novalue"),
+        ("env", "extra", "a=1,=2"),
+        ("toml", "extra", "3"),
+    ],
+)
+def test_bad_value_error_names_the_field(tmp_path: Path, layer: str, name: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        if layer == "flag":
+            load(tmp_path, flags=[f"--{name.replace('_', '-')}", raw])
+        elif layer == "env":
+            load(tmp_path, env={f"FEDSTREAM_SAMPLE_{name.upper()}": raw})
+        else:
+            load(tmp_path, toml=f"[{SECTION}]\n{name} = {raw}\n")
+    assert name in str(error.value)
+
+
+def test_env_error_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="FEDSTREAM_SAMPLE_RATIO"):
+        load(tmp_path, env={"FEDSTREAM_SAMPLE_RATIO": "half"})
+
+
+def test_validate_runs_after_every_layer(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="rounds"):
+        load_config(ServerConfig, "server", {}, None, {"FEDSTREAM_SERVER_ROUNDS": "0"})
+    config = load_config(
+        ServerConfig, "server", {"rounds": "3"}, None, {"FEDSTREAM_SERVER_ROUNDS": "0"}
+    )
+    assert config.rounds == 3
+
+
+def test_env_names_of_real_configs(tmp_path: Path) -> None:
+    server = load_config(
+        ServerConfig,
+        "server",
+        {},
+        None,
+        {"FEDSTREAM_SERVER_MIN_CLIENTS": "4", "FEDSTREAM_SERVER_RUN_DIR": "runs/x"},
+    )
+    assert (server.min_clients, server.run_dir) == (4, Path("runs/x"))
+    client = load_config(
+        ClientConfig,
+        "client",
+        {},
+        None,
+        {"FEDSTREAM_CLIENT_TASK_OPT": "params=1e6,dtype=bfloat16", "FEDSTREAM_SERVER_SEED": "9"},
+    )
+    assert client.task_opt == {"params": "1e6", "dtype": "bfloat16"}
+    assert client.seed == 0, "another section's variable leaked in"
+
+
+def test_field_docs_reads_the_string_under_each_field() -> None:
+    docs = field_docs(Sample)
+    assert docs["count"] == "How many."
+    assert docs["ratio"] == "A share, spread over two lines."
+    assert docs["maybe_dir"] == "An optional folder."
+    assert "undocumented" not in docs
+    assert set(docs) == {f.name for f in dataclasses.fields(Sample)} - {"undocumented"}
+
+
+def test_flags_carry_docs_and_defaults_but_default_to_not_given() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Sample)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["count"] == "How many. (default: 1)"
+    assert helps["extra"] == "Extra KEY=VALUE settings. (repeatable)"
+    assert helps["path"] == "Where things go. (default: default/dir)"
+    assert vars(parser.parse_args([])) == {}

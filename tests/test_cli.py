@@ -1,0 +1,176 @@
+"""The command line: its options are frozen here, so none appears or vanishes unnoticed.
+
+Adding, renaming or removing a config field changes a flag, an environment variable and
+a TOML key that users and deployments rely on. When that is intended, update the sets
+below (and README.md's configuration reference) in the same change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedstream.cli import COMMANDS, build_parser, main
+from fedstream.common.config import field_docs
+
+OPTIONS: dict[str, set[str]] = {
+    "server": {
+        "--config",
+        "--address",
+        "--run-dir",
+        "--rounds",
+        "--min-clients",
+        "--fraction",
+        "--min-reports",
+        "--round-timeout",
+        "--task",
+        "--task-opt",
+        "--round-config",
+        "--seed",
+        "--chunk-bytes",
+        "--max-chunk-bytes",
+        "--poll-timeout",
+        "--client-timeout",
+        "--stall-timeout",
+        "--done-grace",
+        "--keep-checkpoints",
+        "--spool-dir",
+        "--log-level",
+    },
+    "client": {
+        "--config",
+        "--server",
+        "--task",
+        "--task-opt",
+        "--partition",
+        "--num-partitions",
+        "--name",
+        "--seed",
+        "--device",
+        "--threads",
+        "--chunk-bytes",
+        "--stall-timeout",
+        "--max-backoff",
+        "--give-up-after",
+        "--log-level",
+    },
+    "demo": {
+        "--config",
+        "--clients",
+        "--rounds",
+        "--task",
+        "--task-opt",
+        "--round-config",
+        "--run-dir",
+        "--seed",
+        "--timeout",
+    },
+}
+
+HELP_SUFFIX = re.compile(r"\s*\((default: .*|repeatable)\)$")
+"""What `add_arguments` appends to a field's documentation."""
+
+
+def subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {
+        option: action
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction)
+        for option in action.option_strings
+    }
+
+
+def test_commands_are_frozen() -> None:
+    assert set(COMMANDS) == set(OPTIONS)
+    assert set(subparsers()) == set(OPTIONS)
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_options_are_frozen(command: str) -> None:
+    found = set(options(subparsers()[command]))
+    assert found == OPTIONS[command], (
+        f"fedstream {command}: new options {sorted(found - OPTIONS[command])}, "
+        f"vanished options {sorted(OPTIONS[command] - found)}"
+    )
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_every_option_has_help(command: str) -> None:
+    for option, action in options(subparsers()[command]).items():
+        text = HELP_SUFFIX.sub("", action.help or "").strip()
+        assert text, f"fedstream {command} {option} has no help text"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_config_field_is_documented(command: str) -> None:
+    """The help text comes from the string under each field of the config dataclass."""
+    cls = COMMANDS[command][0]
+    docs = field_docs(cls)
+    undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_help_renders(command: str) -> None:
+    """argparse %-formats help text when printing it: a stray % would crash --help."""
+    assert "usage: fedstream " + command in subparsers()[command].format_help()
+
+
+def test_module_help_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "fedstream", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for command in OPTIONS:
+        assert command in result.stdout
+
+
+def test_console_script_help_runs() -> None:
+    script = Path(sys.executable).with_name("fedstream")
+    found = str(script) if script.exists() else shutil.which("fedstream")
+    assert found, "the `fedstream` console script is not installed (pip install -e .)"
+    result = subprocess.run(
+        [found, "server", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--min-clients" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["server", "--rounds", "0"], "rounds"),
+        (["server", "--min-clients", "three"], "min_clients"),
+        (["client", "--partition", "3", "--num-partitions", "3"], "partition"),
+        (["demo", "--clients", "0"], "clients"),
+    ],
+)
+def test_bad_values_exit_2_with_a_message(
+    argv: list[str],
+    named: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in [k for k in os.environ if k.startswith("FEDSTREAM_")]:
+        monkeypatch.delenv(key)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedstream {argv[0]}: ")
+    assert named in err
