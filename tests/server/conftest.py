@@ -49,6 +49,21 @@ class TinyTask(Task):
         return EvalResult(1, {"loss": float(model.w.detach().sum())})
 
 
+class WideTask(TinyTask):
+    """TinyTask with an 8 MiB tensor, so a download cannot sit whole in socket buffers."""
+
+    def build_model(self) -> torch.nn.Module:
+        model = TinyModel(self.seed)
+        model.wide = torch.nn.Parameter(torch.zeros(2 << 20))
+        return model
+
+
+def wide_task(partition: int = 0) -> WideTask:
+    task = WideTask({}, 0)
+    task.load_data(partition, 8)
+    return task
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

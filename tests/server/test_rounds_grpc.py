@@ -15,7 +15,7 @@ from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.tensor_codec import Manifest
 
-from .conftest import ClientThread, TinyModel, TinyTask, client_config, start_client, wait_for
+from .conftest import ClientThread, TinyModel, WideTask, client_config, start_client, wait_for
 
 
 def fedavg_of_tiny(model: TinyModel, partitions: list[int], rounds: int) -> dict[str, torch.Tensor]:
@@ -164,15 +164,6 @@ def test_client_holding_the_model_version_skips_the_download(coordinator, tmp_pa
     (record,) = read_metrics(tmp_path / "run")
     assert record["attempt"] >= 2 and record["updates"] == 2
     assert record["bytes_down"] == 0
-
-
-class WideTask(TinyTask):
-    """TinyTask with an 8 MiB tensor, so a download cannot sit whole in socket buffers."""
-
-    def build_model(self) -> torch.nn.Module:
-        model = TinyModel(self.seed)
-        model.wide = torch.nn.Parameter(torch.zeros(2 << 20))
-        return model
 
 
 def test_closing_a_round_ends_a_stalled_download(coordinator, tmp_path):
