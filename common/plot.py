@@ -16,6 +16,7 @@ def plot_metrics(history: Sequence[dict[str, Any]], path: Path, title: str = "")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     keys = sorted(
         {
@@ -35,6 +36,7 @@ def plot_metrics(history: Sequence[dict[str, Any]], path: Path, title: str = "")
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o")
         ax.set_title(key)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
