@@ -18,11 +18,12 @@ from typing import Any
 import grpc
 import torch
 
+from fedstream.common.codecs import wire_chunks
 from fedstream.common.errors import WireError
 from fedstream.common.framing import ChunkParser, MalformedChunk, frame_data, serialize_chunk
 from fedstream.common.progress import TransferProgress
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest, TensorAssembler, iter_chunks
+from fedstream.common.tensor_codec import Manifest, TensorAssembler
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ class Connection:
 
         def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(header=header)
-            for chunk in iter_chunks(pieces, self.chunk_bytes):
+            for chunk in wire_chunks(manifest, pieces, self.chunk_bytes):
                 yield frame_data(chunk)
                 progress.advance(len(chunk))
 

@@ -20,7 +20,9 @@ import torch
 
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
-from fedstream.client.task import Task, load_task
+from fedstream.client.task import Task, exchanged_names, load_task
+from fedstream.client.uplink import UplinkEncoder
+from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import FedstreamError, InvalidManifest
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
@@ -45,9 +47,11 @@ class FederatedClient:
         self.config = config
         self.task = task
         self.model = task.build_model().to(task.device)
+        state = self.model.state_dict()
         self.layout = Manifest.from_tensors(
-            {k: v for k, v in self.model.state_dict().items() if v.is_floating_point()}
+            {name: state[name] for name in exchanged_names(task, self.model)}
         )
+        self.uplink = UplinkEncoder()
         self.connection = Connection(config.server, config.chunk_bytes, config.stall_timeout)
         self.session: Session | None = None
         self.held: dict[str, torch.Tensor] | None = None
@@ -123,6 +127,10 @@ class FederatedClient:
             self._contacted()
         self._load_held()
         config = config_from_proto(task.config)
+        try:
+            self.uplink.configure(UplinkCodec.from_round_config(config))
+        except ValueError as exc:
+            raise Refused(f"cannot encode updates as the coordinator asks: {exc}") from exc
         started = time.monotonic()
         result = self.task.train(self.model, config)
         log.info(
@@ -143,13 +151,16 @@ class FederatedClient:
     def _upload(self, header: pb.UpdateHeader, task: pb.TrainTask) -> None:
         """Push the update, retrying transient failures until the round's deadline."""
         assert self.session is not None and self.held is not None
-        manifest = Manifest.from_tensors(self.held)
+        update = self.uplink.encode(Manifest.from_tensors(self.held), self._deltas)
         deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
         backoff = Backoff(cap=self.config.max_backoff)
         while True:
             try:
-                reply = self.connection.upload(self.session, header, manifest, self._deltas())
+                reply = self.connection.upload(
+                    self.session, header, update.manifest, update.pieces()
+                )
                 self._contacted()
+                update.commit()
                 log.info(
                     "round %d: update %s (%s)",
                     task.round,
@@ -177,8 +188,9 @@ class FederatedClient:
             for name, tensor in self.held.items():
                 state[name].copy_(tensor)
 
-    def _deltas(self) -> Iterator[torch.Tensor]:
-        """local - global, in manifest order, a block of elements at a time.
+    def _deltas(self, block_elements: int | None = DELTA_BLOCK_ELEMENTS) -> Iterator[torch.Tensor]:
+        """local - global, in manifest order, a block of elements at a time (with None,
+        a whole tensor at a time, for the codecs that encode tensors whole).
 
         Computed while uploading, so the client holds the model, the downloaded global
         copy and one block: never a second whole-model delta. The global copy survives,
@@ -190,9 +202,11 @@ class FederatedClient:
             for name, held in self.held.items():
                 base = held.reshape(-1)
                 local = state[name].detach().reshape(-1)
-                for start in range(0, base.numel(), DELTA_BLOCK_ELEMENTS):
-                    end = min(start + DELTA_BLOCK_ELEMENTS, base.numel())
-                    yield local[start:end].to("cpu") - base[start:end]
+                step = block_elements or max(1, base.numel())
+                for start in range(0, base.numel(), step):
+                    end = min(start + step, base.numel())
+                    delta = local[start:end].to("cpu") - base[start:end]
+                    yield delta if block_elements else delta.view(held.shape)
 
     def _forget_model(self) -> None:
         self.held = None

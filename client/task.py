@@ -71,6 +71,15 @@ class Task(ABC):
         """Evaluate on the task's held-out split, or None when the task has none."""
         return None
 
+    def exchanged_parameters(self, model: torch.nn.Module) -> list[str] | None:
+        """Names of the state-dict tensors of `model` that travel and are aggregated.
+
+        None (the default) exchanges every floating-point tensor. The others never leave
+        a process: each side keeps them as `build_model` made them, so they must come
+        out the same everywhere (a frozen base model, say, under LoRA adapters).
+        """
+        return None
+
     def option(self, key: str, default: str) -> str:
         return self.options.get(key, default)
 
@@ -79,6 +88,21 @@ class Task(ABC):
 
     def float_option(self, key: str, default: float) -> float:
         return float(self.option(key, str(default)))
+
+
+def exchanged_names(task: Task, model: torch.nn.Module) -> list[str]:
+    """The exchanged tensors of `model`, in state-dict order (see `exchanged_parameters`)."""
+    state = model.state_dict()
+    names = task.exchanged_parameters(model)
+    if names is None:
+        return [name for name, tensor in state.items() if tensor.is_floating_point()]
+    wanted = set(names)
+    unknown = sorted(wanted - state.keys())
+    if unknown:
+        raise TaskError(f"exchanged parameters not in the model: {', '.join(unknown[:5])}")
+    if not all(state[name].is_floating_point() for name in wanted):
+        raise TaskError("exchanged parameters must be floating-point tensors")
+    return [name for name in state if name in wanted]
 
 
 def resolve_task_class(name: str) -> type[Task]:

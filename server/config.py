@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedstream.common.codecs import CODEC_NAMES
 from fedstream.common.config import ConfigError
 
 MIB = 1 << 20
@@ -32,6 +33,12 @@ class ServerConfig:
     """Task option KEY=VALUE, e.g. params=100e6 for synthetic."""
     round_config: dict[str, str] = field(default_factory=dict)
     """Training setting KEY=VALUE sent to clients each round, e.g. lr=0.05, local_epochs=2."""
+    uplink_codec: str = "raw"
+    """Codec of client updates: raw, fp16, bf16, int8 (per-block scales) or topk."""
+    uplink_zstd: bool = False
+    """Compress client updates losslessly with zstd on top of the uplink codec."""
+    topk_fraction: float = 0.01
+    """Fraction of each tensor's elements a topk update carries."""
     seed: int = 0
     """Seed for model initialisation, client selection and client data splits."""
     chunk_bytes: int = MIB
@@ -71,6 +78,10 @@ class ServerConfig:
             raise ConfigError("chunk_bytes must be between 1 KiB and max_chunk_bytes")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be at least 1")
+        if self.uplink_codec not in CODEC_NAMES:
+            raise ConfigError(f"uplink_codec must be one of {', '.join(CODEC_NAMES)}")
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise ConfigError("topk_fraction must be in (0, 1]")
 
     @property
     def spool_path(self) -> Path:

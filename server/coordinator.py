@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from fedstream.client.task import Task
+from fedstream.client.task import Task, exchanged_names
+from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import Scalar, parse_scalar
@@ -69,19 +70,17 @@ class Phase(enum.Enum):
 
 
 class GlobalModel:
-    """The global weights: the exchanged (floating-point) tensors of the task's model.
+    """The global weights: the exchanged tensors of the task's model (`exchanged_names`).
 
     The tensors share storage with the model's parameters, so evaluating the module sees
-    the current weights and no second copy exists.
+    the current weights and no second copy exists. Tensors not exchanged stay as the
+    task built them.
     """
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
         self.module = module
-        self.tensors: dict[str, torch.Tensor] = {
-            name: tensor
-            for name, tensor in module.state_dict().items()
-            if tensor.is_floating_point()
-        }
+        state = module.state_dict()
+        self.tensors: dict[str, torch.Tensor] = {name: state[name] for name in names}
         for name, tensor in self.tensors.items():
             if not tensor.is_contiguous():
                 raise ValueError(f"model tensor {name!r} is not contiguous")
@@ -128,18 +127,26 @@ class Coordinator:
         self.strategy = strategy
         self.store = store
         self.registry = ClientRegistry()
-        self.model = GlobalModel(task.build_model())
+        module = task.build_model()
+        self.model = GlobalModel(module, exchanged_names(task, module))
         self.run_id = uuid.uuid4().hex
         self.phase = Phase.WAITING
         self.round: OpenRound | None = None
         self.completed = 0
         self.history: list[dict[str, Any]] = []
-        self.base_round_config = {k: parse_scalar(v) for k, v in config.round_config.items()}
+        self.uplink = UplinkCodec.parse(config.uplink_codec, config.topk_fraction)
+        if config.uplink_zstd:
+            self.uplink = UplinkCodec(self.uplink.codec, zstd=True)
+        self.upload_layout = self.uplink.layout(self.model.manifest)
+        self.base_round_config = {
+            **{k: parse_scalar(v) for k, v in config.round_config.items()},
+            **self.uplink.round_config(),
+        }
         # Loose enough that a wrong dtype is reported as such, tight enough that no
         # manifest can make the coordinator spool far more than a model's worth.
         bound = 4 * self.model.manifest.total_bytes + (1 << 20)
         self.upload_limits = ManifestLimits(
-            max_tensors=len(self.model.manifest.entries),
+            max_tensors=len(self.upload_layout.entries),
             max_total_bytes=bound,
             max_tensor_bytes=bound,
         )
@@ -293,14 +300,16 @@ class Coordinator:
                 accepted=False, detail=f"update for round {open_round.number} already booked"
             )
         manifest = Manifest.from_proto(header.manifest, self.upload_limits)
-        if manifest.codec != "raw":
-            raise InvalidManifest(f"codec {manifest.codec!r} is not supported")
-        self.model.manifest.require_same_layout(manifest)
+        if manifest.codec != self.uplink.spec:
+            raise InvalidManifest(
+                f"codec {manifest.codec[:64]!r} is not this run's uplink codec {self.uplink.spec!r}"
+            )
+        self.upload_layout.require_same_layout(manifest)
         if client.name in open_round.uploading:
             raise UploadInProgress(f"an upload from {client.name} is already streaming")
         open_round.uploading.add(client.name)
         spool_path = self.config.spool_path / f"r{open_round.number}-{client.name}.bin"
-        spool = UploadSpool(spool_path, manifest)
+        spool = UploadSpool(spool_path, manifest, self.uplink, self.model.manifest)
         try:
             async for chunk in chunks:
                 spool.write(chunk)
@@ -507,5 +516,5 @@ class Coordinator:
         params = sum(e.numel for e in manifest.entries)
         return (
             f"task {self.config.task}, {len(manifest.entries)} tensors, {params:,} parameters, "
-            f"{manifest.total_bytes / 2**20:.1f} MiB"
+            f"{manifest.total_bytes / 2**20:.1f} MiB exchanged, uplink {self.uplink.spec}"
         )

@@ -5,17 +5,24 @@ leaves nothing in the model, and the coordinator's memory does not grow with the
 of clients uploading at once. Only a complete, verified spool is folded into the round,
 read back through a small reused buffer with plain reads: memory-mapping the file would
 count a whole update's pages in the coordinator's resident set.
+
+An update in a compressed uplink codec is spooled as it arrived (encoded, and zstd
+compressed if the run says so) and decoded only while it is read back: one model tensor
+at a time (its parts, then the decoded tensor), so the coordinator's memory for it is
+bounded by the model's largest tensor.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 
+from fedstream.common.codecs import UplinkCodec
+from fedstream.common.codecs.base import Raw
+from fedstream.common.codecs.zstd import ZstdError
 from fedstream.common.errors import NonFiniteValues, WireError
 from fedstream.common.tensor_codec import Manifest, tensor_bytes
 from fedstream.server.strategies.base import DeltaBlock
@@ -24,21 +31,37 @@ BLOCK_BYTES = 16 << 20
 """Bytes of an update read back at a time when verifying and folding it."""
 
 
-def _read_exactly(f: io.RawIOBase, into: memoryview, path: Path) -> None:
+RAW = UplinkCodec(Raw())
+
+
+def _read_exactly(f: BinaryIO, into: memoryview, path: Path) -> None:
     done = 0
     while done < len(into):
-        n = f.readinto(into[done:])
+        n = f.readinto(into[done:])  # type: ignore[attr-defined]
         if not n:
             raise WireError(f"spool {path.name} is shorter than its manifest")
         done += n
 
 
 class UploadSpool:
-    """One client's update for one round, on disk."""
+    """One client's update for one round, on disk, in the codec it arrived in.
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    `manifest` is the received (already validated) manifest; with a codec other than
+    raw, `model` is the layout of the model tensors its parts encode.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: Manifest,
+        uplink: UplinkCodec = RAW,
+        model: Manifest | None = None,
+    ) -> None:
         self.path = path
         self.manifest = manifest
+        self.uplink = uplink
+        self.model = model if model is not None else manifest
+        self.max_bytes = uplink.max_wire_bytes(manifest)
         self.bytes_written = 0
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file: BinaryIO | None = open(path, "wb")  # noqa: SIM115 (closed in finish/discard)
@@ -46,10 +69,10 @@ class UploadSpool:
     def write(self, chunk: memoryview) -> None:
         if self._file is None:
             raise WireError("spool is closed")
-        if self.bytes_written + len(chunk) > self.manifest.total_bytes:
+        if self.bytes_written + len(chunk) > self.max_bytes:
             raise WireError(
                 f"update overflows its manifest: {self.bytes_written + len(chunk)} bytes "
-                f"sent, {self.manifest.total_bytes} declared"
+                f"sent, at most {self.max_bytes} allowed"
             )
         self._file.write(chunk)
         self.bytes_written += len(chunk)
@@ -59,32 +82,58 @@ class UploadSpool:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.bytes_written != self.manifest.total_bytes:
+        if not self.uplink.zstd and self.bytes_written != self.manifest.total_bytes:
             raise WireError(
                 f"update ended after {self.bytes_written} of "
                 f"{self.manifest.total_bytes} declared bytes"
             )
 
     def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[DeltaBlock]:
-        """The spooled tensors in manifest order, a block of elements at a time.
+        """The decoded update tensors in model order, a block of elements at a time.
 
-        Blocks are read into one reused buffer, so folding a multi-gigabyte update costs
-        `block_bytes` of memory; each block is valid only until the next is read.
+        Blocks are read into one reused buffer, so folding a multi-gigabyte raw update
+        costs `block_bytes` of memory; each block is valid only until the next is read.
+        WireError when the bytes do not decode to exactly what the manifest describes.
         """
+        with open(self.path, "rb", buffering=0) as f, self.uplink.reader(f) as reader:
+            try:
+                if isinstance(self.uplink.codec, Raw):
+                    yield from self._raw_blocks(reader, block_bytes)
+                else:
+                    yield from self._decoded_blocks(reader, block_bytes)
+                if reader.read(1):
+                    raise WireError(f"spool {self.path.name} is longer than its manifest")
+            except ZstdError as exc:
+                raise WireError(f"update is not a valid zstd stream: {exc}") from None
+
+    def _raw_blocks(self, f: BinaryIO, block_bytes: int) -> Iterator[DeltaBlock]:
         buffer = torch.empty(block_bytes, dtype=torch.uint8)
         view = tensor_bytes(buffer)
-        with open(self.path, "rb", buffering=0) as f:
-            for entry in self.manifest.entries:
-                itemsize = entry.dtype.itemsize
-                per_block = max(1, block_bytes // itemsize)
-                for start in range(0, entry.numel, per_block):
-                    count = min(per_block, entry.numel - start)
-                    nbytes = count * itemsize
-                    if nbytes > len(view):
-                        buffer = torch.empty(nbytes, dtype=torch.uint8)
-                        view = tensor_bytes(buffer)
-                    _read_exactly(f, view[:nbytes], self.path)
-                    yield DeltaBlock(entry.name, start, buffer[:nbytes].view(entry.dtype))
+        for entry in self.manifest.entries:
+            itemsize = entry.dtype.itemsize
+            per_block = max(1, block_bytes // itemsize)
+            for start in range(0, entry.numel, per_block):
+                count = min(per_block, entry.numel - start)
+                nbytes = count * itemsize
+                if nbytes > len(view):
+                    buffer = torch.empty(nbytes, dtype=torch.uint8)
+                    view = tensor_bytes(buffer)
+                _read_exactly(f, view[:nbytes], self.path)
+                yield DeltaBlock(entry.name, start, buffer[:nbytes].view(entry.dtype))
+
+    def _decoded_blocks(self, f: BinaryIO, block_bytes: int) -> Iterator[DeltaBlock]:
+        entries = iter(self.manifest.entries)
+        for target in self.model.entries:
+            parts = []
+            for _ in self.uplink.codec.layout(target):
+                entry = next(entries)
+                part = torch.empty(entry.shape, dtype=entry.dtype)
+                _read_exactly(f, tensor_bytes(part), self.path)
+                parts.append(part)
+            decoded = self.uplink.codec.decode(parts, target.dtype, target.shape).reshape(-1)
+            per_block = max(1, block_bytes // target.dtype.itemsize)
+            for start in range(0, target.numel, per_block):
+                yield DeltaBlock(target.name, start, decoded[start : start + per_block])
 
     def verify_finite(self) -> None:
         """NonFiniteValues naming the first tensor holding a NaN or an infinity."""
