@@ -27,6 +27,7 @@ __all__ = ["ConfigScalar", "EvalResult", "Task", "TaskError", "TrainResult", "lo
 BUILTIN_TASKS: dict[str, str] = {
     "digits": "fedstream.client.tasks.digits:DigitsTask",
     "charlm": "fedstream.client.tasks.charlm:CharLMTask",
+    "charlm-lora": "fedstream.client.tasks.charlm_lora:CharLMLoRATask",
     "synthetic": "fedstream.client.tasks.synthetic:SyntheticTask",
 }
 
