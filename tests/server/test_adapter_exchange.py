@@ -48,7 +48,7 @@ def test_only_adapters_cross_the_wire_and_the_base_stays_put(coordinator, tmp_pa
         not torch.equal(saved[k], torch.zeros_like(saved[k])) for k in saved if "lora_b" in k
     )
     client: FederatedClient = clients[0].client
-    assert client.exchanged == list(manifest.names)
+    assert client.layout.names == manifest.names
 
 
 def server_task_state(running) -> dict[str, torch.Tensor]:
