@@ -202,11 +202,12 @@ class FederatedClient:
             for name, held in self.held.items():
                 base = held.reshape(-1)
                 local = state[name].detach().reshape(-1)
-                step = block_elements or max(1, base.numel())
-                for start in range(0, base.numel(), step):
-                    end = min(start + step, base.numel())
-                    delta = local[start:end].to("cpu") - base[start:end]
-                    yield delta if block_elements else delta.view(held.shape)
+                if block_elements is None:
+                    yield (local.to("cpu") - base).view(held.shape)
+                    continue
+                for start in range(0, base.numel(), block_elements):
+                    end = min(start + block_elements, base.numel())
+                    yield local[start:end].to("cpu") - base[start:end]
 
     def _forget_model(self) -> None:
         self.held = None
