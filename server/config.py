@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,32 @@ class ServerConfig:
     """Where uploads are spooled while they arrive (default: RUN_DIR/spool)."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
+    strategy: str = "fedavg"
+    """Aggregation: mean, fedavg (by examples, or by --client-weight), fedsgd, fedavgm,
+    fedadam, fedyogi or fedadagrad."""
+    client_weight: dict[str, str] = field(default_factory=dict)
+    """NAME=W: fedavg weighs client NAME's update by W instead of its number of examples
+    (clients not named weigh 1)."""
+    server_lr: float | None = None
+    """Server learning rate (default per strategy: fedsgd 0.1, fedavgm 1, fedadam, fedyogi
+    and fedadagrad 0.01)."""
+    server_momentum: float | None = None
+    """Server momentum (default per strategy: fedavgm 0.9, fedsgd 0)."""
+    server_optimizer: str = "sgd"
+    """fedsgd's optimiser over the mean gradient: sgd (with --server-momentum) or adam."""
+    beta1: float = 0.9
+    """First-moment decay of fedadam, fedyogi, fedadagrad, and of fedsgd's adam."""
+    beta2: float = 0.99
+    """Second-moment decay of fedadam and fedyogi, and of fedsgd's adam."""
+    tau: float = 1e-3
+    """Adaptivity of fedadam, fedyogi and fedadagrad (the epsilon of fedsgd's adam)."""
+    proximal_mu: float = 0.0
+    """FedProx proximal coefficient sent to clients in the round config (0: off)."""
+    eval_every: int = 0
+    """Federated evaluation every K rounds: selected clients evaluate the new global model
+    on their own held-out data (0: never)."""
+    eval_timeout: float = 60.0
+    """Seconds an evaluation phase waits for the clients' reports."""
 
     def validate(self) -> None:
         host, sep, port = self.address.rpartition(":")
@@ -82,6 +109,27 @@ class ServerConfig:
             raise ConfigError(f"uplink_codec must be one of {', '.join(CODEC_NAMES)}")
         if not 0.0 < self.topk_fraction <= 1.0:
             raise ConfigError("topk_fraction must be in (0, 1]")
+        for name, weight in self.client_weight.items():
+            try:
+                value = float(weight)
+            except ValueError:
+                raise ConfigError(f"client_weight {name}: {weight!r} is not a number") from None
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"client_weight {name}: {weight} must be positive and finite")
+        if self.server_optimizer not in ("sgd", "adam"):
+            raise ConfigError(
+                f"server_optimizer must be sgd or adam, got {self.server_optimizer!r}"
+            )
+        if not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ConfigError("beta1 and beta2 must be in [0, 1)")
+        if self.tau <= 0 or (self.server_lr is not None and self.server_lr <= 0):
+            raise ConfigError("tau and server_lr must be positive")
+        if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
+            raise ConfigError("server_momentum must be in [0, 1)")
+        if self.proximal_mu < 0:
+            raise ConfigError("proximal_mu must be at least 0")
+        if self.eval_every < 0 or self.eval_timeout <= 0:
+            raise ConfigError("eval_every must be at least 0 and eval_timeout positive")
 
     @property
     def spool_path(self) -> Path:

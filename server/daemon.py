@@ -17,7 +17,7 @@ from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.servicer import SERVICE_NAME, CoordinatorServicer
-from fedstream.server.strategies import FedAvg
+from fedstream.server.strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ class CoordinatorDaemon:
     def __init__(self, config: ServerConfig, task: Task | None = None) -> None:
         self.config = config
         task = task or load_task(config.task, config.task_opt, config.seed)
-        identity = RunIdentity(config.task, dict(config.task_opt), config.seed, "fedavg")
+        strategy = build_strategy(config)
+        identity = RunIdentity(config.task, dict(config.task_opt), config.seed, config.strategy)
         store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
-        self.coordinator = Coordinator(config, task, FedAvg(), store)
+        self.coordinator = Coordinator(config, task, strategy, store)
         self.coordinator.restore()
         self.server = grpc.aio.server(options=grpc_options(config.max_chunk_bytes))
         servicer = CoordinatorServicer(self.coordinator, config.stall_timeout)

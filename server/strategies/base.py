@@ -44,6 +44,43 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class RunningMean:
+    """sum_k a_k * x_k / sum_k a_k over streamed updates x_k, in one model's worth of memory.
+
+    The sum is kept in the accumulator dtype of each tensor, so updates of a half-precision
+    model never sum in half precision.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.weight = 0.0
+
+    def reset(self, like: Mapping[str, torch.Tensor]) -> None:
+        """Zero sums shaped like `like` (the global model)."""
+        self.sums = {
+            name: torch.zeros(t.shape, dtype=accumulator_dtype(t.dtype)) for name, t in like.items()
+        }
+        self.weight = 0.0
+
+    def add(self, weight: float, update: DeltaStream) -> None:
+        """sum += weight * update, block by block."""
+        for block in update:
+            block.target(self.sums).add_(block.values, alpha=weight)
+        self.weight += weight
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The weighted mean (computed in place over the sums, which are then dropped)."""
+        if self.weight <= 0:
+            raise ValueError("finish_round with no weight folded")
+        mean = {name: total.div_(self.weight) for name, total in self.sums.items()}
+        self.clear()
+        return mean
+
+    def clear(self) -> None:
+        self.sums = {}
+        self.weight = 0.0
+
+
 class Strategy(ABC):
     """Turns a round's updates into the next global model."""
 
@@ -72,3 +109,41 @@ class Strategy(ABC):
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:  # noqa: B027
         """Restore what `state_tensors` returned (stateless strategies have nothing)."""
+
+
+class MeanOfUpdates(Strategy):
+    """Strategies whose round is a weighted mean of the clients' updates: the weight of each
+    client is `weight(client, num_examples)`; the mean goes to `apply`."""
+
+    def __init__(self) -> None:
+        self.running = RunningMean()
+
+    def weight(self, client: str, num_examples: int) -> float:
+        """The weight a_k of client k's update in the round's mean."""
+        return float(num_examples)
+
+    @abstractmethod
+    def apply(
+        self, global_tensors: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]
+    ) -> None:
+        """Move `global_tensors` (in place) by the round's mean update."""
+
+    def begin_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
+        self.running.reset(global_tensors)
+
+    def fold(self, client: str, num_examples: int, delta: DeltaStream) -> None:
+        self.running.add(self.weight(client, num_examples), delta)
+
+    def finish_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
+        self.apply(global_tensors, self.running.take())
+
+    def abort_round(self) -> None:
+        self.running.clear()
+
+
+def add_in_place(
+    global_tensors: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]
+) -> None:
+    """w <- w + step, computed in the accumulator dtype and stored in the model's dtype."""
+    for name, target in global_tensors.items():
+        target.copy_(target.to(step[name].dtype) + step[name])

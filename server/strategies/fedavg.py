@@ -3,12 +3,14 @@
 McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of
 Deep Networks from Decentralized Data", AISTATS 2017.
 
-With client k reporting delta_k = w_k - w and n_k examples:
+With client k reporting delta_k = w_k - w and weight a_k:
 
-    w <- w + sum_k n_k * delta_k / sum_k n_k
+    w <- w + sum_k a_k * delta_k / sum_k a_k
 
-The weighted sum is the only state: one float32 (or float64) copy of the model,
-whatever the number of clients.
+a_k is n_k, the client's number of examples (the paper's rule), or, when the operator
+assigns weights to client identities (`--client-weight NAME=W`), that importance W
+(clients without one weigh `default_weight`). The weighted sum is the only state: one
+float32 (or float64) copy of the model, whatever the number of clients.
 """
 
 from __future__ import annotations
@@ -17,37 +19,25 @@ from collections.abc import Mapping
 
 import torch
 
-from fedstream.server.strategies.base import DeltaStream, Strategy, accumulator_dtype
+from fedstream.server.strategies.base import MeanOfUpdates, add_in_place
 
 
-class FedAvg(Strategy):
-    """Example-weighted mean of client deltas."""
+class FedAvg(MeanOfUpdates):
+    """Weighted mean of client deltas: by examples, or by operator-assigned weights."""
 
-    def __init__(self) -> None:
-        self._sum: dict[str, torch.Tensor] = {}
-        self._weight = 0.0
+    def __init__(
+        self, client_weights: Mapping[str, float] | None = None, default_weight: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.client_weights = dict(client_weights or {})
+        self.default_weight = default_weight
 
-    def begin_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
-        self._sum = {
-            name: torch.zeros(t.shape, dtype=accumulator_dtype(t.dtype))
-            for name, t in global_tensors.items()
-        }
-        self._weight = 0.0
+    def weight(self, client: str, num_examples: int) -> float:
+        if not self.client_weights:
+            return float(num_examples)
+        return self.client_weights.get(client, self.default_weight)
 
-    def fold(self, client: str, num_examples: int, delta: DeltaStream) -> None:
-        for block in delta:
-            block.target(self._sum).add_(block.values, alpha=float(num_examples))
-        self._weight += num_examples
-
-    def finish_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
-        if self._weight <= 0:
-            raise ValueError("finish_round with no examples folded")
-        for name, target in global_tensors.items():
-            total = self._sum.pop(name)
-            total.div_(self._weight).add_(target)
-            target.copy_(total)
-        self._weight = 0.0
-
-    def abort_round(self) -> None:
-        self._sum = {}
-        self._weight = 0.0
+    def apply(
+        self, global_tensors: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]
+    ) -> None:
+        add_in_place(global_tensors, mean)

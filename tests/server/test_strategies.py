@@ -1,0 +1,191 @@
+"""Each strategy's update against its paper's formula, computed here independently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedstream.common.config import ConfigError
+from fedstream.server.config import ServerConfig
+from fedstream.server.strategies import (
+    STRATEGIES,
+    DeltaBlock,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedSGD,
+    FedYogi,
+    Mean,
+    Strategy,
+    build_strategy,
+)
+
+ROUNDS = 3
+CLIENTS = [("a", 10), ("b", 30), ("c", 5)]
+
+
+def initial() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def update(round_number: int, client: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * round_number + client)
+    return {"w": torch.randn(3, 4, generator=g), "b": torch.randn(5, generator=g)}
+
+
+def blocks(update_: dict[str, torch.Tensor], size: int = 3) -> list[DeltaBlock]:
+    """The update cut into blocks of `size` elements, the way a spool streams it."""
+    out = []
+    for name, tensor in update_.items():
+        flat = tensor.reshape(-1)
+        out += [DeltaBlock(name, s, flat[s : s + size]) for s in range(0, flat.numel(), size)]
+    return out
+
+
+def run(strategy: Strategy, rounds: int = ROUNDS) -> dict[str, torch.Tensor]:
+    model = initial()
+    for r in range(rounds):
+        strategy.begin_round(model)
+        for k, (name, n) in enumerate(CLIENTS):
+            strategy.fold(name, n, blocks(update(r, k)))
+        strategy.finish_round(model)
+    return model
+
+
+def weighted_mean(r: int, weights: list[float]) -> dict[str, torch.Tensor]:
+    ups = [update(r, k) for k in range(len(CLIENTS))]
+    return {
+        name: sum(w * u[name] for w, u in zip(weights, ups, strict=True)) / sum(weights)
+        for name in ups[0]
+    }
+
+
+EXAMPLES = [float(n) for _, n in CLIENTS]
+
+
+def check(strategy: Strategy, expected: dict[str, torch.Tensor]) -> None:
+    got = run(strategy)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_mean_is_the_unweighted_mean_of_deltas() -> None:
+    w = initial()
+    for r in range(ROUNDS):
+        w = {k: w[k] + weighted_mean(r, [1.0, 1.0, 1.0])[k] for k in w}
+    check(Mean(), w)
+
+
+def test_fedavg_weighs_by_examples() -> None:
+    w = initial()
+    for r in range(ROUNDS):
+        w = {k: w[k] + weighted_mean(r, EXAMPLES)[k] for k in w}
+    check(FedAvg(), w)
+
+
+def test_fedavg_weighs_by_operator_weights_and_unnamed_clients_weigh_one() -> None:
+    w = initial()
+    for r in range(ROUNDS):
+        w = {k: w[k] + weighted_mean(r, [3.0, 0.5, 1.0])[k] for k in w}
+    check(FedAvg({"a": 3.0, "b": 0.5}), w)
+
+
+def test_fedavgm_is_momentum_on_the_mean_delta() -> None:
+    lr, beta = 0.7, 0.9
+    w, v = initial(), {k: torch.zeros_like(t) for k, t in initial().items()}
+    for r in range(ROUNDS):
+        d = weighted_mean(r, EXAMPLES)
+        v = {k: beta * v[k] + d[k] for k in w}
+        w = {k: w[k] + lr * v[k] for k in w}
+    check(FedAvgM(lr, beta), w)
+
+
+@pytest.mark.parametrize("method", ["adam", "yogi", "adagrad"])
+def test_adaptive_methods_follow_reddi_algorithm_2(method: str) -> None:
+    lr, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
+    w = initial()
+    m = {k: torch.zeros_like(t) for k, t in w.items()}
+    v = {k: torch.full_like(t, tau**2) for k, t in w.items()}
+    for r in range(ROUNDS):
+        d = weighted_mean(r, EXAMPLES)
+        for k in w:
+            m[k] = b1 * m[k] + (1 - b1) * d[k]
+            if method == "adam":
+                v[k] = b2 * v[k] + (1 - b2) * d[k] ** 2
+            elif method == "yogi":
+                v[k] = v[k] - (1 - b2) * d[k] ** 2 * torch.sign(v[k] - d[k] ** 2)
+            else:
+                v[k] = v[k] + d[k] ** 2
+            w[k] = w[k] + lr * m[k] / (torch.sqrt(v[k]) + tau)
+    cls = {"adam": FedAdam, "yogi": FedYogi, "adagrad": FedAdagrad}[method]
+    check(cls(lr, b1, b2, tau), w)
+
+
+def test_fedsgd_sgd_with_momentum_on_the_mean_gradient() -> None:
+    lr, mu = 0.1, 0.5
+    w, buf = initial(), {k: torch.zeros_like(t) for k, t in initial().items()}
+    for r in range(ROUNDS):
+        g = weighted_mean(r, EXAMPLES)
+        buf = {k: mu * buf[k] + g[k] for k in w}
+        w = {k: w[k] - lr * buf[k] for k in w}
+    check(FedSGD("sgd", lr, momentum=mu), w)
+
+
+def test_fedsgd_adam_is_bias_corrected_adam() -> None:
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-8
+    w = initial()
+    m = {k: torch.zeros_like(t) for k, t in w.items()}
+    v = {k: torch.zeros_like(t) for k, t in w.items()}
+    for r in range(ROUNDS):
+        g, t = weighted_mean(r, EXAMPLES), r + 1
+        for k in w:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            w[k] = w[k] - lr * (m[k] / (1 - b1**t)) / (torch.sqrt(v[k] / (1 - b2**t)) + eps)
+    check(FedSGD("adam", lr, beta1=b1, beta2=b2, eps=eps), w)
+
+
+def test_fedsgd_asks_clients_for_gradients() -> None:
+    config = FedSGD("sgd", 0.1).configure_round(4, {"lr": 0.5})
+    assert config == {"lr": 0.5, "round": 4, "mode": "gradient"}
+    assert "mode" not in FedAvg().configure_round(4, {})
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_state_survives_a_checkpoint_round_trip_exactly(name: str) -> None:
+    """Two rounds, state out and into a fresh strategy, one more: as three in one go."""
+    config = ServerConfig(strategy=name, server_momentum=0.5 if name == "fedsgd" else None)
+    whole = run(build_strategy(config), rounds=3)
+
+    first = build_strategy(config)
+    model = run(first, rounds=2)
+    saved = {k: v.clone() for k, v in first.state_tensors().items()}
+    second = build_strategy(config)
+    second.load_state_tensors(saved)
+    second.begin_round(model)
+    for k, (client, n) in enumerate(CLIENTS):
+        second.fold(client, n, blocks(update(2, k)))
+    second.finish_round(model)
+    for key in whole:
+        assert torch.equal(model[key], whole[key]), key
+
+
+def test_half_precision_models_sum_in_float32() -> None:
+    model = {"h": torch.ones(4, dtype=torch.bfloat16), "d": torch.ones(2, dtype=torch.float64)}
+    strategy = FedAvg()
+    strategy.begin_round(model)
+    assert strategy.running.sums["h"].dtype == torch.float32
+    assert strategy.running.sums["d"].dtype == torch.float64
+
+
+def test_unknown_strategy_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown"):
+        build_strategy(ServerConfig(strategy="krum"))
+
+
+@pytest.mark.parametrize("weight", ["0", "-1", "nan", "x"])
+def test_client_weights_must_be_positive_numbers(weight: str) -> None:
+    with pytest.raises(ConfigError, match="client_weight"):
+        ServerConfig(client_weight={"a": weight}).validate()
