@@ -139,6 +139,11 @@ class Connection:
             request_serializer=pb.PollRequest.SerializeToString,
             response_deserializer=pb.PollReply.FromString,
         )
+        self._report_evaluation = self.control.unary_unary(
+            f"{SERVICE}/ReportEvaluation",
+            request_serializer=pb.EvaluationReport.SerializeToString,
+            response_deserializer=pb.EvaluationReply.FromString,
+        )
         self._download = self.bulk.unary_stream(
             f"{SERVICE}/Download",
             request_serializer=pb.DownloadRequest.SerializeToString,
@@ -163,6 +168,14 @@ class Connection:
             pb.PollRequest(held_model_version=held_version),
             metadata=session.metadata,
             timeout=POLL_DEADLINE,
+        )
+        return reply
+
+    def report_evaluation(
+        self, session: Session, report: pb.EvaluationReport
+    ) -> pb.EvaluationReply:
+        reply: pb.EvaluationReply = self._report_evaluation(
+            report, metadata=session.metadata, timeout=CONTROL_DEADLINE
         )
         return reply
 

@@ -1,6 +1,8 @@
 """The client's life cycle: join, poll, pull, train, push, repeat; reconnect on failure.
 
     join  -> poll -> (train task) download model vN unless held -> train -> upload delta
+                        (FedSGD: compute the gradient instead of training, upload it)
+          -> poll -> (evaluate task) download model vN+1 -> evaluate locally -> report
           -> poll -> ... -> done: exit 0
 
 A coordinator that cannot be reached is retried with exponential backoff and jitter; one
@@ -21,7 +23,7 @@ import torch
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
 from fedstream.client.task import Task, exchanged_names, load_task
-from fedstream.client.uplink import UplinkEncoder
+from fedstream.client.uplink import Deltas, UplinkEncoder
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import FedstreamError, InvalidManifest
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
@@ -79,6 +81,8 @@ class FederatedClient:
                         return EXIT_DONE
                     if action == "train":
                         self._train_round(reply.train)
+                    if action == "evaluate":
+                        self._evaluate_round(reply.evaluate)
                 except grpc.RpcError as exc:
                     if not self._recover(exc):
                         return EXIT_UNREACHABLE
@@ -113,29 +117,38 @@ class FederatedClient:
         self.session = session
         self._contacted()
 
-    def _train_round(self, task: pb.TrainTask) -> None:
+    def _pull(self, model_version: int) -> None:
+        """Make the model hold global version `model_version`, downloading it unless held."""
         assert self.session is not None
-        if self.held is None or self.held_version != task.model_version:
+        if self.held is None or self.held_version != model_version:
             try:
-                self.held = self.connection.download(self.session, task.model_version, self.layout)
+                self.held = self.connection.download(self.session, model_version, self.layout)
             except InvalidManifest as exc:
                 raise Refused(
                     f"the coordinator's model is not this client's model "
                     f"(do --task and --task-opt match the server's?): {exc}"
                 ) from exc
-            self.held_version = task.model_version
+            self.held_version = model_version
             self._contacted()
         self._load_held()
+
+    def _train_round(self, task: pb.TrainTask) -> None:
+        self._pull(task.model_version)
         config = config_from_proto(task.config)
         try:
             self.uplink.configure(UplinkCodec.from_round_config(config))
         except ValueError as exc:
             raise Refused(f"cannot encode updates as the coordinator asks: {exc}") from exc
         started = time.monotonic()
-        result = self.task.train(self.model, config)
+        gradient = config.get("mode") == "gradient"
+        if gradient:
+            result = self.task.compute_gradient(self.model, config)
+        else:
+            result = self.task.train(self.model, config)
         log.info(
-            "round %d: trained on %d examples in %.1fs (%s)",
+            "round %d: %s on %d examples in %.1fs (%s)",
             task.round,
+            "computed the gradient" if gradient else "trained",
             result.num_examples,
             time.monotonic() - started,
             ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()),
@@ -146,12 +159,37 @@ class FederatedClient:
             num_examples=result.num_examples,
             metrics=result.metrics,
         )
-        self._upload(header, task)
+        self._upload(header, task, self._gradients if gradient else self._deltas)
 
-    def _upload(self, header: pb.UpdateHeader, task: pb.TrainTask) -> None:
+    def _evaluate_round(self, task: pb.EvaluateTask) -> None:
+        """Evaluate global version `task.model_version` on our own held-out data; report."""
+        assert self.session is not None
+        self._pull(task.model_version)
+        result = self.task.evaluate_local(self.model)
+        report = pb.EvaluationReport(round=task.round, model_version=task.model_version)
+        if result is not None:
+            report.num_examples = result.num_examples
+            report.metrics.update(result.metrics)
+        reply = self.connection.report_evaluation(self.session, report)
+        self._contacted()
+        log.info(
+            "round %d: evaluated model v%d on %d held-out examples (%s): %s",
+            task.round,
+            task.model_version,
+            report.num_examples,
+            ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items()) or "no metrics",
+            reply.detail,
+        )
+
+    def _upload(
+        self,
+        header: pb.UpdateHeader,
+        task: pb.TrainTask,
+        pieces: Deltas,
+    ) -> None:
         """Push the update, retrying transient failures until the round's deadline."""
         assert self.session is not None and self.held is not None
-        update = self.uplink.encode(Manifest.from_tensors(self.held), self._deltas)
+        update = self.uplink.encode(Manifest.from_tensors(self.held), pieces)
         deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
         backoff = Backoff(cap=self.config.max_backoff)
         while True:
@@ -208,6 +246,19 @@ class FederatedClient:
                 for start in range(0, base.numel(), block_elements):
                     end = min(start + block_elements, base.numel())
                     yield local[start:end].to("cpu") - base[start:end]
+
+    def _gradients(self, block_elements: int | None = None) -> Iterator[torch.Tensor]:
+        """The gradient the task left in each exchanged parameter (zeros for tensors that
+        have none, such as buffers), in manifest order, in place of the delta: whole
+        tensors (the gradients exist whole anyway), whatever `block_elements` asks."""
+        assert self.held is not None
+        params = dict(self.model.named_parameters())
+        for name, held in self.held.items():
+            param = params.get(name)
+            if param is None or param.grad is None:
+                yield torch.zeros_like(held)
+            else:
+                yield param.grad.detach().to("cpu", held.dtype).view(held.shape)
 
     def _forget_model(self) -> None:
         self.held = None

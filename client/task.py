@@ -6,7 +6,8 @@ options as strings (`--task-opt KEY=VALUE`), which it parses itself.
 
 The same Task class runs on both sides: the coordinator calls `build_model` for the initial
 weights and `evaluate` on its held-out split; a client calls `load_data` for its private
-partition and `train` each round.
+partition and `train` each round, `compute_gradient` instead when the strategy is FedSGD
+(round config `mode = "gradient"`), and `evaluate_local` in federated evaluation rounds.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ class Task(ABC):
         a process: each side keeps them as `build_model` made them, so they must come
         out the same everywhere (a frozen base model, say, under LoRA adapters).
         """
+        return None
+
+    def compute_gradient(
+        self, model: torch.nn.Module, config: Mapping[str, ConfigScalar]
+    ) -> TrainResult:
+        """Leave in each parameter's `.grad` the gradient of the mean loss over this round's
+        local batches, without changing the weights (FedSGD); the client uploads it."""
+        raise TaskError(f"task {type(self).__name__} does not compute gradients (FedSGD)")
+
+    def evaluate_local(self, model: torch.nn.Module) -> EvalResult | None:
+        """Evaluate on this client's own held-out data (federated evaluation), or None when
+        the client keeps none."""
         return None
 
     def option(self, key: str, default: str) -> str:

@@ -6,6 +6,9 @@
                 at the deadline (uploads still moving bytes are waited for)
                 -> with enough updates: aggregate into version r, evaluate, checkpoint,
                    metrics; without: the round is run again with a fresh selection
+    evaluating  every `eval_every` rounds, after aggregating: the round's selected clients
+                pull version r, evaluate it on their own held-out data and report; closes
+                when all have reported or at its own deadline
     done        every poll is answered Done; the daemon stops once all have heard it
 
 Everything a client sends is validated before it touches state; failures raise the
@@ -66,7 +69,27 @@ class Phase(enum.Enum):
     WAITING = "waiting"
     TRAINING = "training"
     AGGREGATING = "aggregating"
+    EVALUATING = "evaluating"
     DONE = "done"
+
+
+def select_clients(
+    live: list[str], fraction: float, min_clients: int, seed: int, round_number: int, attempt: int
+) -> frozenset[str]:
+    """max(min_clients, ceil(fraction * live)) of the live clients (all when fewer), drawn
+    by an RNG seeded with (seed, round, attempt): repeatable for a run, fresh each round."""
+    count = min(len(live), max(min_clients, math.ceil(fraction * len(live))))
+    rng = random.Random(f"{seed}/{round_number}/{attempt}")
+    return frozenset(rng.sample(sorted(live), count))
+
+
+def check_metrics(metrics: Mapping[str, float]) -> None:
+    """InvalidUpdate unless `metrics` is a bounded set of finite, sensibly named numbers."""
+    if len(metrics) > MAX_METRICS:
+        raise InvalidUpdate(f"{len(metrics)} metrics; the limit is {MAX_METRICS}")
+    for key, value in metrics.items():
+        if not key or len(key) > MAX_METRIC_NAME or not math.isfinite(value):
+            raise InvalidUpdate(f"metric {key[:MAX_METRIC_NAME]!r}={value} is not usable")
 
 
 class GlobalModel:
@@ -118,6 +141,20 @@ class OpenRound:
     bytes_down: int = 0
 
 
+@dataclass
+class OpenEvaluation:
+    """A federated evaluation of model version `number` by the clients of round `number`."""
+
+    number: int
+    selected: frozenset[str]
+    deadline: float
+    accepting: bool = True
+    reported: set[str] = field(default_factory=set)
+    num_examples: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)
+    metric_weights: dict[str, float] = field(default_factory=dict)
+
+
 class Coordinator:
     def __init__(
         self, config: ServerConfig, task: Task, strategy: Strategy, store: RunStore
@@ -132,6 +169,7 @@ class Coordinator:
         self.run_id = uuid.uuid4().hex
         self.phase = Phase.WAITING
         self.round: OpenRound | None = None
+        self.evaluation: OpenEvaluation | None = None
         self.completed = 0
         self.history: list[dict[str, Any]] = []
         self.uplink = UplinkCodec.parse(config.uplink_codec, config.topk_fraction)
@@ -142,6 +180,8 @@ class Coordinator:
             **{k: parse_scalar(v) for k, v in config.round_config.items()},
             **self.uplink.round_config(),
         }
+        if config.proximal_mu > 0:
+            self.base_round_config["proximal_mu"] = config.proximal_mu
         # Loose enough that a wrong dtype is reported as such, tight enough that no
         # manifest can make the coordinator spool far more than a model's worth.
         bound = 4 * self.model.manifest.total_bytes + (1 << 20)
@@ -244,6 +284,10 @@ class Coordinator:
             if task is not None:
                 client.busy = True
                 return pb.PollReply(train=task)
+            evaluate = self._evaluation_for(client)
+            if evaluate is not None:
+                client.busy = True
+                return pb.PollReply(evaluate=evaluate)
             client.busy = False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -253,8 +297,12 @@ class Coordinator:
     def open_download(
         self, client: ClientRecord, request: pb.DownloadRequest
     ) -> tuple[pb.ModelHeader, Iterator[memoryview | bytes]]:
-        open_round = self.round
-        if self.phase is not Phase.TRAINING or open_round is None or not open_round.accepting:
+        phase: OpenRound | OpenEvaluation | None = None
+        if self.phase is Phase.TRAINING:
+            phase = self.round
+        elif self.phase is Phase.EVALUATING:
+            phase = self.evaluation
+        if phase is None or not phase.accepting:
             raise WrongRound("no round is open for download")
         if request.model_version != self.model.version:
             raise WrongRound(
@@ -271,24 +319,26 @@ class Coordinator:
             manifest=self.model.manifest.to_proto(),
             offset=request.offset,
         )
-        return header, self._while_open(open_round, self.model.chunks(request.offset, chunk))
+        return header, self._while_open(phase, self.model.chunks(request.offset, chunk))
 
     def count_download(self, nbytes: int) -> None:
         if self.round is not None:
             self.round.bytes_down += nbytes
 
     def _while_open(
-        self, open_round: OpenRound, chunks: Iterator[memoryview | bytes]
+        self, phase: OpenRound | OpenEvaluation, chunks: Iterator[memoryview | bytes]
     ) -> Iterator[memoryview | bytes]:
-        """Chunks of the global model for as long as the round it belongs to is open.
+        """Chunks of the global model for as long as the round (or the evaluation) it
+        belongs to is open.
 
         Aggregation rewrites the global tensors in place once the round closes; a chunk
         is a view of them until it is framed, which happens in the same event-loop step
         as this check, so no download ever reads a tensor that is being rewritten.
         """
         for chunk in chunks:
-            if self.round is not open_round or not open_round.accepting:
-                raise WrongRound(f"round {open_round.number} closed during the download")
+            current = self.round if isinstance(phase, OpenRound) else self.evaluation
+            if current is not phase or not phase.accepting:
+                raise WrongRound(f"round {phase.number} closed during the download")
             yield chunk
 
     async def receive_upload(
@@ -348,12 +398,53 @@ class Coordinator:
             raise NotSelected(f"client {client.name} is not selected for round {header.round}")
         if not 1 <= header.num_examples <= MAX_EXAMPLES:
             raise InvalidUpdate(f"num_examples {header.num_examples} is outside 1..{MAX_EXAMPLES}")
-        if len(header.metrics) > MAX_METRICS:
-            raise InvalidUpdate(f"{len(header.metrics)} metrics; the limit is {MAX_METRICS}")
-        for key, value in header.metrics.items():
-            if not key or len(key) > MAX_METRIC_NAME or not math.isfinite(value):
-                raise InvalidUpdate(f"metric {key[:MAX_METRIC_NAME]!r}={value} is not usable")
+        check_metrics(header.metrics)
         return open_round
+
+    def report_evaluation(
+        self, client: ClientRecord, report: pb.EvaluationReport
+    ) -> pb.EvaluationReply:
+        """Book one client's federated evaluation of the current global model."""
+        evaluation = self.evaluation
+        if evaluation is None or not evaluation.accepting:
+            raise WrongRound(f"no evaluation is open (report for round {report.round})")
+        if report.round != evaluation.number:
+            raise WrongRound(
+                f"evaluation report for round {report.round}; round {evaluation.number} "
+                "is being evaluated"
+            )
+        if report.model_version != self.model.version:
+            raise WrongRound(
+                f"evaluation of model version {report.model_version}; the current version "
+                f"is {self.model.version}"
+            )
+        if client.name not in evaluation.selected:
+            raise NotSelected(
+                f"client {client.name} is not selected for round {report.round}'s evaluation"
+            )
+        if report.num_examples > MAX_EXAMPLES:
+            raise InvalidUpdate(f"num_examples {report.num_examples} is over {MAX_EXAMPLES}")
+        if report.num_examples == 0 and report.metrics:
+            raise InvalidUpdate("metrics reported for 0 evaluated examples")
+        check_metrics(report.metrics)
+        if client.name in evaluation.reported:
+            return pb.EvaluationReply(
+                accepted=False, detail=f"evaluation of round {evaluation.number} already booked"
+            )
+        evaluation.reported.add(client.name)
+        evaluation.num_examples += report.num_examples
+        for key, value in report.metrics.items():
+            evaluation.metric_sums[key] = (
+                evaluation.metric_sums.get(key, 0.0) + value * report.num_examples
+            )
+            evaluation.metric_weights[key] = (
+                evaluation.metric_weights.get(key, 0.0) + report.num_examples
+            )
+        client.busy = False
+        self._notify()
+        return pb.EvaluationReply(
+            accepted=True, detail=f"evaluation booked for round {evaluation.number}"
+        )
 
     def _book(
         self, open_round: OpenRound, client: ClientRecord, header: pb.UpdateHeader, nbytes: int
@@ -395,6 +486,21 @@ class Coordinator:
         config_to_proto(open_round.config, task.config)
         return task
 
+    def _evaluation_for(self, client: ClientRecord) -> pb.EvaluateTask | None:
+        evaluation = self.evaluation
+        if (
+            evaluation is None
+            or not evaluation.accepting
+            or client.name not in evaluation.selected
+            or client.name in evaluation.reported
+        ):
+            return None
+        return pb.EvaluateTask(
+            round=evaluation.number,
+            model_version=self.model.version,
+            deadline_seconds=max(0.0, evaluation.deadline - time.monotonic()),
+        )
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
@@ -416,11 +522,10 @@ class Coordinator:
 
     def _open_round(self, number: int, attempt: int) -> OpenRound:
         live = [r.name for r in self.registry.live(self.config.client_timeout)]
-        count = min(
-            len(live), max(self.config.min_clients, math.ceil(self.config.fraction * len(live)))
+        selected = select_clients(
+            live, self.config.fraction, self.config.min_clients, self.config.seed, number, attempt
         )
-        rng = random.Random(f"{self.config.seed}/{number}/{attempt}")
-        selected = frozenset(rng.sample(live, count))
+        count = len(selected)
         now = time.monotonic()
         open_round = OpenRound(
             number=number,
@@ -466,6 +571,41 @@ class Coordinator:
             needed = min(self.config.min_reports, len(open_round.selected))
             return len(open_round.reported) >= max(1, needed)
 
+    async def _evaluate_federated(self, open_round: OpenRound) -> dict[str, Any]:
+        """Selected clients evaluate model version `open_round.number` on their own held-out
+        data; the example-weighted mean of their metrics, as `fed_eval_*`."""
+        live = {r.name for r in self.registry.live(self.config.client_timeout)}
+        evaluation = OpenEvaluation(
+            number=open_round.number,
+            selected=open_round.selected & live,
+            deadline=time.monotonic() + self.config.eval_timeout,
+        )
+        self.evaluation = evaluation
+        self.phase = Phase.EVALUATING
+        self._notify()
+        while not evaluation.reported >= evaluation.selected:
+            now = time.monotonic()
+            if now >= evaluation.deadline:
+                log.warning(
+                    "round %d: evaluation deadline reached with %d of %d reports",
+                    evaluation.number,
+                    len(evaluation.reported),
+                    len(evaluation.selected),
+                )
+                break
+            await self._wait_change(evaluation.deadline - now)
+        evaluation.accepting = False
+        self.evaluation = None
+        for record in self.registry.all():
+            record.busy = False  # the evaluation they held a task for is over
+        record: dict[str, Any] = {
+            "fed_eval_clients": len(evaluation.reported),
+            "fed_eval_examples": evaluation.num_examples,
+        }
+        for key, total in sorted(evaluation.metric_sums.items()):
+            record[f"fed_eval_{key}"] = total / evaluation.metric_weights[key]
+        return record
+
     async def _finish(self, open_round: OpenRound) -> None:
         self.phase = Phase.AGGREGATING
         await asyncio.to_thread(self.strategy.finish_round, self.model.tensors)
@@ -490,6 +630,8 @@ class Coordinator:
         if evaluation is not None:
             for key, value in sorted(evaluation.metrics.items()):
                 record[f"eval_{key}"] = value
+        if self.config.eval_every and open_round.number % self.config.eval_every == 0:
+            record.update(await self._evaluate_federated(open_round))
         self.history.append(record)
         await asyncio.to_thread(
             self.store.save,
@@ -501,7 +643,7 @@ class Coordinator:
         self.store.append_metrics(record)
         await asyncio.to_thread(self.store.plot, self.history)
         self.completed = open_round.number
-        shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_"))}
+        shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_", "fed_eval_"))}
         log.info(
             "round %d/%d done in %.1fs: %d updates, %s",
             open_round.number,

@@ -142,6 +142,14 @@ class CoordinatorServicer:
         except FedstreamError as exc:
             await _reject(context, "Upload", exc)
 
+    async def report_evaluation(
+        self, request: pb.EvaluationReport, context: grpc.aio.ServicerContext
+    ) -> pb.EvaluationReply:
+        try:
+            return self.coordinator.report_evaluation(self._client(context), request)
+        except FedstreamError as exc:
+            await _reject(context, "ReportEvaluation", exc)
+
     async def _data_chunks(self, iterator: AsyncIterator[Any]) -> AsyncIterator[memoryview]:
         """The data chunks after an upload's header, failing when none arrives in time."""
         while True:
@@ -182,6 +190,11 @@ class CoordinatorServicer:
                     self.upload,
                     request_deserializer=ChunkParser(pb.UpdateChunk),
                     response_serializer=pb.UploadReply.SerializeToString,
+                ),
+                "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
+                    self.report_evaluation,
+                    request_deserializer=pb.EvaluationReport.FromString,
+                    response_serializer=pb.EvaluationReply.SerializeToString,
                 ),
             },
         )

@@ -10,7 +10,7 @@ dealt to clients by topic, which makes the clients' text differ in subject matte
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pydoc_data.topics import topics
 
 import torch
@@ -67,7 +67,8 @@ class CharLMTask(Task):
     """Options: `n_layer` (2), `n_head` (4), `n_embd` (128), `block_size` (64), `dropout` (0).
 
     Round config: `local_steps` (30), `batch_size` (16), `lr` (3e-3; AdamW, fresh each
-    round), `proximal_mu` (0), `round` (varies the windows drawn).
+    round), `proximal_mu` (0), `round` (varies the windows drawn). In gradient mode
+    (FedSGD) the gradient is the mean over `local_steps` batches, without clipping.
     """
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
@@ -106,26 +107,51 @@ class CharLMTask(Task):
         self.partition = partition
         self._tokens = tokens
 
-    def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
+    def _batches(
+        self, config: Mapping[str, ConfigScalar]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`local_steps` batches of (inputs, targets) windows, drawn repeatably per round."""
         if self._tokens is None:
-            raise TaskError("load_data must be called before train")
+            raise TaskError("load_data must be called before training")
         steps = config_int(config, "local_steps", 30)
         batch_size = config_int(config, "batch_size", 16)
         if steps < 1 or batch_size < 1:
             raise TaskError(f"need local_steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
         block_size = self.config.block_size
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config_float(config, "lr", 3e-3))
-        proximal = ProximalTerm(model, config_float(config, "proximal_mu", 0.0))
         generator = torch.Generator().manual_seed(
             derive_seed(self.seed, self.partition, config_int(config, "round", 0))
         )
-        model.train()
-        loss_sum = torch.zeros((), device=self.device)
         for _ in range(steps):
             starts = torch.randint(
                 len(self._tokens) - block_size, (batch_size,), generator=generator
             )
-            x, y = (t.to(self.device) for t in _windows(self._tokens, starts, block_size))
+            x, y = _windows(self._tokens, starts, block_size)
+            yield x.to(self.device), y.to(self.device)
+
+    def compute_gradient(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
+        """The mean gradient over this round's `local_steps` batches; weights unchanged."""
+        batches = list(self._batches(config))
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in batches:
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            (loss / len(batches)).backward()
+            loss_sum += loss.detach()
+        return TrainResult(
+            num_examples=sum(y.numel() for _, y in batches),
+            metrics={"loss": loss_sum.item() / len(batches)},
+        )
+
+    def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
+        batches = self._batches(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config_float(config, "lr", 3e-3))
+        proximal = ProximalTerm(model, config_float(config, "proximal_mu", 0.0))
+        model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        steps = 0
+        examples = 0
+        for x, y in batches:
             logits = model(x)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             optimizer.zero_grad(set_to_none=True)
@@ -133,10 +159,9 @@ class CharLMTask(Task):
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             loss_sum += loss.detach()
-        return TrainResult(
-            num_examples=steps * batch_size * block_size,
-            metrics={"loss": loss_sum.item() / steps},
-        )
+            steps += 1
+            examples += y.numel()
+        return TrainResult(num_examples=examples, metrics={"loss": loss_sum.item() / steps})
 
     def evaluate(self, model: nn.Module) -> EvalResult:
         tokens = _heldout_tokens()

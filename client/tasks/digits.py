@@ -2,7 +2,8 @@
 
 The 1797 images ship with scikit-learn, so the task needs no download. A fixed 20% is held
 out for the coordinator's evaluation; the rest is dealt to clients class by class with
-Dirichlet proportions, so each client sees a skewed mix of digits.
+Dirichlet proportions, so each client sees a skewed mix of digits. Each client keeps a
+deterministic 20% of its own share out of training, for federated evaluation.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ NUM_FEATURES = 64
 NUM_CLASSES = 10
 HELDOUT_FRACTION = 0.2
 HELDOUT_SEED = 1797
+LOCAL_HELDOUT_FRACTION = 0.2
+"""Part of each client's share kept out of its training for federated evaluation."""
 """Seeds the held-out split. A constant, not the run seed, so every run scores on the same
 images and results of different runs compare."""
 
@@ -85,7 +88,8 @@ class DigitsTask(Task):
     skewed) and `partition_seed` (defaults to the run seed).
 
     Round config: `lr` (0.1, SGD with momentum 0.9), `local_epochs` (2), `batch_size` (32),
-    `proximal_mu` (0), `round` (varies the shuffling).
+    `proximal_mu` (0), `round` (varies the shuffling). In gradient mode (FedSGD) the
+    gradient is the full-batch one over the client's training examples.
     """
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
@@ -97,6 +101,7 @@ class DigitsTask(Task):
             raise TaskError(f"hidden must be at least 1, got {self.hidden}")
         self.partition = 0
         self._data: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._local_heldout: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def build_model(self) -> nn.Module:
         with seeded_rng(self.seed):
@@ -112,11 +117,22 @@ class DigitsTask(Task):
         return dirichlet_partition(y_train, num_partitions, self.alpha, self.partition_seed)
 
     def load_data(self, partition: int, num_partitions: int) -> None:
+        """The partition's share, less a deterministic LOCAL_HELDOUT_FRACTION of it that is
+        kept for `evaluate_local`."""
         check_partition(partition, num_partitions)
         x_train, y_train, _, _ = _split()
         mine = self.partition_indices(num_partitions)[partition]
+        rng = np.random.default_rng(derive_seed(self.partition_seed, partition, num_partitions))
+        mine = rng.permutation(mine)
+        cut = int(len(mine) * LOCAL_HELDOUT_FRACTION)
+        heldout, train = np.sort(mine[:cut]), np.sort(mine[cut:])
         self.partition = partition
-        self._data = (torch.from_numpy(x_train[mine]), torch.from_numpy(y_train[mine]))
+        self._data = (torch.from_numpy(x_train[train]), torch.from_numpy(y_train[train]))
+        self._local_heldout = (
+            (torch.from_numpy(x_train[heldout]), torch.from_numpy(y_train[heldout]))
+            if cut
+            else None
+        )
 
     def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
         if self._data is None:
@@ -156,10 +172,41 @@ class DigitsTask(Task):
             metrics={"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen},
         )
 
+    def compute_gradient(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
+        """The full-batch gradient of the mean cross-entropy over the training examples,
+        accumulated batch by batch (`batch_size` bounds memory only); weights unchanged."""
+        if self._data is None:
+            raise TaskError("load_data must be called before compute_gradient")
+        features, labels = self._data
+        batch_size = config_int(config, "batch_size", 32)
+        if batch_size < 1:
+            raise TaskError(f"need batch_size >= 1, got {batch_size}")
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in torch.arange(len(labels)).split(batch_size):
+            x = features[batch].to(self.device)
+            y = labels[batch].to(self.device)
+            loss = F.cross_entropy(model(x), y, reduction="sum")
+            (loss / len(labels)).backward()
+            loss_sum += loss.detach()
+        return TrainResult(
+            num_examples=len(labels), metrics={"loss": loss_sum.item() / len(labels)}
+        )
+
     def evaluate(self, model: nn.Module) -> EvalResult:
         _, _, x_test, y_test = _split()
-        x = torch.from_numpy(x_test).to(self.device)
-        y = torch.from_numpy(y_test).to(self.device)
+        return self._score(model, torch.from_numpy(x_test), torch.from_numpy(y_test))
+
+    def evaluate_local(self, model: nn.Module) -> EvalResult | None:
+        """The client's own held-out 20% of its share."""
+        if self._local_heldout is None:
+            return None
+        return self._score(model, *self._local_heldout)
+
+    def _score(self, model: nn.Module, features: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+        x = features.to(self.device)
+        y = labels.to(self.device)
         with evaluating(model):
             logits = model(x)
             loss = F.cross_entropy(logits, y).item()

@@ -30,7 +30,9 @@ class TinyModel(torch.nn.Module):
 
 
 class TinyTask(Task):
-    """Training adds 0.125 * (partition + 1) to every weight: FedAvg results are exact."""
+    """Training adds 0.125 * (partition + 1) to every weight: FedAvg results are exact.
+    The gradient (FedSGD) is 0.25 * (partition + 1) everywhere; the local evaluation
+    reports 5 * (partition + 1) examples with loss = partition."""
 
     def build_model(self) -> torch.nn.Module:
         return TinyModel(self.seed)
@@ -45,8 +47,20 @@ class TinyTask(Task):
         self.last_config = dict(config)
         return TrainResult(10 * (self.partition + 1), {"loss": float(self.partition)})
 
+    def compute_gradient(
+        self, model: torch.nn.Module, config: Mapping[str, ConfigScalar]
+    ) -> TrainResult:
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 0.25 * (self.partition + 1))
+        self.last_config = dict(config)
+        return TrainResult(10 * (self.partition + 1), {"loss": float(self.partition)})
+
     def evaluate(self, model: torch.nn.Module) -> EvalResult:
         return EvalResult(1, {"loss": float(model.w.detach().sum())})
+
+    def evaluate_local(self, model: torch.nn.Module) -> EvalResult:
+        self.evaluated_w = model.w.detach().clone()
+        return EvalResult(5 * (self.partition + 1), {"loss": float(self.partition)})
 
 
 class WideTask(TinyTask):

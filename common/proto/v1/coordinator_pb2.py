@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64stream/v1/coordinator.proto\x12\x0c\x66\x65\x64stream.v1\"H\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"D\n\x08Manifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedstream.v1.TensorSpec\x12\r\n\x05\x63odec\x18\x02 \x01(\t\"Z\n\x0b\x43onfigValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"T\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12\x16\n\x0enum_partitions\x18\x04 \x01(\r\"V\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\")\n\x0bPollRequest\x12\x1a\n\x12held_model_version\x18\x01 \x01(\x03\"\xca\x01\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x33\n\x06\x63onfig\x18\x03 \x03(\x0b\x32#.fedstream.v1.TrainTask.ConfigEntry\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x1aH\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedstream.v1.ConfigValue:\x02\x38\x01\"#\n\x04Wait\x12\x1b\n\x13retry_after_seconds\x18\x01 \x01(\x01\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x87\x01\n\tPollReply\x12(\n\x05train\x18\x01 \x01(\x0b\x32\x17.fedstream.v1.TrainTaskH\x00\x12\"\n\x04wait\x18\x02 \x01(\x0b\x32\x12.fedstream.v1.WaitH\x00\x12\"\n\x04\x64one\x18\x03 \x01(\x0b\x32\x12.fedstream.v1.DoneH\x00\x42\x08\n\x06\x61\x63tion\"M\n\x0f\x44ownloadRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"^\n\x0bModelHeader\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12(\n\x08manifest\x18\x02 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"T\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedstream.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xde\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.fedstream.v1.UpdateHeader.MetricsEntry\x12(\n\x08manifest\x18\x05 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"V\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"/\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\x8e\x02\n\x0b\x43oordinator\x12:\n\x04Join\x12\x19.fedstream.v1.JoinRequest\x1a\x17.fedstream.v1.JoinReply\x12:\n\x04Poll\x12\x19.fedstream.v1.PollRequest\x1a\x17.fedstream.v1.PollReply\x12\x45\n\x08\x44ownload\x12\x1d.fedstream.v1.DownloadRequest\x1a\x18.fedstream.v1.ModelChunk0\x01\x12@\n\x06Upload\x12\x19.fedstream.v1.UpdateChunk\x1a\x19.fedstream.v1.UploadReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64stream/v1/coordinator.proto\x12\x0c\x66\x65\x64stream.v1\"H\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"D\n\x08Manifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedstream.v1.TensorSpec\x12\r\n\x05\x63odec\x18\x02 \x01(\t\"Z\n\x0b\x43onfigValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"T\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12\x16\n\x0enum_partitions\x18\x04 \x01(\r\"V\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\")\n\x0bPollRequest\x12\x1a\n\x12held_model_version\x18\x01 \x01(\x03\"\xca\x01\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x33\n\x06\x63onfig\x18\x03 \x03(\x0b\x32#.fedstream.v1.TrainTask.ConfigEntry\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x1aH\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedstream.v1.ConfigValue:\x02\x38\x01\"N\n\x0c\x45valuateTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x03 \x01(\x01\"#\n\x04Wait\x12\x1b\n\x13retry_after_seconds\x18\x01 \x01(\x01\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb7\x01\n\tPollReply\x12(\n\x05train\x18\x01 \x01(\x0b\x32\x17.fedstream.v1.TrainTaskH\x00\x12\"\n\x04wait\x18\x02 \x01(\x0b\x32\x12.fedstream.v1.WaitH\x00\x12\"\n\x04\x64one\x18\x03 \x01(\x0b\x32\x12.fedstream.v1.DoneH\x00\x12.\n\x08\x65valuate\x18\x04 \x01(\x0b\x32\x1a.fedstream.v1.EvaluateTaskH\x00\x42\x08\n\x06\x61\x63tion\"M\n\x0f\x44ownloadRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"^\n\x0bModelHeader\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12(\n\x08manifest\x18\x02 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"T\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedstream.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\xde\x01\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.fedstream.v1.UpdateHeader.MetricsEntry\x12(\n\x08manifest\x18\x05 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"V\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"/\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xbc\x01\n\x10\x45valuationReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12<\n\x07metrics\x18\x04 \x03(\x0b\x32+.fedstream.v1.EvaluationReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"3\n\x0f\x45valuationReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\xe1\x02\n\x0b\x43oordinator\x12:\n\x04Join\x12\x19.fedstream.v1.JoinRequest\x1a\x17.fedstream.v1.JoinReply\x12:\n\x04Poll\x12\x19.fedstream.v1.PollRequest\x1a\x17.fedstream.v1.PollReply\x12\x45\n\x08\x44ownload\x12\x1d.fedstream.v1.DownloadRequest\x1a\x18.fedstream.v1.ModelChunk0\x01\x12@\n\x06Upload\x12\x19.fedstream.v1.UpdateChunk\x1a\x19.fedstream.v1.UploadReply(\x01\x12Q\n\x10ReportEvaluation\x12\x1e.fedstream.v1.EvaluationReport\x1a\x1d.fedstream.v1.EvaluationReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINTASK_CONFIGENTRY']._serialized_options = b'8\001'
   _globals['_UPDATEHEADER_METRICSENTRY']._loaded_options = None
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
+  _globals['_EVALUATIONREPORT_METRICSENTRY']._loaded_options = None
+  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TENSORSPEC']._serialized_start=48
   _globals['_TENSORSPEC']._serialized_end=120
   _globals['_MANIFEST']._serialized_start=122
@@ -51,26 +53,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINTASK']._serialized_end=704
   _globals['_TRAINTASK_CONFIGENTRY']._serialized_start=632
   _globals['_TRAINTASK_CONFIGENTRY']._serialized_end=704
-  _globals['_WAIT']._serialized_start=706
-  _globals['_WAIT']._serialized_end=741
-  _globals['_DONE']._serialized_start=743
-  _globals['_DONE']._serialized_end=765
-  _globals['_POLLREPLY']._serialized_start=768
-  _globals['_POLLREPLY']._serialized_end=903
-  _globals['_DOWNLOADREQUEST']._serialized_start=905
-  _globals['_DOWNLOADREQUEST']._serialized_end=982
-  _globals['_MODELHEADER']._serialized_start=984
-  _globals['_MODELHEADER']._serialized_end=1078
-  _globals['_MODELCHUNK']._serialized_start=1080
-  _globals['_MODELCHUNK']._serialized_end=1164
-  _globals['_UPDATEHEADER']._serialized_start=1167
-  _globals['_UPDATEHEADER']._serialized_end=1389
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1343
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1389
-  _globals['_UPDATECHUNK']._serialized_start=1391
-  _globals['_UPDATECHUNK']._serialized_end=1477
-  _globals['_UPLOADREPLY']._serialized_start=1479
-  _globals['_UPLOADREPLY']._serialized_end=1526
-  _globals['_COORDINATOR']._serialized_start=1529
-  _globals['_COORDINATOR']._serialized_end=1799
+  _globals['_EVALUATETASK']._serialized_start=706
+  _globals['_EVALUATETASK']._serialized_end=784
+  _globals['_WAIT']._serialized_start=786
+  _globals['_WAIT']._serialized_end=821
+  _globals['_DONE']._serialized_start=823
+  _globals['_DONE']._serialized_end=845
+  _globals['_POLLREPLY']._serialized_start=848
+  _globals['_POLLREPLY']._serialized_end=1031
+  _globals['_DOWNLOADREQUEST']._serialized_start=1033
+  _globals['_DOWNLOADREQUEST']._serialized_end=1110
+  _globals['_MODELHEADER']._serialized_start=1112
+  _globals['_MODELHEADER']._serialized_end=1206
+  _globals['_MODELCHUNK']._serialized_start=1208
+  _globals['_MODELCHUNK']._serialized_end=1292
+  _globals['_UPDATEHEADER']._serialized_start=1295
+  _globals['_UPDATEHEADER']._serialized_end=1517
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1471
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1517
+  _globals['_UPDATECHUNK']._serialized_start=1519
+  _globals['_UPDATECHUNK']._serialized_end=1605
+  _globals['_UPLOADREPLY']._serialized_start=1607
+  _globals['_UPLOADREPLY']._serialized_end=1654
+  _globals['_EVALUATIONREPORT']._serialized_start=1657
+  _globals['_EVALUATIONREPORT']._serialized_end=1845
+  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_start=1471
+  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_end=1517
+  _globals['_EVALUATIONREPLY']._serialized_start=1847
+  _globals['_EVALUATIONREPLY']._serialized_end=1898
+  _globals['_COORDINATOR']._serialized_start=1901
+  _globals['_COORDINATOR']._serialized_end=2254
 # @@protoc_insertion_point(module_scope)

@@ -244,6 +244,36 @@ class TrainTask(_message.Message):
 Global___TrainTask: _TypeAlias = TrainTask  # noqa: Y015
 
 @_typing.final
+class EvaluateTask(_message.Message):
+    """Evaluate global model `model_version` on the client's own held-out data and
+    answer with ReportEvaluation.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    model_version: _builtins.int
+    deadline_seconds: _builtins.float
+    """Seconds the coordinator will wait for this evaluation's reports."""
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        model_version: _builtins.int = ...,
+        deadline_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "model_version", b"model_version", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateTask: _TypeAlias = EvaluateTask  # noqa: Y015
+
+@_typing.final
 class Wait(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -288,24 +318,28 @@ class PollReply(_message.Message):
     TRAIN_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
+    EVALUATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def train(self) -> Global___TrainTask: ...
     @_builtins.property
     def wait(self) -> Global___Wait: ...
     @_builtins.property
     def done(self) -> Global___Done: ...
+    @_builtins.property
+    def evaluate(self) -> Global___EvaluateTask: ...
     def __init__(
         self,
         *,
         train: Global___TrainTask | None = ...,
         wait: Global___Wait | None = ...,
         done: Global___Done | None = ...,
+        evaluate: Global___EvaluateTask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "done", b"done", "train", b"train", "wait", b"wait"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "done", b"done", "evaluate", b"evaluate", "train", b"train", "wait", b"wait"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "done", b"done", "train", b"train", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "done", b"done", "evaluate", b"evaluate", "train", b"train", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["train", "wait", "done"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["train", "wait", "done", "evaluate"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -491,3 +525,78 @@ class UploadReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadReply: _TypeAlias = UploadReply  # noqa: Y015
+
+@_typing.final
+class EvaluationReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    model_version: _builtins.int
+    num_examples: _builtins.int
+    """Held-out examples evaluated; 0 when the client has no held-out data (then
+    metrics must be empty).
+    """
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        model_version: _builtins.int = ...,
+        num_examples: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "model_version", b"model_version", "num_examples", b"num_examples", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationReport: _TypeAlias = EvaluationReport  # noqa: Y015
+
+@_typing.final
+class EvaluationReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.bool
+    """False when the report repeats one already booked for this evaluation."""
+    detail: _builtins.str
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "detail", b"detail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationReply: _TypeAlias = EvaluationReply  # noqa: Y015

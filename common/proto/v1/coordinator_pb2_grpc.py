@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=fedstream_dot_v1_dot_coordinator__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=fedstream_dot_v1_dot_coordinator__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/fedstream.v1.Coordinator/ReportEvaluation',
+                request_serializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
+                response_deserializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -90,6 +95,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEvaluation(self, request, context):
+        """Report a federated evaluation: the metrics of the global model named by an
+        EvaluateTask on the client's own held-out data.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=fedstream_dot_v1_dot_coordinator__pb2.UpdateChunk.FromString,
                     response_serializer=fedstream_dot_v1_dot_coordinator__pb2.UploadReply.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReport.FromString,
+                    response_serializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class Coordinator:
             '/fedstream.v1.Coordinator/Upload',
             fedstream_dot_v1_dot_coordinator__pb2.UpdateChunk.SerializeToString,
             fedstream_dot_v1_dot_coordinator__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedstream.v1.Coordinator/ReportEvaluation',
+            fedstream_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
+            fedstream_dot_v1_dot_coordinator__pb2.EvaluationReply.FromString,
             options,
             channel_credentials,
             insecure,

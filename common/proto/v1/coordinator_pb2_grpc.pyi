@@ -51,6 +51,10 @@ class CoordinatorStub:
     """Stream a global model: one header message (manifest), then data chunks."""
     Upload: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.UpdateChunk, _coordinator_pb2.UploadReply]
     """Stream an update: one header message, then data chunks."""
+    ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.EvaluationReport, _coordinator_pb2.EvaluationReply]
+    """Report a federated evaluation: the metrics of the global model named by an
+    EvaluateTask on the client's own held-out data.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -68,6 +72,10 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Stream a global model: one header message (manifest), then data chunks."""
     Upload: _aio.StreamUnaryMultiCallable[_coordinator_pb2.UpdateChunk, _coordinator_pb2.UploadReply]  # type: ignore[assignment]
     """Stream an update: one header message, then data chunks."""
+    ReportEvaluation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.EvaluationReport, _coordinator_pb2.EvaluationReply]  # type: ignore[assignment]
+    """Report a federated evaluation: the metrics of the global model named by an
+    EvaluateTask on the client's own held-out data.
+    """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -106,5 +114,15 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.UploadReply, _abc.Awaitable[_coordinator_pb2.UploadReply]]:
         """Stream an update: one header message, then data chunks."""
+
+    @_abc_1.abstractmethod
+    def ReportEvaluation(
+        self,
+        request: _coordinator_pb2.EvaluationReport,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.EvaluationReply, _abc.Awaitable[_coordinator_pb2.EvaluationReply]]:
+        """Report a federated evaluation: the metrics of the global model named by an
+        EvaluateTask on the client's own held-out data.
+        """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
