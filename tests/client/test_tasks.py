@@ -245,3 +245,30 @@ def test_synthetic_train_adds_a_per_partition_constant() -> None:
 def test_synthetic_rejects_bad_options(options: dict[str, str]) -> None:
     with pytest.raises(TaskError):
         SyntheticTask(options).shapes()
+
+
+def test_digits_keeps_a_local_held_out_fifth_out_of_training() -> None:
+    task = DigitsTask({}, seed=0)
+    task.load_data(1, 3)
+    train_x, _ = task._data
+    held_x, _ = task._local_heldout
+    share = len(task.partition_indices(3)[1])
+    assert len(held_x) == int(share * 0.2) and len(train_x) + len(held_x) == share
+    rows = {tuple(r.tolist()) for r in train_x}
+    assert not any(tuple(r.tolist()) in rows for r in held_x[:20])
+    result = task.evaluate_local(task.build_model())
+    assert result is not None and result.num_examples == len(held_x)
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(("name", "options"), [("digits", {}), ("charlm", {"n_embd": "32"})])
+def test_compute_gradient_leaves_weights_alone_and_fills_every_grad(name, options) -> None:
+    task = load_task(name, options, seed=0)
+    task.load_data(0, 2)
+    model = task.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = task.compute_gradient(model, {"local_steps": 2, "batch_size": 4, "round": 1})
+    assert result.num_examples > 0 and result.metrics["loss"] > 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
