@@ -12,7 +12,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: help venv demo test lint protos clean distclean
+.PHONY: help venv demo test lint protos quality clean distclean
 
 help:
 	@echo "make venv       create .venv and install fedstream with its dev tools"
@@ -20,6 +20,7 @@ help:
 	@echo "make test       the test suite (PYTEST_ARGS='-k compose' to narrow it)"
 	@echo "make lint       ruff check, ruff format --check, mypy"
 	@echo "make protos     regenerate common/proto/v1 from protos/"
+	@echo "make quality    learning-quality report: strategies vs centralised (report/)"
 	@echo "make clean      remove caches and build outputs"
 	@echo "make distclean  clean, and remove .venv and runs/ too"
 
@@ -55,6 +56,10 @@ lint: $(STAMP)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
+
+# Not part of `make test`: a few minutes of training, written to report/quality.{md,png}.
+quality: $(STAMP)
+	$(BIN)/python bench/quality.py --out report
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -596,8 +596,8 @@ class Coordinator:
             await self._wait_change(evaluation.deadline - now)
         evaluation.accepting = False
         self.evaluation = None
-        for record in self.registry.all():
-            record.busy = False  # the evaluation they held a task for is over
+        for client in self.registry.all():
+            client.busy = False  # the evaluation they held a task for is over
         record: dict[str, Any] = {
             "fed_eval_clients": len(evaluation.reported),
             "fed_eval_examples": evaluation.num_examples,
