@@ -19,6 +19,9 @@ from fedstream.server.strategies import STRATEGIES
 from .conftest import TinyModel, start_client, wait_for
 
 SERVICE = "/fedstream.v1.Coordinator"
+TINY_LAYOUT = Manifest.from_tensors(
+    {k: v for k, v in TinyModel(0).state_dict().items() if v.is_floating_point()}
+)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -157,7 +160,7 @@ def test_evaluation_rounds_record_the_example_weighted_client_metrics(coordinato
     for round_number in (1, 2):
         task = poll_for_work(peer, session)
         assert task.train.round == round_number
-        held = peer.download(session, task.train.model_version)
+        held = peer.download(session, task.train.model_version, TINY_LAYOUT)
         delta = {k: (v + 0.375) - v for k, v in held.items()}
         header = pb.UpdateHeader(
             round=round_number, model_version=task.train.model_version, num_examples=30
@@ -232,7 +235,7 @@ def test_evaluation_closes_at_its_deadline_without_reports(coordinator, tmp_path
     session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
     honest = start_client(running.address, 0)
     task = poll_for_work(silent, session).train
-    held = silent.download(session, task.model_version)
+    held = silent.download(session, task.model_version, TINY_LAYOUT)
     header = pb.UpdateHeader(round=1, model_version=0, num_examples=10)
     silent.upload(session, header, Manifest.from_tensors(held), held.values())
     assert honest.join(60) == 0
