@@ -1,0 +1,137 @@
+"""Transport ceilings measured beside every benchmark point, with no fedstream code.
+
+    tcp     raw loopback TCP between two Python processes: `sendall` of 4 MiB buffers
+    grpc    a bare grpcio stream between two Python processes: a `grpc.aio` server
+            streams `bytes` messages to a sync client (fedstream's download shape)
+    memcpy  memory copy bandwidth in this process (torch `copy_` of 256 MiB)
+
+Each figure is bytes moved per second, timed at the receiving end from the request to
+the last byte. The transfer runs between two processes, so on a 2-core machine each side
+has a core of its own, as a lone fedstream client and its coordinator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import socket
+import time
+from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
+
+import grpc
+import torch
+
+MIB = 1 << 20
+TCP_BUFFER = 4 * MIB
+_METHOD = "/bench.Bulk/Stream"
+
+
+def _grpc_options(message_bytes: int) -> list[tuple[str, int]]:
+    limit = message_bytes + MIB
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+    ]
+
+
+def _tcp_sender(port: int, total: int) -> None:
+    payload = bytes(TCP_BUFFER)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sent = 0
+        while sent < total:
+            sock.sendall(payload)
+            sent += len(payload)
+
+
+def tcp_throughput(total: int = 2 << 30) -> float:
+    """Bytes per second of `sendall` of 4 MiB buffers over loopback, process to process."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        total -= total % TCP_BUFFER
+        sender = mp.get_context("spawn").Process(target=_tcp_sender, args=(port, total))
+        sender.start()
+        conn, _ = listener.accept()
+        buffer = memoryview(bytearray(TCP_BUFFER))
+        received = 0
+        started = time.perf_counter()
+        with conn:
+            while received < total:
+                n = conn.recv_into(buffer)
+                if not n:
+                    break
+                received += n
+        elapsed = time.perf_counter() - started
+    sender.join()
+    return received / elapsed
+
+
+def _grpc_server(message_bytes: int, count: int, ready: Connection) -> None:
+    async def serve() -> None:
+        payload = bytes(message_bytes)
+
+        async def stream(request: bytes, context: object) -> AsyncIterator[bytes]:
+            for _ in range(count):
+                yield payload
+
+        server = grpc.aio.server(options=_grpc_options(message_bytes))
+        handler = grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=None, response_serializer=None
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("bench.Bulk", {"Stream": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.send(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def grpc_throughput(message_bytes: int, total: int = 2 << 30) -> float:
+    """Bytes per second of one grpcio server stream of `message_bytes` messages."""
+    count = max(1, total // message_bytes)
+    ours, theirs = mp.get_context("spawn").Pipe()
+    server = mp.get_context("spawn").Process(
+        target=_grpc_server, args=(message_bytes, count, theirs), daemon=True
+    )
+    server.start()
+    try:
+        port = ours.recv()
+        with grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=_grpc_options(message_bytes)
+        ) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            call = channel.unary_stream(_METHOD)
+            received = 0
+            started = time.perf_counter()
+            for message in call(b""):
+                received += len(message)
+            elapsed = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.join()
+    return received / elapsed
+
+
+def memcpy_bandwidth(nbytes: int = 256 * MIB, repeats: int = 8) -> float:
+    """Bytes per second copied by `torch.Tensor.copy_` between two buffers (best of runs)."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - started)
+    return nbytes / best
+
+
+def measure(message_bytes: int) -> dict[str, float]:
+    """All three baselines, in bytes per second."""
+    return {
+        "tcp_Bps": tcp_throughput(),
+        "grpc_Bps": grpc_throughput(message_bytes),
+        "memcpy_Bps": memcpy_bandwidth(),
+    }
