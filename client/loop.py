@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Iterator
 
 import grpc
 import torch
 
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
+from fedstream.client.held_model import HeldModel
 from fedstream.client.task import Task, load_task
 from fedstream.common.errors import FedstreamError, InvalidManifest
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
@@ -27,9 +27,6 @@ from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.tensor_codec import Manifest
 
 log = logging.getLogger(__name__)
-
-DELTA_BLOCK_ELEMENTS = 1 << 22
-"""Elements of a delta computed at a time while uploading."""
 
 EXIT_DONE = 0
 EXIT_UNREACHABLE = 1
@@ -50,8 +47,8 @@ class FederatedClient:
         )
         self.connection = Connection(config.server, config.chunk_bytes, config.stall_timeout)
         self.session: Session | None = None
-        self.held: dict[str, torch.Tensor] | None = None
-        """The global model last downloaded (CPU), reused while its version is current."""
+        self.held: HeldModel | None = None
+        """The global model last downloaded (on disk), reused while its version is current."""
         self.held_version = -1
         self.backoff = Backoff(cap=config.max_backoff)
         self.last_contact = time.monotonic()
@@ -112,6 +109,7 @@ class FederatedClient:
     def _train_round(self, task: pb.TrainTask) -> None:
         assert self.session is not None
         if self.held is None or self.held_version != task.model_version:
+            self._forget_model()
             try:
                 self.held = self.connection.download(self.session, task.model_version, self.layout)
             except InvalidManifest as exc:
@@ -143,12 +141,13 @@ class FederatedClient:
     def _upload(self, header: pb.UpdateHeader, task: pb.TrainTask) -> None:
         """Push the update, retrying transient failures until the round's deadline."""
         assert self.session is not None and self.held is not None
-        manifest = Manifest.from_tensors(self.held)
+        manifest = self.held.manifest
         deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
         backoff = Backoff(cap=self.config.max_backoff)
         while True:
             try:
-                reply = self.connection.upload(self.session, header, manifest, self._deltas())
+                deltas = self.held.deltas(self.model.state_dict())
+                reply = self.connection.upload(self.session, header, manifest, deltas)
                 self._contacted()
                 log.info(
                     "round %d: update %s (%s)",
@@ -172,29 +171,11 @@ class FederatedClient:
 
     def _load_held(self) -> None:
         assert self.held is not None
-        state = self.model.state_dict()
-        with torch.no_grad():
-            for name, tensor in self.held.items():
-                state[name].copy_(tensor)
-
-    def _deltas(self) -> Iterator[torch.Tensor]:
-        """local - global, in manifest order, a block of elements at a time.
-
-        Computed while uploading, so the client holds the model, the downloaded global
-        copy and one block: never a second whole-model delta. The global copy survives,
-        so a re-run round or a retried upload needs no new download.
-        """
-        assert self.held is not None
-        state = self.model.state_dict()
-        with torch.no_grad():
-            for name, held in self.held.items():
-                base = held.reshape(-1)
-                local = state[name].detach().reshape(-1)
-                for start in range(0, base.numel(), DELTA_BLOCK_ELEMENTS):
-                    end = min(start + DELTA_BLOCK_ELEMENTS, base.numel())
-                    yield local[start:end].to("cpu") - base[start:end]
+        self.held.load_into(self.model.state_dict())
 
     def _forget_model(self) -> None:
+        if self.held is not None:
+            self.held.close()
         self.held = None
         self.held_version = -1
 
