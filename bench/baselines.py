@@ -16,7 +16,7 @@ import asyncio
 import multiprocessing as mp
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 
 import grpc
@@ -27,11 +27,14 @@ TCP_BUFFER = 4 * MIB
 _METHOD = "/bench.Bulk/Stream"
 
 
-def _grpc_options(message_bytes: int) -> list[tuple[str, int]]:
+def _grpc_options(
+    message_bytes: int, extra: Sequence[tuple[str, int]] = ()
+) -> list[tuple[str, int]]:
     limit = message_bytes + MIB
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
+        *extra,
     ]
 
 
@@ -66,7 +69,9 @@ def tcp_throughput(total: int = 2 << 30) -> float:
     return received / elapsed
 
 
-def _grpc_server(message_bytes: int, count: int, ready: Connection) -> None:
+def _grpc_server(
+    message_bytes: int, count: int, ready: Connection, extra: Sequence[tuple[str, int]]
+) -> None:
     async def serve() -> None:
         payload = bytes(message_bytes)
 
@@ -74,7 +79,7 @@ def _grpc_server(message_bytes: int, count: int, ready: Connection) -> None:
             for _ in range(count):
                 yield payload
 
-        server = grpc.aio.server(options=_grpc_options(message_bytes))
+        server = grpc.aio.server(options=_grpc_options(message_bytes, extra))
         handler = grpc.unary_stream_rpc_method_handler(
             stream, request_deserializer=None, response_serializer=None
         )
@@ -89,18 +94,23 @@ def _grpc_server(message_bytes: int, count: int, ready: Connection) -> None:
     asyncio.run(serve())
 
 
-def grpc_throughput(message_bytes: int, total: int = 2 << 30) -> float:
-    """Bytes per second of one grpcio server stream of `message_bytes` messages."""
+def grpc_throughput(
+    message_bytes: int, total: int = 2 << 30, extra: Sequence[tuple[str, int]] = ()
+) -> float:
+    """Bytes per second of one grpcio server stream of `message_bytes` messages.
+
+    `extra` channel options go to both ends (empty: grpcio's defaults).
+    """
     count = max(1, total // message_bytes)
     ours, theirs = mp.get_context("spawn").Pipe()
     server = mp.get_context("spawn").Process(
-        target=_grpc_server, args=(message_bytes, count, theirs), daemon=True
+        target=_grpc_server, args=(message_bytes, count, theirs, list(extra)), daemon=True
     )
     server.start()
     try:
         port = ours.recv()
         with grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=_grpc_options(message_bytes)
+            f"127.0.0.1:{port}", options=_grpc_options(message_bytes, extra)
         ) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             call = channel.unary_stream(_METHOD)

@@ -106,6 +106,7 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
                 "--min-clients", str(spec.clients),
                 "--done-grace", "30",
                 "--keep-checkpoints", "1",
+                "--threads", "1",
                 *task, *chunk,
             ],
         )  # fmt: skip

@@ -22,6 +22,7 @@ from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
 from fedstream.client.held_model import HeldModel
 from fedstream.client.task import Task, load_task
 from fedstream.common.errors import FedstreamError, InvalidManifest
+from fedstream.common.memory import return_freed_buffers_to_os
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.tensor_codec import Manifest
@@ -206,6 +207,7 @@ class FederatedClient:
 
 
 def main(config: ClientConfig) -> int:
+    return_freed_buffers_to_os()
     if config.threads:
         torch.set_num_threads(config.threads)
     task = load_task(config.task, config.task_opt, config.seed)
