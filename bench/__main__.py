@@ -82,7 +82,7 @@ def main() -> int:
     )
     parser.add_argument("--clients", type=int, nargs="+", default=DEFAULT_CLIENTS)
     parser.add_argument("--rounds", type=int, default=4, help="rounds per point (>= 2)")
-    parser.add_argument("--chunk-mib", type=int, default=4, help="chunk size in MiB")
+    parser.add_argument("--chunk-mib", type=int, default=1, help="chunk size in MiB")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
     args = parser.parse_args()

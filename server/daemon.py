@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -86,6 +87,9 @@ async def serve(config: ServerConfig) -> int:
     """Run the coordinator until the run completes (0), fails (1) or a signal stops it (0)."""
     daemon = CoordinatorDaemon(config)
     await daemon.start()
+    # Everything built so far (torch, grpc, the model's modules) lives for the whole run:
+    # keep it out of the collector's generations, which then stay cheap to scan.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
