@@ -33,6 +33,10 @@ def grpc_options(max_chunk_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
+        # Without BDP probing the HTTP/2 windows stay small, so the bytes grpc buffers for
+        # each stream stay small too and memory does not grow with the number of
+        # concurrent transfers; on loopback this costs no measurable throughput (NOTES).
+        ("grpc.http2.bdp_probe", 0),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),

@@ -22,7 +22,7 @@ from fedstream.common.errors import NonFiniteValues, WireError
 from fedstream.common.tensor_codec import Manifest, TensorEntry, tensor_bytes
 from fedstream.server.strategies.base import DeltaBlock
 
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20
 """Bytes of an update read back at a time when verifying and folding it."""
 
 
