@@ -37,7 +37,12 @@ def estimated_peak_bytes(params: int, clients: int) -> int:
     return 2 * model + clients * model + (clients + 1) * 400 * MIB
 
 
-def fits(params: int, clients: int, cpus: int) -> str | None:
+def coordinator_budget_bytes(model_bytes: int) -> int:
+    """The coordinator's memory target: the model, its aggregate, and 300 MB of runtime."""
+    return 2 * model_bytes + 300_000_000
+
+
+def fits(params: int, clients: int) -> str | None:
     """Why a point cannot run on this machine, or None when it can."""
     need = estimated_peak_bytes(params, clients)
     have = psutil.virtual_memory().total - HEADROOM_BYTES
@@ -58,7 +63,7 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
     )
     header = (
         f"{'params':>8} {'N':>3} {'s/round':>8} {'wire GB':>8} {'GB/s':>6} "
-        f"{'/grpc':>6} {'/tcp':>6} {'coord MB':>9} {'client MB':>9}"
+        f"{'/grpc':>6} {'/tcp':>6} {'coord MiB':>9} {'budget':>7} {'client MiB':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -71,7 +76,8 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
             f"{_gb(r['wire_bytes_per_round']):>8} {_gb(r['throughput_Bps']):>6} "
             f"{r['throughput_Bps'] / grpc_bps:>6.2f} {r['throughput_Bps'] / tcp_bps:>6.2f} "
             f"{r['coordinator_peak_rss_bytes'] / 2**20:>9.0f} "
-            f"{r['client_peak_rss_bytes'] / 2**20:>9.0f}"
+            f"{coordinator_budget_bytes(r['model_bytes']) / 2**20:>7.0f} "
+            f"{r['client_peak_rss_bytes'] / 2**20:>10.0f}"
         )
 
 
@@ -94,7 +100,7 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     for params in (int(p) for p in args.params):
         for clients in args.clients:
-            reason = fits(params, clients, cpus)
+            reason = fits(params, clients)
             if reason is not None:
                 results.append({"params": params, "clients": clients, "skipped": reason})
                 print(f"P={params:,} N={clients}: skipped ({reason})", flush=True)

@@ -8,6 +8,7 @@ Round times and wire bytes come from the coordinator's metrics.jsonl.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -17,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from fedstream.client.tasks.synthetic import synthetic_shapes
 
 MIB = 1 << 20
 
@@ -145,7 +148,8 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
     periods = [b["time"] - a["time"] for a, b in zip(records, records[1:], strict=False)]
     per_round = statistics.median(periods) if periods else records[0]["duration_s"]
     wire = statistics.median(r["bytes_down"] + r["bytes_up"] for r in records[1:] or records)
-    model_bytes = spec.params * 4
+    shapes = synthetic_shapes(spec.params, spec.layers).values()
+    model_bytes = 4 * sum(math.prod(shape) for shape in shapes)  # float32
     result = PointResult(
         params=spec.params,
         clients=spec.clients,
