@@ -43,6 +43,7 @@ OPTIONS: dict[str, set[str]] = {
         "--done-grace",
         "--keep-checkpoints",
         "--spool-dir",
+        "--threads",
         "--log-level",
     },
     "client": {
