@@ -112,7 +112,6 @@ def _channel(target: str, isolated_name: str) -> grpc.Channel:
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.use_local_subchannel_pool", 1),
             ("grpc.primary_user_agent", f"fedstream-{isolated_name}"),
-            ("grpc.http2.bdp_probe", 0),  # bounded buffering per stream: server/daemon.py
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -23,7 +23,7 @@ from fedstream.common.tensor_codec import Manifest, TensorEntry, tensor_bytes
 from fedstream.server.strategies.base import DeltaBlock
 
 BLOCK_BYTES = 4 << 20
-"""Bytes of an update read back at a time when verifying and folding it."""
+"""Bytes of an update read back at a time when folding it."""
 
 
 def _read_exactly(f: io.RawIOBase, into: memoryview, path: Path) -> None:
