@@ -3,7 +3,7 @@
     tcp     raw loopback TCP between two Python processes: `sendall` of 4 MiB buffers
     grpc    a bare grpcio stream between two Python processes: a `grpc.aio` server
             streams `bytes` messages to a sync client (fedstream's download shape)
-    memcpy  memory copy bandwidth in this process (torch `copy_` of 256 MiB)
+    memcpy  memory copy bandwidth (torch `copy_` of 256 MiB, in a child process)
 
 Each figure is bytes moved per second, timed at the receiving end from the request to
 the last byte. The transfer runs between two processes, so on a 2-core machine each side
@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
 
 import grpc
-import torch
 
 MIB = 1 << 20
 TCP_BUFFER = 4 * MIB
@@ -125,8 +124,9 @@ def grpc_throughput(
     return received / elapsed
 
 
-def memcpy_bandwidth(nbytes: int = 256 * MIB, repeats: int = 8) -> float:
-    """Bytes per second copied by `torch.Tensor.copy_` between two buffers (best of runs)."""
+def _memcpy(nbytes: int, repeats: int) -> float:
+    import torch  # only in the child: see memcpy_bandwidth
+
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -136,6 +136,17 @@ def memcpy_bandwidth(nbytes: int = 256 * MIB, repeats: int = 8) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - started)
     return nbytes / best
+
+
+def memcpy_bandwidth(nbytes: int = 256 * MIB, repeats: int = 8) -> float:
+    """Bytes per second copied by `torch.Tensor.copy_` between two buffers (best of runs).
+
+    Measured in a child process: on Linux a process started later inherits its parent's
+    peak-memory mark through fork and exec, so the bench process itself must stay small
+    (no torch, no big buffers) for the peaks it reports to be the children's own.
+    """
+    with mp.get_context("spawn").Pool(1) as pool:
+        return float(pool.apply(_memcpy, (nbytes, repeats)))
 
 
 def measure(message_bytes: int, repeats: int = 3) -> dict[str, float]:

@@ -2,13 +2,14 @@
 
 The processes are started through the same CLI a user types and reaped with
 `os.wait4`, so peak memory is the kernel's own `ru_maxrss` for each finished process.
+Linux carries a parent's peak-memory mark into a child through fork and exec, so the
+bench process imports neither torch nor fedstream's tasks and keeps no large buffers.
 Round times and wire bytes come from the coordinator's metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import statistics
@@ -18,8 +19,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-from fedstream.client.tasks.synthetic import synthetic_shapes
 
 MIB = 1 << 20
 
@@ -148,8 +147,8 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
     periods = [b["time"] - a["time"] for a, b in zip(records, records[1:], strict=False)]
     per_round = statistics.median(periods) if periods else records[0]["duration_s"]
     wire = statistics.median(r["bytes_down"] + r["bytes_up"] for r in records[1:] or records)
-    shapes = synthetic_shapes(spec.params, spec.layers).values()
-    model_bytes = 4 * sum(math.prod(shape) for shape in shapes)  # float32
+    # Each client downloads the whole model once a round (no resumes on loopback).
+    model_bytes = records[-1]["bytes_down"] // spec.clients
     result = PointResult(
         params=spec.params,
         clients=spec.clients,
