@@ -11,14 +11,16 @@ STAMP := $(VENV)/.installed
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: help venv demo test lint protos quality clean distclean
+.PHONY: help venv demo test lint bench protos quality clean distclean
 
 help:
 	@echo "make venv       create .venv and install fedstream with its dev tools"
 	@echo "make demo       local cluster: 1 server + 3 clients train digits (runs/demo)"
 	@echo "make test       the test suite (PYTEST_ARGS='-k compose' to narrow it)"
 	@echo "make lint       ruff check, ruff format --check, mypy"
+	@echo "make bench      transfer benchmark grid against TCP/grpcio/memcpy (runs/bench)"
 	@echo "make protos     regenerate common/proto/v1 from protos/"
 	@echo "make quality    learning-quality report: strategies vs centralised (report/)"
 	@echo "make clean      remove caches and build outputs"
@@ -53,6 +55,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy common server client fedstream
+
+# The full grid takes about half an hour on 2 cores; BENCH_ARGS='--params 100e6' narrows it.
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,3 +49,19 @@ def plot_metrics(history: Sequence[dict[str, Any]], path: Path, title: str = "")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     tmp.replace(path)
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m fedstream.common.plot METRICS.jsonl OUT.png`.
+
+    The coordinator plots through this in a child process: matplotlib then never loads
+    into the long-running daemon (35 MiB it would keep) nor holds its GIL while drawing.
+    """
+    metrics, out = Path(argv[0]), Path(argv[1])
+    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    plot_metrics(history, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -58,6 +58,8 @@ class ServerConfig:
     """Round checkpoints kept in the run directory (the newest ones)."""
     spool_dir: Path | None = None
     """Where uploads are spooled while they arrive (default: RUN_DIR/spool)."""
+    threads: int = 0
+    """Torch CPU threads (0 keeps torch's default); 1 where clients share the machine."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
     strategy: str = "fedavg"
@@ -103,6 +105,8 @@ class ServerConfig:
             raise ConfigError("timeouts must be positive")
         if not 1024 <= self.chunk_bytes <= self.max_chunk_bytes:
             raise ConfigError("chunk_bytes must be between 1 KiB and max_chunk_bytes")
+        if self.threads < 0:
+            raise ConfigError("threads must be 0 or more")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be at least 1")
         if self.uplink_codec not in CODEC_NAMES:

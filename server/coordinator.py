@@ -641,7 +641,7 @@ class Coordinator:
             self.history,
         )
         self.store.append_metrics(record)
-        await asyncio.to_thread(self.store.plot, self.history)
+        await asyncio.to_thread(self.store.plot)
         self.completed = open_round.number
         shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_", "fed_eval_"))}
         log.info(

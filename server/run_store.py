@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +137,18 @@ class RunStore:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
         tmp.replace(self.metrics_path)
 
-    def plot(self, history: list[dict[str, Any]]) -> None:
-        """Every numeric metric per round, one panel each, into metrics.png."""
-        from fedstream.common.plot import plot_metrics
+    def plot(self) -> None:
+        """Every numeric metric per round, one panel each, into metrics.png.
 
-        plot_metrics(history, self.plot_path)
+        Drawn by a child process from metrics.jsonl, so the daemon's memory and GIL stay
+        out of it; a failed plot is logged, never fatal.
+        """
+        command = [sys.executable, "-m", "fedstream.common.plot"]
+        done = subprocess.run(
+            [*command, str(self.metrics_path), str(self.plot_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            log.warning("plotting metrics failed: %s", done.stderr.strip()[-500:])

@@ -154,7 +154,9 @@ class CoordinatorServicer:
         """The data chunks after an upload's header, failing when none arrives in time."""
         while True:
             try:
-                item = await asyncio.wait_for(iterator.__anext__(), self.stall_timeout)
+                # asyncio.timeout, not wait_for: wait_for wraps every chunk in a new Task.
+                async with asyncio.timeout(self.stall_timeout):
+                    item = await iterator.__anext__()
             except StopAsyncIteration:
                 return
             except TimeoutError:

@@ -47,6 +47,7 @@ OPTIONS: dict[str, set[str]] = {
         "--done-grace",
         "--keep-checkpoints",
         "--spool-dir",
+        "--threads",
         "--log-level",
         "--strategy",
         "--client-weight",

@@ -1,0 +1,136 @@
+"""`python -m bench`: fedstream's transfer benchmark against its transport ceilings.
+
+    python -m bench                                  the default grid
+    python -m bench --params 100e6 --clients 4       one point
+
+For each point it prints, and writes to JSON (--out), seconds per round (median after
+the first), bytes on the wire per round, effective throughput, and the peak resident
+memory of the coordinator and of one client, beside three baselines measured in the same
+run: raw loopback TCP, a bare grpcio stream and memory copy bandwidth. The headline is
+effective throughput over the bare-grpcio baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.baselines import measure
+from bench.point import MIB, PointSpec, run_point
+
+DEFAULT_PARAMS = (10_000_000, 100_000_000, 1_000_000_000)
+DEFAULT_CLIENTS = (2, 4, 8)
+HEADROOM_BYTES = 2 << 30
+"""Memory kept free beyond the estimate when deciding whether a point fits."""
+
+
+def estimated_peak_bytes(params: int, clients: int) -> int:
+    """Resident memory a point needs: the coordinator holds the model and its float32 sum,
+    each client the model it trains and the downloaded global copy, and every process
+    about 400 MB of Python, torch and grpc."""
+    model = 4 * params
+    return 2 * model + 2 * clients * model + (clients + 1) * 400 * MIB
+
+
+def coordinator_budget_bytes(model_bytes: int) -> int:
+    """The coordinator's memory target: the model, its aggregate, and 300 MB of runtime."""
+    return 2 * model_bytes + 300_000_000
+
+
+def fits(params: int, clients: int) -> str | None:
+    """Why a point cannot run on this machine, or None when it can."""
+    need = estimated_peak_bytes(params, clients)
+    have = psutil.virtual_memory().total - HEADROOM_BYTES
+    if need > have:
+        return f"needs about {need / 2**30:.0f} GiB, this machine has {have / 2**30:.0f} to give"
+    return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> None:
+    grpc_bps, tcp_bps = baselines["grpc_Bps"], baselines["tcp_Bps"]
+    print(
+        f"baselines: raw TCP {_gb(tcp_bps)} GB/s, bare grpcio {_gb(grpc_bps)} GB/s, "
+        f"memcpy {_gb(baselines['memcpy_Bps'])} GB/s"
+    )
+    header = (
+        f"{'params':>8} {'N':>3} {'s/round':>8} {'wire GB':>8} {'GB/s':>6} "
+        f"{'/grpc':>6} {'/tcp':>6} {'coord MiB':>9} {'budget':>7} {'client MiB':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3}  skipped: {r['skipped']}")
+            continue
+        print(
+            f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3} {r['seconds_per_round']:>8.2f} "
+            f"{_gb(r['wire_bytes_per_round']):>8} {_gb(r['throughput_Bps']):>6} "
+            f"{r['throughput_Bps'] / grpc_bps:>6.2f} {r['throughput_Bps'] / tcp_bps:>6.2f} "
+            f"{r['coordinator_peak_rss_bytes'] / 2**20:>9.0f} "
+            f"{coordinator_budget_bytes(r['model_bytes']) / 2**20:>7.0f} "
+            f"{r['client_peak_rss_bytes'] / 2**20:>10.0f}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--params", type=float, nargs="+", default=DEFAULT_PARAMS, help="model sizes"
+    )
+    parser.add_argument("--clients", type=int, nargs="+", default=DEFAULT_CLIENTS)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per point (>= 2)")
+    parser.add_argument("--chunk-mib", type=int, default=1, help="chunk size in MiB")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
+    args = parser.parse_args()
+    chunk = args.chunk_mib * MIB
+    cpus = psutil.cpu_count() or 1
+    started = time.time()
+    print(f"measuring baselines ({chunk // MIB} MiB messages) ...", flush=True)
+    baselines = measure(chunk)
+    results: list[dict[str, Any]] = []
+    for params in (int(p) for p in args.params):
+        for clients in args.clients:
+            reason = fits(params, clients)
+            if reason is not None:
+                results.append({"params": params, "clients": clients, "skipped": reason})
+                print(f"P={params:,} N={clients}: skipped ({reason})", flush=True)
+                continue
+            print(f"P={params:,} N={clients}: {args.rounds} rounds ...", flush=True)
+            spec = PointSpec(params, clients, args.rounds, chunk)
+            result = run_point(spec, args.work_dir).as_dict()
+            result["vs_grpc"] = result["throughput_Bps"] / baselines["grpc_Bps"]
+            result["vs_tcp"] = result["throughput_Bps"] / baselines["tcp_Bps"]
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print()
+    print_table(baselines, results)
+    report = {
+        "machine": {
+            "cpus": cpus,
+            "memory_bytes": psutil.virtual_memory().total,
+            "python": platform.python_version(),
+        },
+        "started": started,
+        "chunk_bytes": chunk,
+        "baselines": baselines,
+        "points": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
