@@ -144,6 +144,10 @@ class MeanOfUpdates(Strategy):
 def add_in_place(
     global_tensors: Mapping[str, torch.Tensor], step: Mapping[str, torch.Tensor]
 ) -> None:
-    """w <- w + step, computed in the accumulator dtype and stored in the model's dtype."""
+    """w <- w + step, computed in the accumulator dtype and stored in the model's dtype.
+
+    The sum is formed in `step`'s own tensors, which this consumes, so no third
+    model-sized tensor is ever allocated.
+    """
     for name, target in global_tensors.items():
-        target.copy_(target.to(step[name].dtype) + step[name])
+        target.copy_(step[name].add_(target))
