@@ -189,7 +189,7 @@ class FederatedClient:
     ) -> None:
         """Push the update, retrying transient failures until the round's deadline."""
         assert self.session is not None and self.held is not None
-        update = self.uplink.encode(Manifest.from_tensors(self.held), pieces)
+        update = self.uplink.encode(self.layout, pieces)
         deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
         backoff = Backoff(cap=self.config.max_backoff)
         while True:

@@ -155,6 +155,11 @@ class OpenEvaluation:
     metric_weights: dict[str, float] = field(default_factory=dict)
 
 
+def _owes(phase: OpenRound | OpenEvaluation, client: ClientRecord) -> bool:
+    """Whether `client` is selected for this open phase and has not yet reported."""
+    return phase.accepting and client.name in phase.selected and client.name not in phase.reported
+
+
 class Coordinator:
     def __init__(
         self, config: ServerConfig, task: Task, strategy: Strategy, store: RunStore
@@ -471,12 +476,7 @@ class Coordinator:
 
     def _task_for(self, client: ClientRecord) -> pb.TrainTask | None:
         open_round = self.round
-        if (
-            open_round is None
-            or not open_round.accepting
-            or client.name not in open_round.selected
-            or client.name in open_round.reported
-        ):
+        if open_round is None or not _owes(open_round, client):
             return None
         task = pb.TrainTask(
             round=open_round.number,
@@ -488,12 +488,7 @@ class Coordinator:
 
     def _evaluation_for(self, client: ClientRecord) -> pb.EvaluateTask | None:
         evaluation = self.evaluation
-        if (
-            evaluation is None
-            or not evaluation.accepting
-            or client.name not in evaluation.selected
-            or client.name in evaluation.reported
-        ):
+        if evaluation is None or not _owes(evaluation, client):
             return None
         return pb.EvaluateTask(
             round=evaluation.number,
