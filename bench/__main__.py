@@ -32,10 +32,10 @@ HEADROOM_BYTES = 2 << 30
 
 def estimated_peak_bytes(params: int, clients: int) -> int:
     """Resident memory a point needs: the coordinator holds the model and its float32 sum,
-    each client the model it trains and the downloaded global copy, and every process
-    about 400 MB of Python, torch and grpc."""
+    each client the model it trains (the downloaded global copy stays on disk), and every
+    process about 400 MB of Python, torch and grpc."""
     model = 4 * params
-    return 2 * model + 2 * clients * model + (clients + 1) * 400 * MIB
+    return 2 * model + clients * model + (clients + 1) * 400 * MIB
 
 
 def coordinator_budget_bytes(model_bytes: int) -> int:

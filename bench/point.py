@@ -45,21 +45,24 @@ class PointResult:
     throughput_Bps: float
     coordinator_peak_rss_bytes: int
     client_peak_rss_bytes: int
+    coordinator_cpu_seconds: float
+    client_cpu_seconds: float
     round_seconds: list[float]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _reap(proc: subprocess.Popen[bytes], deadline: float) -> int:
-    """Wait for `proc` to exit; its peak resident bytes, as the kernel reports them."""
+def _reap(proc: subprocess.Popen[bytes], deadline: float) -> tuple[int, float]:
+    """Wait for `proc` to exit; its peak resident bytes and CPU seconds (user + system),
+    as the kernel reports them."""
     while time.monotonic() < deadline:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode != 0:
                 raise RuntimeError(f"{proc.args[3]} exited with {proc.returncode}")
-            return usage.ru_maxrss * 1024
+            return usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
         time.sleep(0.2)
     raise TimeoutError(f"{proc.args[3]} did not finish in time")
 
@@ -134,8 +137,8 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
             )  # fmt: skip
             for i in range(spec.clients)
         ]
-        client_rss = [_reap(c, deadline) for c in clients]
-        server_rss = _reap(server, deadline)
+        client_usage = [_reap(c, deadline) for c in clients]
+        server_rss, server_cpu = _reap(server, deadline)
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -159,7 +162,9 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
         wire_bytes_per_round=int(wire),
         throughput_Bps=wire / per_round,
         coordinator_peak_rss_bytes=server_rss,
-        client_peak_rss_bytes=client_rss[0],
+        client_peak_rss_bytes=client_usage[0][0],
+        coordinator_cpu_seconds=server_cpu,
+        client_cpu_seconds=client_usage[0][1],
         round_seconds=[records[0]["duration_s"], *periods],
     )
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

@@ -18,12 +18,13 @@ from typing import Any
 import grpc
 import torch
 
+from fedstream.client.held_model import HeldModel
 from fedstream.common.codecs import wire_chunks
 from fedstream.common.errors import WireError
 from fedstream.common.framing import ChunkParser, MalformedChunk, frame_data, serialize_chunk
 from fedstream.common.progress import TransferProgress
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest, TensorAssembler
+from fedstream.common.tensor_codec import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -181,59 +182,55 @@ class Connection:
 
     def download(
         self, session: Session, version: int, expected: Manifest, attempts: int = 5
-    ) -> dict[str, torch.Tensor]:
+    ) -> HeldModel:
         """The global model `version`, resuming from the last byte received after a break.
 
-        InvalidManifest, before any model bytes are received, when the coordinator's model
-        is not laid out as `expected` (the client's own model).
+        The bytes go to a `HeldModel` on disk as they arrive, never to a second copy of
+        the model in memory. InvalidManifest, before any model bytes are received, when
+        the coordinator's model is not laid out as `expected` (the client's own model).
         """
-        out: dict[str, torch.Tensor] | None = None
-        manifest: Manifest | None = None
-        offset = 0
+        held: HeldModel | None = None
         backoff = Backoff(cap=5.0)
         progress: TransferProgress | None = None
         for attempt in range(1, attempts + 1):
+            offset = held.bytes_written if held is not None else 0
             request = pb.DownloadRequest(
                 model_version=version, offset=offset, chunk_bytes=self.chunk_bytes
             )
             call = self._download(request, metadata=session.metadata)
             watchdog = StallWatchdog(call, self.stall_timeout)
-            assembler: TensorAssembler | None = None
+            started = False
             try:
                 for item in call:
                     watchdog.progress()
                     if isinstance(item, memoryview):
-                        if assembler is None:
+                        if held is None or not started:
                             raise WireError("model data arrived before the model header")
-                        assembler.write(item)
+                        held.write(item)
                         if progress is not None:
                             progress.advance(len(item))
                     elif isinstance(item, pb.ModelHeader):
                         received = Manifest.from_proto(item.manifest)
                         expected.require_same_layout(received)
-                        if manifest is None:
-                            manifest = received
-                            out = {
-                                e.name: torch.empty(e.shape, dtype=e.dtype)
-                                for e in manifest.entries
-                            }
+                        if held is None:
+                            held = HeldModel(received, version)
                             progress = TransferProgress(
-                                log, f"download of model v{version}", manifest.total_bytes
+                                log, f"download of model v{version}", received.total_bytes
                             )
                         else:
-                            manifest.require_same_layout(received)
+                            held.manifest.require_same_layout(received)
                         if item.offset != offset:
                             raise WireError(f"download resumed at {item.offset}, asked {offset}")
-                        assembler = TensorAssembler(manifest, out, offset)
+                        started = True
                     elif isinstance(item, MalformedChunk):
                         raise WireError(item.reason)
-                if assembler is None or not assembler.complete:
-                    got = assembler.bytes_written if assembler else 0
-                    total = manifest.total_bytes if manifest else "?"
+                if held is None or not held.complete:
+                    got = held.bytes_written if held else 0
+                    total = held.manifest.total_bytes if held else "?"
                     raise WireError(f"download ended after {got} of {total} bytes")
                 if progress is not None and progress.total >= 64 << 20:
                     log.info("download of model v%d: %s", version, progress.summary())
-                return assembler.tensors()
+                return held
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
                 # CANCELLED without a stall is the coordinator closing the round: not retried.
@@ -241,15 +238,20 @@ class Connection:
                     code in RETRYABLE and code != grpc.StatusCode.CANCELLED
                 )
                 if not retryable or attempt == attempts:
+                    if held is not None:
+                        held.close()
                     raise
-                offset = assembler.bytes_written if assembler else offset
                 log.warning(
                     "download of model v%d broke at byte %d (%s); resuming",
                     version,
-                    offset,
+                    held.bytes_written if held else 0,
                     "stalled" if watchdog.stalled else code.name,
                 )
                 backoff.sleep()
+            except BaseException:
+                if held is not None:
+                    held.close()
+                raise
             finally:
                 watchdog.close()
         raise AssertionError("unreachable: the last attempt returns or raises")

@@ -22,17 +22,19 @@ import torch
 
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
+from fedstream.client.held_model import HeldModel
 from fedstream.client.task import Task, exchanged_names, load_task
 from fedstream.client.uplink import Deltas, UplinkEncoder
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import FedstreamError, InvalidManifest
+from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.tensor_codec import Manifest
 
 log = logging.getLogger(__name__)
 
-DELTA_BLOCK_ELEMENTS = 1 << 22
+DELTA_BLOCK_ELEMENTS = 1 << 20
 """Elements of a delta computed at a time while uploading."""
 
 EXIT_DONE = 0
@@ -56,8 +58,8 @@ class FederatedClient:
         self.uplink = UplinkEncoder()
         self.connection = Connection(config.server, config.chunk_bytes, config.stall_timeout)
         self.session: Session | None = None
-        self.held: dict[str, torch.Tensor] | None = None
-        """The global model last downloaded (CPU), reused while its version is current."""
+        self.held: HeldModel | None = None
+        """The global model last downloaded (on disk), reused while its version is current."""
         self.held_version = -1
         self.backoff = Backoff(cap=config.max_backoff)
         self.last_contact = time.monotonic()
@@ -90,6 +92,7 @@ class FederatedClient:
             log.error("%s", exc)
             return EXIT_REFUSED
         finally:
+            self._forget_model()
             self.connection.close()
 
     def _join(self) -> None:
@@ -121,6 +124,7 @@ class FederatedClient:
         """Make the model hold global version `model_version`, downloading it unless held."""
         assert self.session is not None
         if self.held is None or self.held_version != model_version:
+            self._forget_model()
             try:
                 self.held = self.connection.download(self.session, model_version, self.layout)
             except InvalidManifest as exc:
@@ -221,31 +225,18 @@ class FederatedClient:
 
     def _load_held(self) -> None:
         assert self.held is not None
-        state = self.model.state_dict()
-        with torch.no_grad():
-            for name, tensor in self.held.items():
-                state[name].copy_(tensor)
+        self.held.load_into(self.model.state_dict())
 
     def _deltas(self, block_elements: int | None = DELTA_BLOCK_ELEMENTS) -> Iterator[torch.Tensor]:
         """local - global, in manifest order, a block of elements at a time (with None,
         a whole tensor at a time, for the codecs that encode tensors whole).
 
-        Computed while uploading, so the client holds the model, the downloaded global
-        copy and one block: never a second whole-model delta. The global copy survives,
+        Computed while uploading, against the global copy on disk, so the client holds
+        the model and one block: never a second whole model. The global copy survives,
         so a re-run round or a retried upload needs no new download.
         """
         assert self.held is not None
-        state = self.model.state_dict()
-        with torch.no_grad():
-            for name, held in self.held.items():
-                base = held.reshape(-1)
-                local = state[name].detach().reshape(-1)
-                if block_elements is None:
-                    yield (local.to("cpu") - base).view(held.shape)
-                    continue
-                for start in range(0, base.numel(), block_elements):
-                    end = min(start + block_elements, base.numel())
-                    yield local[start:end].to("cpu") - base[start:end]
+        yield from self.held.deltas(self.model.state_dict(), block_elements)
 
     def _gradients(self, block_elements: int | None = None) -> Iterator[torch.Tensor]:
         """The gradient the task left in each exchanged parameter (zeros for tensors that
@@ -253,14 +244,16 @@ class FederatedClient:
         tensors (the gradients exist whole anyway), whatever `block_elements` asks."""
         assert self.held is not None
         params = dict(self.model.named_parameters())
-        for name, held in self.held.items():
-            param = params.get(name)
+        for entry in self.held.manifest.entries:
+            param = params.get(entry.name)
             if param is None or param.grad is None:
-                yield torch.zeros_like(held)
+                yield torch.zeros(entry.shape, dtype=entry.dtype)
             else:
-                yield param.grad.detach().to("cpu", held.dtype).view(held.shape)
+                yield param.grad.detach().to("cpu", entry.dtype).view(entry.shape)
 
     def _forget_model(self) -> None:
+        if self.held is not None:
+            self.held.close()
         self.held = None
         self.held_version = -1
 
@@ -291,6 +284,7 @@ class FederatedClient:
 
 
 def main(config: ClientConfig) -> int:
+    reuse_chunk_buffers()
     if config.threads:
         torch.set_num_threads(config.threads)
     task = load_task(config.task, config.task_opt, config.seed)

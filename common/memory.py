@@ -5,27 +5,36 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-"""glibc's mallopt parameter number for the mmap threshold."""
-MMAP_THRESHOLD_BYTES = 256 << 10
+M_ARENA_MAX = -8
+"""glibc's mallopt parameter numbers."""
+MMAP_THRESHOLD_BYTES = 8 << 20
+TRIM_THRESHOLD_BYTES = 16 << 20
+ARENA_MAX = 2
 
 
-def return_freed_buffers_to_os() -> None:
-    """Make glibc serve allocations of 256 KiB and more from mmap, and unmap them on free.
+def reuse_chunk_buffers() -> None:
+    """Serve every chunk-sized buffer from a heap glibc reuses, in at most two arenas.
 
-    Every chunk that crosses the wire is a short-lived multi-megabyte `bytes` object.
-    By default glibc raises its mmap threshold each time such a buffer is freed, after
-    which these buffers come from the heap arenas of whichever thread allocated them,
-    and freed ones are kept there: the coordinator's resident memory then grows by
-    hundreds of megabytes with the number of concurrent transfers. A fixed threshold
-    keeps it flat. A no-op where the C library is not glibc.
+    Every chunk that crosses the wire is a short-lived `bytes` object of about a
+    megabyte, allocated by grpc or by our framing, often from grpc's own threads. By
+    default glibc starts by mapping each one fresh (256 page faults and as many zeroed
+    pages per MiB: a fresh 1 MiB copy measured 0.67 ms against 0.036 ms for a reused
+    buffer, 18x), then raises its threshold dynamically and keeps freed buffers in
+    per-thread arenas, up to eight per core, where they pile up with the number of
+    concurrent transfers. A fixed threshold far above the chunk size makes every chunk a
+    reused heap buffer, and two arenas bound how many freed ones are kept around. Tensors
+    larger than the threshold still get mappings of their own, returned on free.
+    A no-op where the C library is not glibc.
     """
     name = ctypes.util.find_library("c")
     if name is None:
         return
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError):
         return
+    mallopt(M_ARENA_MAX, ARENA_MAX)
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)

@@ -369,8 +369,10 @@ class Coordinator:
             async for chunk in chunks:
                 spool.write(chunk)
             spool.finish()
-            await asyncio.to_thread(spool.verify_finite)
+            # One update is read back at a time, verified and then folded: concurrent
+            # read-backs would each hold a block buffer and compete for the same cores.
             async with self._fold_lock:
+                await asyncio.to_thread(spool.verify_finite)
                 if self.round is not open_round or not open_round.accepting:
                     raise WrongRound(f"round {open_round.number} closed while the update arrived")
                 await asyncio.to_thread(

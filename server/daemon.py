@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedstream.client.task import Task, load_task
 from fedstream.common.checkpoint import write_json_atomic
-from fedstream.common.memory import return_freed_buffers_to_os
+from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.run_store import RunIdentity, RunStore
@@ -118,7 +118,7 @@ async def serve(config: ServerConfig) -> int:
 
 
 def main(config: ServerConfig) -> int:
-    return_freed_buffers_to_os()
+    reuse_chunk_buffers()
     if config.threads:
         torch.set_num_threads(config.threads)
     return asyncio.run(serve(config))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedstream.client.connection import Connection
+from fedstream.client.held_model import HeldModel
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.tensor_codec import Manifest
@@ -35,6 +36,14 @@ def final_model(run_dir: Path, rounds: int) -> dict[str, torch.Tensor]:
 def run_clients(address: str, partitions: tuple[int, ...] = (0, 1)) -> None:
     clients = [start_client(address, p) for p in partitions]
     assert [c.join(60) for c in clients] == [0] * len(partitions)
+
+
+def downloaded(held: HeldModel) -> dict[str, torch.Tensor]:
+    """The tensors of a downloaded model, read back from its file."""
+    tensors = {e.name: torch.empty(e.shape, dtype=e.dtype) for e in held.manifest.entries}
+    held.load_into(tensors)
+    held.close()
+    return tensors
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -160,7 +169,7 @@ def test_evaluation_rounds_record_the_example_weighted_client_metrics(coordinato
     for round_number in (1, 2):
         task = poll_for_work(peer, session)
         assert task.train.round == round_number
-        held = peer.download(session, task.train.model_version, TINY_LAYOUT)
+        held = downloaded(peer.download(session, task.train.model_version, TINY_LAYOUT))
         delta = {k: (v + 0.375) - v for k, v in held.items()}
         header = pb.UpdateHeader(
             round=round_number, model_version=task.train.model_version, num_examples=30
@@ -235,7 +244,7 @@ def test_evaluation_closes_at_its_deadline_without_reports(coordinator, tmp_path
     session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
     honest = start_client(running.address, 0)
     task = poll_for_work(silent, session).train
-    held = silent.download(session, task.model_version, TINY_LAYOUT)
+    held = downloaded(silent.download(session, task.model_version, TINY_LAYOUT))
     header = pb.UpdateHeader(round=1, model_version=0, num_examples=10)
     silent.upload(session, header, Manifest.from_tensors(held), held.values())
     assert honest.join(60) == 0
