@@ -34,7 +34,7 @@ from fedstream.common.tensor_codec import Manifest
 
 log = logging.getLogger(__name__)
 
-DELTA_BLOCK_ELEMENTS = 1 << 20
+DELTA_BLOCK_ELEMENTS = 1 << 18
 """Elements of a delta computed at a time while uploading."""
 
 EXIT_DONE = 0

@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 MAX_EXAMPLES = 1 << 40
 MAX_METRICS = 64
 MAX_METRIC_NAME = 64
+PLOT_INTERVAL_S = 30.0
+"""Seconds between redraws of metrics.png while rounds run; the last round is always drawn."""
 
 
 def peak_rss_bytes() -> int:
@@ -197,6 +199,8 @@ class Coordinator:
         )
         self._changed = asyncio.Event()
         self._fold_lock = asyncio.Lock()
+        self._last_plot = -math.inf
+        self._plot_pending = False
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -240,6 +244,8 @@ class Coordinator:
                 )
                 attempt += 1
                 await self._wait_for_clients()
+        if self._plot_pending:
+            await self._plot(force=True)
         self.phase = Phase.DONE
         self.round = None
         self._notify()
@@ -638,7 +644,7 @@ class Coordinator:
             self.history,
         )
         self.store.append_metrics(record)
-        await asyncio.to_thread(self.store.plot)
+        await self._plot(force=False)
         self.completed = open_round.number
         shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_", "fed_eval_"))}
         log.info(
@@ -649,6 +655,18 @@ class Coordinator:
             record["updates"],
             ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics",
         )
+
+    async def _plot(self, force: bool) -> None:
+        """Redraw metrics.png, at most every PLOT_INTERVAL_S while rounds run (drawing
+        starts a Python with matplotlib: about a CPU-second, which short rounds would
+        otherwise pay every time), and whenever `force` asks."""
+        now = time.monotonic()
+        if not force and now - self._last_plot < PLOT_INTERVAL_S:
+            self._plot_pending = True
+            return
+        self._last_plot = now
+        self._plot_pending = False
+        await asyncio.to_thread(self.store.plot)
 
     def _model_summary(self) -> str:
         manifest = self.model.manifest
