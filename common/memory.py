@@ -11,11 +11,11 @@ M_ARENA_MAX = -8
 """glibc's mallopt parameter numbers."""
 MMAP_THRESHOLD_BYTES = 2 << 20
 TRIM_THRESHOLD_BYTES = 4 << 20
-ARENA_MAX = 2
+ARENA_MAX = 1
 
 
 def reuse_chunk_buffers() -> None:
-    """Serve chunk-sized buffers from heap memory glibc reuses, in at most two arenas.
+    """Serve chunk-sized buffers from heap memory glibc reuses, in a single arena.
 
     Every chunk that crosses the wire is a short-lived `bytes` object of about a
     megabyte, allocated by grpc or by our framing, often from grpc's own threads. A
@@ -23,11 +23,12 @@ def reuse_chunk_buffers() -> None:
     per MiB: a fresh 1 MiB copy measured 0.67 ms against 0.036 ms for a reused buffer.
     glibc's default raises its mmap threshold as buffers are freed, but keeps the freed
     ones in per-thread arenas (up to eight per core), where they pile up with the number
-    of concurrent transfers. Fixed thresholds just above the chunk size, a trim threshold
-    that keeps a few freed chunks at the top of the heap, and two arenas bound both the
-    page faults and the memory kept. Larger buffers (tensors) still get mappings of
-    their own, returned on free. Measured at P=100M, N=4 (bench/NOTES.md): coordinator
-    CPU 51 -> 38 s, peak 1025 -> 1034 MiB. A no-op where the C library is not glibc.
+    of concurrent transfers. Fixed thresholds just above the chunk size, a trim
+    threshold that keeps a few freed chunks at the top of the heap, and one arena for
+    all threads bound both the page faults and the memory kept. Larger buffers (tensors)
+    still get mappings of their own, returned on free. Measured at P=100M, N=4
+    (bench/NOTES.md): coordinator CPU 51 -> 38 s for four rounds, at about the same
+    peak. A no-op where the C library is not glibc.
     """
     name = ctypes.util.find_library("c")
     if name is None:

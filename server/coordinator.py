@@ -18,6 +18,7 @@ domain errors of `server/errors.py`, which the servicer maps to gRPC statuses.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import logging
@@ -200,6 +201,7 @@ class Coordinator:
         self._changed = asyncio.Event()
         self._fold_lock = asyncio.Lock()
         self._last_plot = -math.inf
+        self._spool_writer = concurrent.futures.ThreadPoolExecutor(2, "spool-writer")
         self._plot_pending = False
 
     # ---- life cycle -------------------------------------------------------------------
@@ -371,9 +373,16 @@ class Coordinator:
         open_round.uploading.add(client.name)
         spool_path = self.config.spool_path / f"r{open_round.number}-{client.name}.bin"
         spool = UploadSpool(spool_path, manifest, self.uplink, self.model.manifest)
+        writing: concurrent.futures.Future[None] | None = None
         try:
             async for chunk in chunks:
-                spool.write(chunk)
+                if writing is not None:
+                    await asyncio.wrap_future(writing)
+                # A thread writes each chunk while the next one arrives: the write system
+                # call then overlaps the event loop's work on every other stream.
+                writing = self._spool_writer.submit(spool.write, chunk)
+            if writing is not None:
+                await asyncio.wrap_future(writing)
             spool.finish()
             # One update is read back at a time, verified and then folded: concurrent
             # read-backs would each hold a block buffer and compete for the same cores.
@@ -389,6 +398,8 @@ class Coordinator:
             open_round.rejected += 1
             raise
         finally:
+            if writing is not None:
+                concurrent.futures.wait([writing])  # never close the spool under a write
             open_round.uploading.discard(client.name)
             spool.discard()
             self._notify()

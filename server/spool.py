@@ -27,9 +27,9 @@ from fedstream.common.errors import NonFiniteValues, WireError
 from fedstream.common.tensor_codec import Manifest, tensor_bytes
 from fedstream.server.strategies.base import DeltaBlock
 
-BLOCK_BYTES = 4 << 20
+BLOCK_BYTES = 1 << 20
 """Bytes of an update read back at a time when verifying and folding it: larger blocks
-measured no faster, and each one is resident for as long as it is being read."""
+measured no faster, and the block buffer is resident while a spool is read."""
 
 
 RAW = UplinkCodec(Raw())

@@ -52,18 +52,23 @@ class RunningMean:
     """
 
     def __init__(self) -> None:
+        self.like: dict[str, tuple[torch.Size, torch.dtype]] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.weight = 0.0
 
     def reset(self, like: Mapping[str, torch.Tensor]) -> None:
-        """Zero sums shaped like `like` (the global model)."""
-        self.sums = {
-            name: torch.zeros(t.shape, dtype=accumulator_dtype(t.dtype)) for name, t in like.items()
-        }
+        """Start sums shaped like `like` (the global model), allocated by the first `add`:
+        until an update arrives, the round's downloads have the memory to themselves."""
+        self.like = {name: (t.shape, accumulator_dtype(t.dtype)) for name, t in like.items()}
+        self.sums = {}
         self.weight = 0.0
 
     def add(self, weight: float, update: DeltaStream) -> None:
         """sum += weight * update, block by block."""
+        if not self.sums:
+            self.sums = {
+                name: torch.zeros(shape, dtype=dt) for name, (shape, dt) in self.like.items()
+            }
         for block in update:
             block.target(self.sums).add_(block.values, alpha=weight)
         self.weight += weight

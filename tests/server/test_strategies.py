@@ -176,6 +176,8 @@ def test_half_precision_models_sum_in_float32() -> None:
     model = {"h": torch.ones(4, dtype=torch.bfloat16), "d": torch.ones(2, dtype=torch.float64)}
     strategy = FedAvg()
     strategy.begin_round(model)
+    assert strategy.running.sums == {}  # allocated by the first update, not before
+    strategy.fold("a", 3, [DeltaBlock(name, 0, t.clone()) for name, t in model.items()])
     assert strategy.running.sums["h"].dtype == torch.float32
     assert strategy.running.sums["d"].dtype == torch.float64
 
