@@ -200,8 +200,8 @@ class Coordinator:
         )
         self._changed = asyncio.Event()
         self._fold_lock = asyncio.Lock()
-        self._last_plot = -math.inf
         self._spool_writer = concurrent.futures.ThreadPoolExecutor(2, "spool-writer")
+        self._last_plot = -math.inf
         self._plot_pending = False
 
     # ---- life cycle -------------------------------------------------------------------
