@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -131,6 +132,11 @@ class FederatedClient:
                 raise Refused(
                     f"the coordinator's model is not this client's model "
                     f"(do --task and --task-opt match the server's?): {exc}"
+                ) from exc
+            except OSError as exc:
+                raise Refused(
+                    f"cannot keep the downloaded model on local disk in "
+                    f"{tempfile.gettempdir()} (TMPDIR chooses another place): {exc}"
                 ) from exc
             self.held_version = model_version
             self._contacted()

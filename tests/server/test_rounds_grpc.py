@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import grpc
@@ -61,6 +62,16 @@ def test_clients_complete_rounds_and_model_is_the_weighted_mean(coordinator, tmp
     assert history[-1]["eval_loss"] == pytest.approx(float(expected["w"].sum()), rel=1e-5)
     assert history[0]["bytes_up"] == 3 * (12 * 4 + 5 * 2)
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 0
+
+
+def test_client_without_disk_for_the_model_exits_with_a_clear_error(
+    coordinator, tmp_path, monkeypatch, caplog
+):
+    running = coordinator(rounds=1, min_clients=1)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    assert start_client(running.address, 0).join(60) == 2
+    assert "cannot keep the downloaded model on local disk" in caplog.text
+    assert "missing" in caplog.text
 
 
 def test_round_config_reaches_the_task(coordinator):
