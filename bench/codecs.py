@@ -130,6 +130,16 @@ def lora_table(full: Result, lora: Result) -> str:
     return "\n".join(lines)
 
 
+def codec_runs(
+    out: Path, task: str, rounds: int, codecs: list[tuple[str, bool]], reuse: bool
+) -> list[Result]:
+    """One 3-client demo run of `task` per (codec, zstd) in `codecs`."""
+    return [
+        run_demo(out / f"{task}-{c}{'-zstd' if z else ''}", task, 3, rounds, c, z, reuse=reuse)
+        for c, z in codecs
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-codecs"))
@@ -139,36 +149,14 @@ def main() -> int:
     parts = set(args.parts.split(","))
     tables = []
     if "digits" in parts:
-        results = [
-            run_demo(
-                args.out / f"digits-{c}{'-zstd' if z else ''}",
-                "digits",
-                3,
-                5,
-                c,
-                z,
-                reuse=args.reuse,
-            )
-            for c, z in CODECS
-        ]
+        results = codec_runs(args.out, "digits", 5, CODECS, args.reuse)
         tables.append(
             codec_table("digits (3 clients, 5 rounds)", results, ["eval_accuracy", "eval_loss"])
         )
     charlm_raw: Result | None = None
     if parts & {"charlm", "lora"}:
         codecs = CODECS if "charlm" in parts else CODECS[:1]
-        results = [
-            run_demo(
-                args.out / f"charlm-{c}{'-zstd' if z else ''}",
-                "charlm",
-                3,
-                3,
-                c,
-                z,
-                reuse=args.reuse,
-            )
-            for c, z in codecs
-        ]
+        results = codec_runs(args.out, "charlm", 3, codecs, args.reuse)
         charlm_raw = results[0]
         if "charlm" in parts:
             tables.append(codec_table("charlm (3 clients, 3 rounds)", results, ["eval_loss"]))

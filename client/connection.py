@@ -105,6 +105,17 @@ class StallWatchdog:
         self._stop.set()
 
 
+def _resumable(exc: BaseException, watchdog: StallWatchdog) -> bool:
+    """Whether a download that failed with `exc` may resume from its last byte.
+
+    CANCELLED without a stall is the coordinator closing the round: not retried.
+    """
+    if not isinstance(exc, grpc.RpcError):
+        return False
+    code = exc.code()  # type: ignore[attr-defined]
+    return watchdog.stalled or (code in RETRYABLE and code != grpc.StatusCode.CANCELLED)
+
+
 def _channel(target: str, isolated_name: str) -> grpc.Channel:
     return grpc.insecure_channel(
         target,
@@ -231,27 +242,18 @@ class Connection:
                 if progress is not None and progress.total >= 64 << 20:
                     log.info("download of model v%d: %s", version, progress.summary())
                 return held
-            except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
-                # CANCELLED without a stall is the coordinator closing the round: not retried.
-                retryable = watchdog.stalled or (
-                    code in RETRYABLE and code != grpc.StatusCode.CANCELLED
-                )
-                if not retryable or attempt == attempts:
+            except BaseException as exc:
+                if not _resumable(exc, watchdog) or attempt == attempts:
                     if held is not None:
-                        held.close()
+                        held.close()  # a failed download leaves no file behind
                     raise
                 log.warning(
                     "download of model v%d broke at byte %d (%s); resuming",
                     version,
                     held.bytes_written if held else 0,
-                    "stalled" if watchdog.stalled else code.name,
+                    "stalled" if watchdog.stalled else exc.code().name,  # type: ignore[attr-defined]
                 )
                 backoff.sleep()
-            except BaseException:
-                if held is not None:
-                    held.close()
-                raise
             finally:
                 watchdog.close()
         raise AssertionError("unreachable: the last attempt returns or raises")

@@ -20,8 +20,8 @@ import torch
 from fedstream.common.errors import WireError
 from fedstream.common.tensor_codec import Manifest, TensorEntry, tensor_bytes
 
-BLOCK_BYTES = 4 << 20
-"""Bytes of the global model read back at a time when loading it."""
+BLOCK_ELEMENTS = 1 << 20
+"""Elements of the global model read back at a time when loading it onto a device."""
 
 
 class HeldModel:
@@ -80,18 +80,19 @@ class HeldModel:
                 yield entry, start, min(block_elements, entry.numel - start)
 
     def load_into(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy the global weights into the same-named tensors of `state` (any device)."""
-        buffer = torch.empty(BLOCK_BYTES, dtype=torch.uint8)
+        """Copy the global weights into the same-named tensors of `state` (any device):
+        CPU tensors are read into directly, others through a reused staging block."""
+        staging = torch.empty(0, dtype=torch.uint8)
         with torch.no_grad():
-            for entry in self.manifest.entries:
-                per_block = max(1, BLOCK_BYTES // entry.dtype.itemsize)
-                target = state[entry.name].view(-1)
-                for start in range(0, entry.numel, per_block):
-                    count = min(per_block, entry.numel - start)
-                    if count * entry.dtype.itemsize > buffer.numel():
-                        buffer = torch.empty(count * entry.dtype.itemsize, dtype=torch.uint8)
-                    values = buffer[: count * entry.dtype.itemsize].view(entry.dtype)
-                    target[start : start + count].copy_(self._read(entry, start, values))
+            for entry, start, count in self._blocks(BLOCK_ELEMENTS):
+                target = state[entry.name].view(-1)[start : start + count]
+                if target.device.type == "cpu":
+                    self._read(entry, start, target)
+                    continue
+                nbytes = count * entry.dtype.itemsize
+                if nbytes > staging.numel():
+                    staging = torch.empty(nbytes, dtype=torch.uint8)
+                target.copy_(self._read(entry, start, staging[:nbytes].view(entry.dtype)))
 
     def deltas(
         self, state: Mapping[str, torch.Tensor], block_elements: int | None
@@ -104,9 +105,9 @@ class HeldModel:
         """
         with torch.no_grad():
             for entry, start, count in self._blocks(block_elements):
-                base = self._read(entry, start, torch.empty(count, dtype=entry.dtype))
+                delta = self._read(entry, start, torch.empty(count, dtype=entry.dtype))
                 local = state[entry.name].detach().reshape(-1)[start : start + count]
-                delta = local.to("cpu", copy=True).sub_(base)
+                torch.sub(local.to("cpu"), delta, out=delta)  # in the read buffer: no copy
                 yield delta.view(entry.shape) if block_elements is None else delta
 
     def close(self) -> None:

@@ -124,6 +124,26 @@ class GlobalModel:
 
 
 @dataclass
+class ReportTotals:
+    """What the clients of one phase reported: examples, and each metric's
+    example-weighted sum (clients may report different metric names)."""
+
+    examples: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def add(self, num_examples: int, metrics: Mapping[str, float]) -> None:
+        self.examples += num_examples
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * num_examples
+            self.weights[key] = self.weights.get(key, 0.0) + num_examples
+
+    def means(self, prefix: str) -> dict[str, float]:
+        """The example-weighted mean of each metric, as `prefix + name`, by name."""
+        return {prefix + key: total / self.weights[key] for key, total in sorted(self.sums.items())}
+
+
+@dataclass
 class OpenRound:
     """The bookkeeping of the round in flight."""
 
@@ -136,12 +156,15 @@ class OpenRound:
     accepting: bool = True
     reported: set[str] = field(default_factory=set)
     uploading: set[str] = field(default_factory=set)
-    num_examples: int = 0
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    metric_weights: dict[str, float] = field(default_factory=dict)
+    totals: ReportTotals = field(default_factory=ReportTotals)
     rejected: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+
+    @property
+    def num_examples(self) -> int:
+        """Training examples behind the updates booked so far."""
+        return self.totals.examples
 
 
 @dataclass
@@ -153,9 +176,7 @@ class OpenEvaluation:
     deadline: float
     accepting: bool = True
     reported: set[str] = field(default_factory=set)
-    num_examples: int = 0
-    metric_sums: dict[str, float] = field(default_factory=dict)
-    metric_weights: dict[str, float] = field(default_factory=dict)
+    totals: ReportTotals = field(default_factory=ReportTotals)
 
 
 def _owes(phase: OpenRound | OpenEvaluation, client: ClientRecord) -> bool:
@@ -456,14 +477,7 @@ class Coordinator:
                 accepted=False, detail=f"evaluation of round {evaluation.number} already booked"
             )
         evaluation.reported.add(client.name)
-        evaluation.num_examples += report.num_examples
-        for key, value in report.metrics.items():
-            evaluation.metric_sums[key] = (
-                evaluation.metric_sums.get(key, 0.0) + value * report.num_examples
-            )
-            evaluation.metric_weights[key] = (
-                evaluation.metric_weights.get(key, 0.0) + report.num_examples
-            )
+        evaluation.totals.add(report.num_examples, report.metrics)
         client.busy = False
         self._notify()
         return pb.EvaluationReply(
@@ -474,15 +488,8 @@ class Coordinator:
         self, open_round: OpenRound, client: ClientRecord, header: pb.UpdateHeader, nbytes: int
     ) -> None:
         open_round.reported.add(client.name)
-        open_round.num_examples += header.num_examples
+        open_round.totals.add(header.num_examples, header.metrics)
         open_round.bytes_up += nbytes
-        for key, value in header.metrics.items():
-            open_round.metric_sums[key] = (
-                open_round.metric_sums.get(key, 0.0) + value * header.num_examples
-            )
-            open_round.metric_weights[key] = (
-                open_round.metric_weights.get(key, 0.0) + header.num_examples
-            )
         client.busy = False
         log.info(
             "round %d: update from %s (%d examples, %d/%d reported)",
@@ -612,13 +619,11 @@ class Coordinator:
         self.evaluation = None
         for client in self.registry.all():
             client.busy = False  # the evaluation they held a task for is over
-        record: dict[str, Any] = {
+        return {
             "fed_eval_clients": len(evaluation.reported),
-            "fed_eval_examples": evaluation.num_examples,
+            "fed_eval_examples": evaluation.totals.examples,
+            **evaluation.totals.means("fed_eval_"),
         }
-        for key, total in sorted(evaluation.metric_sums.items()):
-            record[f"fed_eval_{key}"] = total / evaluation.metric_weights[key]
-        return record
 
     async def _finish(self, open_round: OpenRound) -> None:
         self.phase = Phase.AGGREGATING
@@ -639,8 +644,7 @@ class Coordinator:
             "bytes_up": open_round.bytes_up,
             "coordinator_peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
         }
-        for key, total in sorted(open_round.metric_sums.items()):
-            record[f"train_{key}"] = total / open_round.metric_weights[key]
+        record.update(open_round.totals.means("train_"))
         if evaluation is not None:
             for key, value in sorted(evaluation.metrics.items()):
                 record[f"eval_{key}"] = value

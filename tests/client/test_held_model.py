@@ -31,7 +31,7 @@ def held_copy(tensors: dict[str, torch.Tensor], chunk: int) -> HeldModel:
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
 def test_load_into_reproduces_every_tensor_bit_for_bit(chunk, monkeypatch):
-    monkeypatch.setattr(held_model, "BLOCK_BYTES", 24)  # blocks split tensors too
+    monkeypatch.setattr(held_model, "BLOCK_ELEMENTS", 6)  # blocks split tensors too
     tensors = model()
     held = held_copy(tensors, chunk)
     out = {k: torch.full_like(v, 99) for k, v in tensors.items()}
