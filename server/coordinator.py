@@ -51,7 +51,7 @@ from fedstream.server.errors import (
 )
 from fedstream.server.registry import ClientRecord, ClientRegistry
 from fedstream.server.run_store import RunStore
-from fedstream.server.spool import UploadSpool
+from fedstream.server.spool import SpoolFiles, UploadSpool
 from fedstream.server.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -222,6 +222,7 @@ class Coordinator:
         self._changed = asyncio.Event()
         self._fold_lock = asyncio.Lock()
         self._spool_writer = concurrent.futures.ThreadPoolExecutor(2, "spool-writer")
+        self._spool_files = SpoolFiles(config.spool_path)
         self._last_plot = -math.inf
         self._plot_pending = False
 
@@ -392,8 +393,13 @@ class Coordinator:
         if client.name in open_round.uploading:
             raise UploadInProgress(f"an upload from {client.name} is already streaming")
         open_round.uploading.add(client.name)
-        spool_path = self.config.spool_path / f"r{open_round.number}-{client.name}.bin"
-        spool = UploadSpool(spool_path, manifest, self.uplink, self.model.manifest)
+        spool = UploadSpool(
+            self._spool_files,
+            f"r{open_round.number}-{client.name}",
+            manifest,
+            self.uplink,
+            self.model.manifest,
+        )
         writing: concurrent.futures.Future[None] | None = None
         try:
             async for chunk in chunks:

@@ -1,10 +1,16 @@
 """Uploads spooled to disk as they arrive, then read back one tensor at a time.
 
-An upload is written to its own file chunk by chunk, so a client that dies mid-upload
-leaves nothing in the model, and the coordinator's memory does not grow with the number
-of clients uploading at once. Only a complete, verified spool is folded into the round,
-read back through a small reused buffer with plain reads: memory-mapping the file would
-count a whole update's pages in the coordinator's resident set.
+An upload is written to a file of its own chunk by chunk, so a client that dies
+mid-upload leaves nothing in the model, and the coordinator's memory does not grow with
+the number of clients uploading at once. Only a complete, verified spool is folded into
+the round, read back through a small reused buffer with plain reads: memory-mapping the
+file would count a whole update's pages in the coordinator's resident set.
+
+Spool files are anonymous and reused from one upload to the next (`SpoolFiles`): writing
+into pages a file already has is a copy, while a fresh file makes the kernel allocate and
+account every page first, which made spooling the upload path's largest cost. A raw
+update is checked for NaN and infinity as it arrives (`FiniteScan`), so the spool is read
+back once, to fold it, not twice.
 
 An update in a compressed uplink codec is spooled as it arrived (encoded, and zstd
 compressed if the run says so) and decoded only while it is read back: one model tensor
@@ -14,6 +20,9 @@ bounded by the model's largest tensor.
 
 from __future__ import annotations
 
+import os
+import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -24,8 +33,13 @@ from fedstream.common.codecs import UplinkCodec
 from fedstream.common.codecs.base import Raw
 from fedstream.common.codecs.zstd import ZstdError
 from fedstream.common.errors import NonFiniteValues, WireError
-from fedstream.common.tensor_codec import Manifest, tensor_bytes
+from fedstream.common.tensor_codec import Manifest, TensorEntry, tensor_bytes
 from fedstream.server.strategies.base import DeltaBlock
+
+# Received chunks are immutable `bytes`; the scan only reads the tensors it views them as.
+warnings.filterwarnings(
+    "ignore", "The given buffer is not writable", UserWarning, r"fedstream\.server\.spool"
+)
 
 BLOCK_BYTES = 1 << 20
 """Bytes of an update read back at a time when verifying and folding it: larger blocks
@@ -35,12 +49,12 @@ measured no faster, and the block buffer is resident while a spool is read."""
 RAW = UplinkCodec(Raw())
 
 
-def _read_exactly(f: BinaryIO, into: memoryview, path: Path) -> None:
+def _read_exactly(f: BinaryIO, into: memoryview, name: str) -> None:
     done = 0
     while done < len(into):
         n = f.readinto(into[done:])  # type: ignore[attr-defined]
         if not n:
-            raise WireError(f"spool {path.name} is shorter than its manifest")
+            raise WireError(f"spool {name} is shorter than its manifest")
         done += n
 
 
@@ -51,45 +65,124 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
+def _non_finite(name: str) -> NonFiniteValues:
+    return NonFiniteValues(f"update tensor {name!r} holds NaN or infinite values")
+
+
+class FiniteScan:
+    """Checks a raw byte stream's floating-point tensors for NaN and infinity as it
+    arrives, chunk by chunk in stream order. A chunk may end inside an element; its
+    bytes wait for the next chunk. Bytes past the manifest's end are not scanned (the
+    spool refuses them)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self._entries = iter(manifest.entries)
+        self._entry: TensorEntry | None = None
+        self._left = 0
+        self._carry = b""
+
+    def feed(self, chunk: memoryview) -> None:
+        """NonFiniteValues naming the tensor when `chunk` holds a NaN or an infinity."""
+        while len(chunk):
+            while self._left == 0 or self._entry is None:
+                self._entry = next(self._entries, None)
+                if self._entry is None:
+                    return
+                self._left = self._entry.nbytes
+            part, chunk = chunk[: self._left], chunk[self._left :]
+            self._left -= len(part)
+            if self._entry.dtype.is_floating_point:
+                self._scan(self._entry, part)
+
+    def _scan(self, entry: TensorEntry, part: memoryview) -> None:
+        size = entry.dtype.itemsize
+        if self._carry:
+            need = size - len(self._carry)
+            self._carry += bytes(part[:need])
+            part = part[need:]
+            if len(self._carry) < size:
+                return
+            if not _all_finite(torch.frombuffer(bytearray(self._carry), dtype=entry.dtype)):
+                raise _non_finite(entry.name)
+            self._carry = b""
+        whole = len(part) - len(part) % size
+        if whole and not _all_finite(torch.frombuffer(part[:whole], dtype=entry.dtype)):
+            raise _non_finite(entry.name)
+        self._carry = bytes(part[whole:])
+
+
+class SpoolFiles:
+    """Anonymous files in one directory, each handed to one upload after another.
+
+    A file keeps its pages between uploads, so the next update of the same size is
+    written into memory the kernel already holds for it. Files are kept for as many
+    uploads as have run at once, and vanish with the process.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._free: list[BinaryIO] = []
+
+    def take(self) -> BinaryIO:
+        if self._free:
+            return self._free.pop()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryFile(prefix="upload-", dir=self.directory, buffering=0)
+
+    def give_back(self, f: BinaryIO) -> None:
+        f.seek(0)
+        self._free.append(f)
+
+
 class UploadSpool:
     """One client's update for one round, on disk, in the codec it arrived in.
 
     `manifest` is the received (already validated) manifest; with a codec other than
-    raw, `model` is the layout of the model tensors its parts encode.
+    raw, `model` is the layout of the model tensors its parts encode. `name` labels the
+    spool in error messages.
     """
 
     def __init__(
         self,
-        path: Path,
+        files: SpoolFiles,
+        name: str,
         manifest: Manifest,
         uplink: UplinkCodec = RAW,
         model: Manifest | None = None,
     ) -> None:
-        self.path = path
+        self.name = name
         self.manifest = manifest
         self.uplink = uplink
         self.model = model if model is not None else manifest
         self.max_bytes = uplink.max_wire_bytes(manifest)
         self.bytes_written = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO | None = open(path, "wb")  # noqa: SIM115 (closed in finish/discard)
+        self._files = files
+        self._file: BinaryIO | None = files.take()
+        self._writing = True
+        raw = isinstance(uplink.codec, Raw) and not uplink.zstd
+        self._scan = FiniteScan(manifest) if raw else None
 
     def write(self, chunk: memoryview) -> None:
-        if self._file is None:
+        """Append `chunk`; WireError past the manifest's size, NonFiniteValues when a raw
+        update's chunk holds a NaN or an infinity."""
+        if self._file is None or not self._writing:
             raise WireError("spool is closed")
         if self.bytes_written + len(chunk) > self.max_bytes:
             raise WireError(
                 f"update overflows its manifest: {self.bytes_written + len(chunk)} bytes "
                 f"sent, at most {self.max_bytes} allowed"
             )
+        if self._scan is not None:
+            self._scan.feed(chunk)
         self._file.write(chunk)
         self.bytes_written += len(chunk)
 
     def finish(self) -> None:
-        """Close for writing; WireError unless every declared byte arrived."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Stop writing; WireError unless every declared byte arrived."""
+        if self._file is not None and self._writing:
+            self._writing = False
+            if os.fstat(self._file.fileno()).st_size > self.bytes_written:
+                self._file.truncate(self.bytes_written)  # a reused file's older, longer update
         if not self.uplink.zstd and self.bytes_written != self.manifest.total_bytes:
             raise WireError(
                 f"update ended after {self.bytes_written} of "
@@ -103,14 +196,18 @@ class UploadSpool:
         costs `block_bytes` of memory; each block is valid only until the next is read.
         WireError when the bytes do not decode to exactly what the manifest describes.
         """
-        with open(self.path, "rb", buffering=0) as f, self.uplink.reader(f) as reader:
+        if self._file is None or self._writing:
+            raise WireError(f"spool {self.name} is not complete")
+        fd = os.dup(self._file.fileno())
+        os.lseek(fd, 0, os.SEEK_SET)
+        with open(fd, "rb", buffering=0) as f, self.uplink.reader(f) as reader:
             try:
                 if isinstance(self.uplink.codec, Raw):
                     yield from self._raw_blocks(reader, block_bytes)
                 else:
                     yield from self._decoded_blocks(reader, block_bytes)
                 if reader.read(1):
-                    raise WireError(f"spool {self.path.name} is longer than its manifest")
+                    raise WireError(f"spool {self.name} is longer than its manifest")
             except ZstdError as exc:
                 raise WireError(f"update is not a valid zstd stream: {exc}") from None
 
@@ -126,7 +223,7 @@ class UploadSpool:
                 if nbytes > len(view):
                     buffer = torch.empty(nbytes, dtype=torch.uint8)
                     view = tensor_bytes(buffer)
-                _read_exactly(f, view[:nbytes], self.path)
+                _read_exactly(f, view[:nbytes], self.name)
                 yield DeltaBlock(entry.name, start, buffer[:nbytes].view(entry.dtype))
 
     def _decoded_blocks(self, f: BinaryIO, block_bytes: int) -> Iterator[DeltaBlock]:
@@ -136,7 +233,7 @@ class UploadSpool:
             for _ in self.uplink.codec.layout(target):
                 entry = next(entries)
                 part = torch.empty(entry.shape, dtype=entry.dtype)
-                _read_exactly(f, tensor_bytes(part), self.path)
+                _read_exactly(f, tensor_bytes(part), self.name)
                 parts.append(part)
             decoded = self.uplink.codec.decode(parts, target.dtype, target.shape).reshape(-1)
             per_block = max(1, block_bytes // target.dtype.itemsize)
@@ -144,13 +241,16 @@ class UploadSpool:
                 yield DeltaBlock(target.name, start, decoded[start : start + per_block])
 
     def verify_finite(self) -> None:
-        """NonFiniteValues naming the first tensor holding a NaN or an infinity."""
+        """NonFiniteValues naming the first tensor holding a NaN or an infinity. A raw
+        update was scanned as it arrived; a coded one is decoded and read back."""
+        if self._scan is not None:
+            return
         for block in self.blocks():
             if block.values.is_floating_point() and not _all_finite(block.values):
-                raise NonFiniteValues(f"update tensor {block.name!r} holds NaN or infinite values")
+                raise _non_finite(block.name)
 
     def discard(self) -> None:
+        """Hand the file back for the next upload; the spool is unusable afterwards."""
         if self._file is not None:
-            self._file.close()
+            self._files.give_back(self._file)
             self._file = None
-        self.path.unlink(missing_ok=True)

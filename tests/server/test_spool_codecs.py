@@ -11,7 +11,7 @@ import zstandard
 from fedstream.common.codecs import UplinkCodec, wire_chunks
 from fedstream.common.errors import NonFiniteValues, WireError
 from fedstream.common.tensor_codec import Manifest
-from fedstream.server.spool import UploadSpool
+from fedstream.server.spool import SpoolFiles, UploadSpool
 
 MODEL = {"a": torch.randn(300), "b": torch.randn(7, 5).to(torch.bfloat16)}
 
@@ -20,7 +20,7 @@ def spooled(tmp_path: Path, spec: str, stream: bytes | None = None) -> UploadSpo
     uplink = UplinkCodec.parse(spec, 0.1)
     model = Manifest.from_tensors(MODEL)
     layout = uplink.layout(model)
-    spool = UploadSpool(tmp_path / "u.bin", layout, uplink, model)
+    spool = UploadSpool(SpoolFiles(tmp_path), "u", layout, uplink, model)
     if stream is None:
         parts = [p for t in MODEL.values() for p in uplink.codec.encode(t)]
         stream = b"".join(bytes(c) for c in wire_chunks(layout, parts, 1024))
@@ -57,7 +57,7 @@ def test_zstd_that_is_not_zstd_or_says_too_much_is_refused(tmp_path: Path) -> No
 def test_compressed_bytes_beyond_the_bound_are_refused_as_they_arrive(tmp_path: Path) -> None:
     uplink = UplinkCodec.parse("int8+zstd")
     model = Manifest.from_tensors(MODEL)
-    spool = UploadSpool(tmp_path / "u.bin", uplink.layout(model), uplink, model)
+    spool = UploadSpool(SpoolFiles(tmp_path), "u", uplink.layout(model), uplink, model)
     with pytest.raises(WireError, match="overflows"):
         spool.write(memoryview(b"\x00" * (spool.max_bytes + 1)))
     spool.discard()
