@@ -54,7 +54,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy common server client fedstream
+	$(BIN)/mypy common server client fedstream bench
 
 # The full grid takes about half an hour on 2 cores; BENCH_ARGS='--params 100e6' narrows it.
 bench: $(STAMP)

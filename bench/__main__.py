@@ -62,6 +62,13 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
         f"baselines: raw TCP {_gb(tcp_bps)} GB/s, bare grpcio {_gb(grpc_bps)} GB/s, "
         f"memcpy {_gb(baselines['memcpy_Bps'])} GB/s"
     )
+    uploads = [
+        f"N={key.split('_')[2]} {_gb(value)}"
+        for key, value in baselines.items()
+        if key.startswith("grpc_upload_")
+    ]
+    if uploads:
+        print(f"bare grpcio, N uploads at once into one server (GB/s): {', '.join(uploads)}")
     header = (
         f"{'params':>8} {'N':>3} {'s/round':>8} {'wire GB':>8} {'GB/s':>6} "
         f"{'/grpc':>6} {'/tcp':>6} {'coord MiB':>9} {'budget':>7} {'client MiB':>10}"
@@ -97,7 +104,7 @@ def main() -> int:
     cpus = psutil.cpu_count() or 1
     started = time.time()
     print(f"measuring baselines ({chunk // MIB} MiB messages) ...", flush=True)
-    baselines = measure(chunk)
+    baselines = measure(chunk, args.clients)
     results: list[dict[str, Any]] = []
     for params in (int(p) for p in args.params):
         for clients in args.clients:

@@ -3,6 +3,9 @@
     tcp     raw loopback TCP between two Python processes: `sendall` of 4 MiB buffers
     grpc    a bare grpcio stream between two Python processes: a `grpc.aio` server
             streams `bytes` messages to a sync client (fedstream's download shape)
+    upload  N sync client processes stream `bytes` messages into one `grpc.aio` server
+            process at once (fedstream's upload shape: the ceiling of a coordinator
+            receiving N updates, with nothing done to the bytes received)
     memcpy  memory copy bandwidth (torch `copy_` of 256 MiB, in a child process)
 
 Each figure is bytes moved per second, timed at the receiving end from the request to
@@ -18,12 +21,15 @@ import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from multiprocessing.connection import Connection
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 
 import grpc
 
 MIB = 1 << 20
 TCP_BUFFER = 4 * MIB
 _METHOD = "/bench.Bulk/Stream"
+_UPLOAD_METHOD = "/bench.Bulk/Upload"
 
 
 def _grpc_options(
@@ -124,6 +130,71 @@ def grpc_throughput(
     return received / elapsed
 
 
+def _upload_server(message_bytes: int, ready: Connection) -> None:
+    async def serve() -> None:
+        async def upload(requests: AsyncIterator[bytes], context: object) -> bytes:
+            received = 0
+            async for message in requests:
+                received += len(message)
+            return str(received).encode()
+
+        server = grpc.aio.server(options=_grpc_options(message_bytes))
+        handler = grpc.stream_unary_rpc_method_handler(
+            upload, request_deserializer=None, response_serializer=None
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("bench.Bulk", {"Upload": handler}),)
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ready.send(port)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def _uploader(port: int, message_bytes: int, count: int, go: Event, done: Queue[int]) -> None:
+    payload = bytes(message_bytes)
+    with grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=_grpc_options(message_bytes)
+    ) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        upload = channel.stream_unary(_UPLOAD_METHOD)
+        go.wait()
+        done.put(int(upload(payload for _ in range(count))))
+
+
+def grpc_upload_throughput(message_bytes: int, clients: int, total: int = 1 << 30) -> float:
+    """Bytes per second into one grpcio server while `clients` processes upload at once,
+    `total` bytes among them, timed from the common start to the last upload's reply."""
+    spawn = mp.get_context("spawn")
+    ours, theirs = spawn.Pipe()
+    server = spawn.Process(target=_upload_server, args=(message_bytes, theirs), daemon=True)
+    server.start()
+    go, done = spawn.Event(), spawn.Queue()
+    count = max(1, total // (message_bytes * clients))
+    uploaders = []
+    try:
+        port = ours.recv()
+        uploaders = [
+            spawn.Process(target=_uploader, args=(port, message_bytes, count, go, done))
+            for _ in range(clients)
+        ]
+        for uploader in uploaders:
+            uploader.start()
+        time.sleep(3.0)  # process start-up (imports, channel ready) is not the transfer's
+        started = time.perf_counter()
+        go.set()
+        received = sum(done.get(timeout=300) for _ in uploaders)
+        elapsed = time.perf_counter() - started
+    finally:
+        for uploader in uploaders:
+            uploader.join(timeout=30)
+        server.terminate()
+        server.join()
+    return received / elapsed
+
+
 def _memcpy(nbytes: int, repeats: int) -> float:
     import torch  # only in the child: see memcpy_bandwidth
 
@@ -149,14 +220,20 @@ def memcpy_bandwidth(nbytes: int = 256 * MIB, repeats: int = 8) -> float:
         return float(pool.apply(_memcpy, (nbytes, repeats)))
 
 
-def measure(message_bytes: int, repeats: int = 3) -> dict[str, float]:
-    """All three baselines in bytes per second, each the best of `repeats` runs.
+def measure(message_bytes: int, clients: Sequence[int] = (), repeats: int = 3) -> dict[str, float]:
+    """The baselines in bytes per second, each the best of `repeats` runs; the upload
+    shape once for each number of `clients`, as `grpc_upload_N_Bps`.
 
     On a shared machine a run can lose its core to another process; the best run is
     the ceiling, which keeps the ratios against it conservative.
     """
-    return {
+    baselines = {
         "tcp_Bps": max(tcp_throughput(1 << 30) for _ in range(repeats)),
         "grpc_Bps": max(grpc_throughput(message_bytes, 1 << 30) for _ in range(repeats)),
         "memcpy_Bps": memcpy_bandwidth(),
     }
+    for n in clients:
+        baselines[f"grpc_upload_{n}_Bps"] = max(
+            grpc_upload_throughput(message_bytes, n) for _ in range(repeats)
+        )
+    return baselines

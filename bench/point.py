@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 MIB = 1 << 20
 
@@ -56,15 +56,16 @@ class PointResult:
 def _reap(proc: subprocess.Popen[bytes], deadline: float) -> tuple[int, float]:
     """Wait for `proc` to exit; its peak resident bytes and CPU seconds (user + system),
     as the kernel reports them."""
+    role = cast("list[str]", proc.args)[3]
     while time.monotonic() < deadline:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode != 0:
-                raise RuntimeError(f"{proc.args[3]} exited with {proc.returncode}")
+                raise RuntimeError(f"{role} exited with {proc.returncode}")
             return usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
         time.sleep(0.2)
-    raise TimeoutError(f"{proc.args[3]} did not finish in time")
+    raise TimeoutError(f"{role} did not finish in time")
 
 
 def _address(run_dir: Path, server: subprocess.Popen[bytes], deadline: float) -> str:
