@@ -225,7 +225,6 @@ class Coordinator:
         self._spool_files = SpoolFiles(config.spool_path)
         self._last_plot = -math.inf
         self._plot_pending = False
-        self._checkpoint: asyncio.Task[None] | None = None
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -251,18 +250,6 @@ class Coordinator:
 
     async def run(self) -> None:
         """Run rounds until the configured number have completed."""
-        try:
-            await self._rounds()
-        finally:
-            await self._checkpointed()  # even when stopped: that round is finished
-        if self._plot_pending:
-            await self._plot(force=True)
-        self.phase = Phase.DONE
-        self.round = None
-        self._notify()
-        log.info("run complete: %d rounds", self.completed)
-
-    async def _rounds(self) -> None:
         while self.completed < self.config.rounds:
             await self._wait_for_clients()
             attempt = 1
@@ -281,6 +268,12 @@ class Coordinator:
                 )
                 attempt += 1
                 await self._wait_for_clients()
+        if self._plot_pending:
+            await self._plot(force=True)
+        self.phase = Phase.DONE
+        self.round = None
+        self._notify()
+        log.info("run complete: %d rounds", self.completed)
 
     async def wait_clients_told(self, grace: float) -> None:
         """After the run: give every live client up to `grace` seconds to hear it is done."""
@@ -640,7 +633,6 @@ class Coordinator:
 
     async def _finish(self, open_round: OpenRound) -> None:
         self.phase = Phase.AGGREGATING
-        await self._checkpointed()  # the last round's checkpoint still reads what changes now
         await asyncio.to_thread(self.strategy.finish_round, self.model.tensors)
         self.model.version = open_round.number
         evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
@@ -665,41 +657,25 @@ class Coordinator:
         if self.config.eval_every and open_round.number % self.config.eval_every == 0:
             record.update(await self._evaluate_federated(open_round))
         self.history.append(record)
-        self.completed = open_round.number
-        self._checkpoint = asyncio.create_task(self._commit(record, list(self.history)))
-
-    async def _commit(self, record: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        """Checkpoint a finished round, then record it in metrics.jsonl and the log.
-
-        This runs while the next round's clients download the new model: both only read
-        it, and nothing changes the model or the strategy's state before `_checkpointed`.
-        A round counts as done once its checkpoint has landed, so `kill -9` during the
-        write costs that round and the one that had just begun: both run again.
-        """
         await asyncio.to_thread(
             self.store.save,
-            record["round"],
+            open_round.number,
             self.model.tensors,
             self.strategy.state_tensors(),
-            history,
+            self.history,
         )
         self.store.append_metrics(record)
         await self._plot(force=False)
+        self.completed = open_round.number
         shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_", "fed_eval_"))}
         log.info(
             "round %d/%d done in %.1fs: %d updates, %s",
-            record["round"],
+            open_round.number,
             self.config.rounds,
             record["duration_s"],
             record["updates"],
             ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics",
         )
-
-    async def _checkpointed(self) -> None:
-        """Wait for the last finished round's checkpoint; its failure is raised here."""
-        if self._checkpoint is not None:
-            checkpoint, self._checkpoint = self._checkpoint, None
-            await checkpoint
 
     async def _plot(self, force: bool) -> None:
         """Redraw metrics.png, at most every PLOT_INTERVAL_S while rounds run (drawing
