@@ -74,29 +74,33 @@ def tcp_throughput(total: int = 2 << 30) -> float:
     return received / elapsed
 
 
+async def _serve_bulk(
+    method: str, handler: grpc.RpcMethodHandler, options: list[tuple[str, int]], ready: Connection
+) -> None:
+    """Serve `bench.Bulk/<method>` on a free loopback port, sent through `ready`."""
+    server = grpc.aio.server(options=options)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Bulk", {method: handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    ready.send(port)
+    await server.wait_for_termination()
+
+
 def _grpc_server(
     message_bytes: int, count: int, ready: Connection, extra: Sequence[tuple[str, int]]
 ) -> None:
-    async def serve() -> None:
-        payload = bytes(message_bytes)
+    payload = bytes(message_bytes)
 
-        async def stream(request: bytes, context: object) -> AsyncIterator[bytes]:
-            for _ in range(count):
-                yield payload
+    async def stream(request: bytes, context: object) -> AsyncIterator[bytes]:
+        for _ in range(count):
+            yield payload
 
-        server = grpc.aio.server(options=_grpc_options(message_bytes, extra))
-        handler = grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=None, response_serializer=None
-        )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("bench.Bulk", {"Stream": handler}),)
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        ready.send(port)
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
+    handler = grpc.unary_stream_rpc_method_handler(
+        stream, request_deserializer=None, response_serializer=None
+    )
+    asyncio.run(_serve_bulk("Stream", handler, _grpc_options(message_bytes, extra), ready))
 
 
 def grpc_throughput(
@@ -131,26 +135,16 @@ def grpc_throughput(
 
 
 def _upload_server(message_bytes: int, ready: Connection) -> None:
-    async def serve() -> None:
-        async def upload(requests: AsyncIterator[bytes], context: object) -> bytes:
-            received = 0
-            async for message in requests:
-                received += len(message)
-            return str(received).encode()
+    async def upload(requests: AsyncIterator[bytes], context: object) -> bytes:
+        received = 0
+        async for message in requests:
+            received += len(message)
+        return str(received).encode()
 
-        server = grpc.aio.server(options=_grpc_options(message_bytes))
-        handler = grpc.stream_unary_rpc_method_handler(
-            upload, request_deserializer=None, response_serializer=None
-        )
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("bench.Bulk", {"Upload": handler}),)
-        )
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        ready.send(port)
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
+    handler = grpc.stream_unary_rpc_method_handler(
+        upload, request_deserializer=None, response_serializer=None
+    )
+    asyncio.run(_serve_bulk("Upload", handler, _grpc_options(message_bytes), ready))
 
 
 def _uploader(port: int, message_bytes: int, count: int, go: Event, done: Queue[int]) -> None:
