@@ -174,7 +174,9 @@ class UploadSpool:
             )
         if self._scan is not None:
             self._scan.feed(chunk)
-        self._file.write(chunk)
+        rest = chunk
+        while rest:  # an unbuffered file may take part of a write
+            rest = rest[self._file.write(rest) :]
         self.bytes_written += len(chunk)
 
     def finish(self) -> None:
