@@ -4,7 +4,8 @@ A model never travels as one message. The sender describes every tensor in a
 `Manifest` (name, dtype, shape, byte length, in stream order), then sends the
 concatenation of the tensors' native bytes cut into chunks (`iter_chunks`). The
 receiver validates the manifest before allocating anything (`Manifest.from_proto`),
-then writes each chunk straight into preallocated tensors (`TensorAssembler`).
+then writes each chunk where it belongs as it arrives (a client into its held copy of
+the model, `client/held_model.py`; the coordinator into an upload's spool).
 
 Bytes are always taken through a `torch.uint8` view, never through a numpy array of the
 tensor's own dtype: numpy has no bfloat16, and the raw bits are what must survive.
@@ -12,8 +13,6 @@ tensor's own dtype: numpy has no bfloat16, and the raw bits are what must surviv
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from fedstream.common.errors import InvalidManifest, LimitExceeded, WireError
+from fedstream.common.errors import InvalidManifest, LimitExceeded
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 
 DTYPES: dict[str, torch.dtype] = {
@@ -274,99 +273,3 @@ def _iter_chunks(
         yield parts[0]
     elif parts:
         yield b"".join(parts)
-
-
-class TensorAssembler:
-    """Writes received chunks straight into preallocated tensors.
-
-    Each received byte is copied exactly once, into the destination tensor's memory.
-    A cursor (tensor index, position inside it) makes each chunk O(1) amortised work,
-    however many tensors the model has.
-    """
-
-    def __init__(
-        self,
-        manifest: Manifest,
-        out: Mapping[str, torch.Tensor] | None = None,
-        offset: int = 0,
-    ) -> None:
-        """Prepare to receive the stream `manifest` describes, from byte `offset` on.
-
-        `out` holds destination tensors by name (keys outside the manifest are ignored);
-        without it, tensors are allocated here. To resume a broken transfer, pass the
-        same `out` and the number of bytes already written into it as `offset`.
-        """
-        if out is None:
-            tensors = {e.name: torch.empty(e.shape, dtype=e.dtype) for e in manifest.entries}
-        else:
-            tensors = {}
-            for entry in manifest.entries:
-                tensor = out.get(entry.name)
-                if tensor is None:
-                    raise InvalidManifest(f"no destination tensor for {_short(entry.name)}")
-                if tensor.dtype != entry.dtype or tuple(tensor.shape) != entry.shape:
-                    raise InvalidManifest(
-                        f"destination {_short(entry.name)} is {tensor.dtype} "
-                        f"{list(tensor.shape)}; the manifest says {entry.dtype} "
-                        f"{list(entry.shape)}"
-                    )
-                if not tensor.is_contiguous() or tensor.device.type != "cpu":
-                    raise InvalidManifest(
-                        f"destination {_short(entry.name)} must be a contiguous CPU tensor"
-                    )
-                tensors[entry.name] = tensor
-        if not 0 <= offset <= manifest.total_bytes:
-            raise WireError(
-                f"resume offset {offset} is outside the stream of {manifest.total_bytes} bytes"
-            )
-        self._manifest = manifest
-        self._tensors = tensors
-        self._views = [view for view in map(tensor_bytes, tensors.values()) if len(view)]
-        ends = list(itertools.accumulate(len(view) for view in self._views))
-        # The cursor: the view being filled and how much of it is already written.
-        self._index = bisect.bisect_right(ends, offset)
-        self._within = offset - (ends[self._index - 1] if self._index else 0)
-        self._written = offset
-
-    @property
-    def bytes_written(self) -> int:
-        return self._written
-
-    @property
-    def complete(self) -> bool:
-        return self._written == self._manifest.total_bytes
-
-    def write(self, chunk: bytes | bytearray | memoryview) -> None:
-        """Copy `chunk` into the destination tensors at the cursor.
-
-        Raises WireError, writing nothing, if the chunk would run past the stream's end.
-        """
-        src = memoryview(chunk)
-        if src.format != "B" or src.ndim != 1:
-            src = src.cast("B")
-        size = len(src)
-        total = self._manifest.total_bytes
-        if self._written + size > total:
-            raise WireError(
-                f"chunk of {size} bytes at offset {self._written} overflows the stream of "
-                f"{total} bytes"
-            )
-        pos = 0
-        while pos < size:
-            dst = self._views[self._index]
-            take = min(len(dst) - self._within, size - pos)
-            dst[self._within : self._within + take] = src[pos : pos + take]
-            pos += take
-            self._within += take
-            if self._within == len(dst):
-                self._index += 1
-                self._within = 0
-        self._written += size
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The received tensors in manifest order; WireError unless the stream is complete."""
-        if not self.complete:
-            raise WireError(
-                f"stream ended after {self._written} of {self._manifest.total_bytes} bytes"
-            )
-        return dict(self._tensors)

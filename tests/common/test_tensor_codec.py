@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedstream.client.held_model import HeldModel
 from fedstream.common.errors import InvalidManifest, LimitExceeded, WireError
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.tensor_codec import (
     DTYPES,
     Manifest,
     ManifestLimits,
-    TensorAssembler,
     TensorEntry,
     dtype_name,
     iter_chunks,
@@ -73,6 +73,20 @@ def assert_bit_exact(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
         assert raw_bytes(got[name]) == raw_bytes(tensor), name
 
 
+def received(manifest: Manifest, chunks: Iterable[bytes | memoryview]) -> dict[str, torch.Tensor]:
+    """What a client holds after receiving `chunks`: written as they arrive to its held
+    copy of the model (the receiving side of the codec), then loaded into fresh tensors."""
+    held = HeldModel(manifest, version=0)
+    try:
+        for chunk in chunks:
+            held.write(chunk)
+        out = {e.name: torch.empty(e.shape, dtype=e.dtype) for e in manifest.entries}
+        held.load_into(out)
+        return out
+    finally:
+        held.close()
+
+
 def valid_proto() -> pb.Manifest:
     return Manifest.from_tensors(
         {"embed": torch.zeros(4, 3), "head.bias": torch.zeros(2, dtype=torch.bfloat16)}
@@ -96,12 +110,7 @@ def test_round_trip_is_bit_exact_for_any_chunk_size(
     assert b"".join(chunks) == stream_bytes(state)
     assert all(len(c) == chunk_size for c in chunks[:-1])
     assert not chunks or 0 < len(chunks[-1]) <= chunk_size
-    assembler = TensorAssembler(manifest)
-    for chunk in chunks:
-        assembler.write(chunk)
-    assert assembler.complete
-    assert assembler.bytes_written == total
-    assert_bit_exact(assembler.tensors(), state)
+    assert_bit_exact(received(manifest, chunks), state)
 
 
 @settings(max_examples=200, deadline=None)
@@ -113,16 +122,17 @@ def test_chunks_re_split_differently_still_assemble(
     stream = b"".join(iter_chunks(list(state.values()), 7))
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10), label="cuts"))
 
-    assembler = TensorAssembler(manifest)
-    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        assembler.write(memoryview(stream)[start:end])  # empty pieces included
+    pieces = [
+        memoryview(stream)[start:end]  # empty pieces included
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True)
+    ]
 
-    assert_bit_exact(assembler.tensors(), state)
+    assert_bit_exact(received(manifest, pieces), state)
 
 
 @settings(max_examples=200, deadline=None)
 @given(state=state_dicts, data=st.data())
-def test_resume_from_any_offset_into_the_same_destination(
+def test_resume_from_any_offset_completes_the_same_stream(
     state: dict[str, torch.Tensor], data: st.DataObject
 ) -> None:
     manifest = Manifest.from_tensors(state)
@@ -130,21 +140,12 @@ def test_resume_from_any_offset_into_the_same_destination(
     offset = data.draw(st.integers(0, total), label="offset")
     chunk_size = data.draw(st.integers(1, total + 16), label="chunk_size")
     stream = stream_bytes(state)
-    out = {e.name: torch.empty(e.shape, dtype=e.dtype) for e in manifest.entries}
 
-    first = TensorAssembler(manifest, out)
-    first.write(stream[:offset])
-    resumed = TensorAssembler(manifest, out, offset=offset)
-    assert resumed.bytes_written == offset
     tail = list(iter_chunks(list(state.values()), chunk_size, offset=offset))
-    for chunk in tail:
-        resumed.write(chunk)
 
     assert b"".join(tail) == stream[offset:]
     assert all(len(c) == chunk_size for c in tail[:-1])
-    result = resumed.tensors()
-    assert_bit_exact(result, state)
-    assert all(result[name] is out[name] for name in out)
+    assert_bit_exact(received(manifest, [stream[:offset], *tail]), state)
 
 
 @settings(max_examples=50, deadline=None)
@@ -163,11 +164,7 @@ def test_manifest_proto_round_trip(state: dict[str, torch.Tensor]) -> None:
 def test_every_bf16_and_f16_bit_pattern_survives() -> None:
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     state = {"bf16": bits.view(torch.bfloat16), "f16": bits.view(torch.float16)}
-    assembler = TensorAssembler(Manifest.from_tensors(state))
-    for chunk in iter_chunks(list(state.values()), 1000):
-        assembler.write(chunk)
-
-    got = assembler.tensors()
+    got = received(Manifest.from_tensors(state), iter_chunks(list(state.values()), 1000))
 
     assert torch.equal(got["bf16"].view(torch.int16), bits)
     assert torch.equal(got["f16"].view(torch.int16), bits)
@@ -182,11 +179,7 @@ def test_zero_d_empty_and_bool_tensors() -> None:
     }
     manifest = Manifest.from_tensors(state)
     assert manifest.total_bytes == 4 + 0 + 3 + 8
-    assembler = TensorAssembler(manifest)
-    for chunk in iter_chunks(list(state.values()), 3):
-        assembler.write(chunk)
-
-    got = assembler.tensors()
+    got = received(manifest, iter_chunks(list(state.values()), 3))
 
     assert_bit_exact(got, state)
     assert torch.signbit(got["scalar"])
@@ -412,61 +405,32 @@ def test_require_same_layout_names_the_first_difference(
     assert message in str(excinfo.value)
 
 
-# TensorAssembler
+# The receiving side
 
 
-def test_assembler_rejects_overflow_without_writing() -> None:
-    assembler = TensorAssembler(Manifest.from_tensors({"w": torch.zeros(2)}))
-    assembler.write(b"\x00" * 6)
+def test_a_chunk_past_the_end_is_refused_without_writing() -> None:
+    held = HeldModel(Manifest.from_tensors({"w": torch.zeros(2)}), version=0)
+    held.write(b"\x00" * 6)
 
     with pytest.raises(WireError, match="chunk of 3 bytes at offset 6 overflows the stream of 8"):
-        assembler.write(b"\x01" * 3)
+        held.write(b"\x01" * 3)
 
-    assert assembler.bytes_written == 6
-    assembler.write(b"\x00\x00")
-    assert torch.equal(assembler.tensors()["w"], torch.zeros(2))
-
-
-def test_assembler_reports_truncation() -> None:
-    assembler = TensorAssembler(Manifest.from_tensors({"w": torch.zeros(4)}))
-    assembler.write(bytes(10))
-
-    assert not assembler.complete
-    with pytest.raises(WireError, match="stream ended after 10 of 16 bytes"):
-        assembler.tensors()
+    assert held.bytes_written == 6
+    held.close()
 
 
-def test_assembler_of_an_empty_manifest_is_complete() -> None:
-    assembler = TensorAssembler(Manifest(()))
-
-    assembler.write(b"")
-
-    assert assembler.complete
-    assert assembler.tensors() == {}
+def test_a_truncated_stream_cannot_be_loaded() -> None:
+    with pytest.raises(WireError, match="incomplete"):
+        received(Manifest.from_tensors({"w": torch.zeros(4)}), [bytes(10)])
 
 
-def test_assembler_accepts_chunks_of_other_formats() -> None:
-    assembler = TensorAssembler(Manifest.from_tensors({"w": torch.zeros(2)}))
-
-    assembler.write(torch.tensor([1.5, -3.0]).numpy().data)  # format "f", not "B"
-
-    assert torch.equal(assembler.tensors()["w"], torch.tensor([1.5, -3.0]))
+def test_an_empty_manifest_is_complete_at_once() -> None:
+    assert received(Manifest(()), [b""]) == {}
 
 
-@pytest.mark.parametrize(
-    ("out", "message"),
-    [
-        ({}, "no destination tensor for 'w'"),
-        ({"w": torch.zeros(2, 3, dtype=torch.float16)}, "the manifest says"),
-        ({"w": torch.zeros(3, 2).t()}, "contiguous"),
-    ],
-)
-def test_assembler_checks_its_destination(out: dict[str, torch.Tensor], message: str) -> None:
-    with pytest.raises(InvalidManifest, match=message):
-        TensorAssembler(Manifest.from_tensors({"w": torch.zeros(2, 3)}), out)
+def test_chunks_of_other_formats_are_taken_as_bytes() -> None:
+    chunk = torch.tensor([1.5, -3.0]).numpy().data  # format "f", not "B"
 
+    got = received(Manifest.from_tensors({"w": torch.zeros(2)}), [chunk])
 
-@pytest.mark.parametrize("offset", [-1, 25])
-def test_assembler_rejects_a_resume_offset_outside_the_stream(offset: int) -> None:
-    with pytest.raises(WireError, match="resume offset"):
-        TensorAssembler(Manifest.from_tensors({"w": torch.zeros(2, 3)}), offset=offset)
+    assert torch.equal(got["w"], torch.tensor([1.5, -3.0]))
