@@ -8,6 +8,11 @@ the first), bytes on the wire per round, effective throughput, and the peak resi
 memory of the coordinator and of one client, beside three baselines measured in the same
 run: raw loopback TCP, a bare grpcio stream and memory copy bandwidth. The headline is
 effective throughput over the bare-grpcio baseline.
+
+Points up to FLOOR_MAX_PARAMS also measure the two floors of `bench.floors` right after
+them: the same round with no fedstream code (transport only, and the work DESIGN.md
+requires done by hand), so the table shows how close fedstream comes to what its
+architecture allows on the machine.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ from typing import Any
 import psutil
 
 from bench.baselines import measure
+from bench.floors import round_throughput
 from bench.point import MIB, PointSpec, run_point
 
 DEFAULT_PARAMS = (10_000_000, 100_000_000, 1_000_000_000)
 DEFAULT_CLIENTS = (2, 4, 8)
 HEADROOM_BYTES = 2 << 30
 """Memory kept free beyond the estimate when deciding whether a point fits."""
+FLOOR_MAX_PARAMS = 250_000_000
+"""Larger points skip the floors: each would take minutes a round for a figure the
+smaller points already give."""
 
 
 def estimated_peak_bytes(params: int, clients: int) -> int:
@@ -71,7 +80,8 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
         print(f"bare grpcio, N uploads at once into one server (GB/s): {', '.join(uploads)}")
     header = (
         f"{'params':>8} {'N':>3} {'s/round':>8} {'wire GB':>8} {'GB/s':>6} "
-        f"{'/grpc':>6} {'/tcp':>6} {'coord MiB':>9} {'budget':>7} {'client MiB':>10}"
+        f"{'/grpc':>6} {'/tcp':>6} {'coord MiB':>9} {'budget':>7} {'client MiB':>10} "
+        f"{'bare rnd':>8} {'design':>7} {'/design':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -85,8 +95,23 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
             f"{r['throughput_Bps'] / grpc_bps:>6.2f} {r['throughput_Bps'] / tcp_bps:>6.2f} "
             f"{r['coordinator_peak_rss_bytes'] / 2**20:>9.0f} "
             f"{coordinator_budget_bytes(r['model_bytes']) / 2**20:>7.0f} "
-            f"{r['client_peak_rss_bytes'] / 2**20:>10.0f}"
+            f"{r['client_peak_rss_bytes'] / 2**20:>10.0f} {_floors(r)}"
         )
+    print(
+        "bare rnd: GB/s of the same round through bare grpcio with no other work; design:"
+        " with the work DESIGN.md requires done by hand (bench/floors.py); /design:"
+        " fedstream's GB/s over it"
+    )
+
+
+def _floors(result: dict[str, Any]) -> str:
+    if "floor_design_Bps" not in result:
+        return f"{'-':>8} {'-':>7} {'-':>7}"
+    design = result["floor_design_Bps"]
+    return (
+        f"{_gb(result['floor_bare_Bps']):>8} {_gb(design):>7} "
+        f"{result['throughput_Bps'] / design:>7.2f}"
+    )
 
 
 def main() -> int:
@@ -118,6 +143,12 @@ def main() -> int:
             result = run_point(spec, args.work_dir).as_dict()
             result["vs_grpc"] = result["throughput_Bps"] / baselines["grpc_Bps"]
             result["vs_tcp"] = result["throughput_Bps"] / baselines["tcp_Bps"]
+            if params <= FLOOR_MAX_PARAMS:
+                model_bytes = result["model_bytes"]
+                for work in ("bare", "design"):
+                    result[f"floor_{work}_Bps"] = round_throughput(
+                        work, model_bytes, clients, args.rounds, chunk
+                    )
             results.append(result)
             print(json.dumps(result), flush=True)
     print()

@@ -32,7 +32,7 @@ _METHOD = "/bench.Bulk/Stream"
 _UPLOAD_METHOD = "/bench.Bulk/Upload"
 
 
-def _grpc_options(
+def grpc_options(
     message_bytes: int, extra: Sequence[tuple[str, int]] = ()
 ) -> list[tuple[str, int]]:
     limit = message_bytes + MIB
@@ -74,14 +74,13 @@ def tcp_throughput(total: int = 2 << 30) -> float:
     return received / elapsed
 
 
-async def _serve_bulk(
-    method: str, handler: grpc.RpcMethodHandler, options: list[tuple[str, int]], ready: Connection
+async def serve_bulk(
+    handlers: dict[str, grpc.RpcMethodHandler], options: list[tuple[str, int]], ready: Connection
 ) -> None:
-    """Serve `bench.Bulk/<method>` on a free loopback port, sent through `ready`."""
+    """Serve `bench.Bulk/<method>` for each of `handlers` on a free loopback port, sent
+    through `ready`."""
     server = grpc.aio.server(options=options)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("bench.Bulk", {method: handler}),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Bulk", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     ready.send(port)
@@ -100,7 +99,7 @@ def _grpc_server(
     handler = grpc.unary_stream_rpc_method_handler(
         stream, request_deserializer=None, response_serializer=None
     )
-    asyncio.run(_serve_bulk("Stream", handler, _grpc_options(message_bytes, extra), ready))
+    asyncio.run(serve_bulk({"Stream": handler}, grpc_options(message_bytes, extra), ready))
 
 
 def grpc_throughput(
@@ -119,7 +118,7 @@ def grpc_throughput(
     try:
         port = ours.recv()
         with grpc.insecure_channel(
-            f"127.0.0.1:{port}", options=_grpc_options(message_bytes, extra)
+            f"127.0.0.1:{port}", options=grpc_options(message_bytes, extra)
         ) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             call = channel.unary_stream(_METHOD)
@@ -144,14 +143,12 @@ def _upload_server(message_bytes: int, ready: Connection) -> None:
     handler = grpc.stream_unary_rpc_method_handler(
         upload, request_deserializer=None, response_serializer=None
     )
-    asyncio.run(_serve_bulk("Upload", handler, _grpc_options(message_bytes), ready))
+    asyncio.run(serve_bulk({"Upload": handler}, grpc_options(message_bytes), ready))
 
 
 def _uploader(port: int, message_bytes: int, count: int, go: Event, done: Queue[int]) -> None:
     payload = bytes(message_bytes)
-    with grpc.insecure_channel(
-        f"127.0.0.1:{port}", options=_grpc_options(message_bytes)
-    ) as channel:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(message_bytes)) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         upload = channel.stream_unary(_UPLOAD_METHOD)
         go.wait()
