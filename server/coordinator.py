@@ -23,12 +23,10 @@ import contextlib
 import enum
 import logging
 import math
-import random
 import resource
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,18 +35,18 @@ from fedstream.client.task import Task, exchanged_names
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.round_config import Scalar, parse_scalar
+from fedstream.common.round_config import parse_scalar
 from fedstream.common.round_config import to_proto as config_to_proto
 from fedstream.common.tensor_codec import Manifest, ManifestLimits, iter_chunks
 from fedstream.server.config import ServerConfig
 from fedstream.server.errors import (
     InvalidUpdate,
-    NotSelected,
     OffsetOutOfRange,
     TaskMismatch,
     UploadInProgress,
     WrongRound,
 )
+from fedstream.server.phases import OpenEvaluation, OpenRound, select_clients
 from fedstream.server.registry import ClientRecord, ClientRegistry
 from fedstream.server.run_store import RunStore
 from fedstream.server.spool import SpoolFiles, UploadSpool
@@ -56,9 +54,6 @@ from fedstream.server.strategies import Strategy
 
 log = logging.getLogger(__name__)
 
-MAX_EXAMPLES = 1 << 40
-MAX_METRICS = 64
-MAX_METRIC_NAME = 64
 PLOT_INTERVAL_S = 30.0
 """Seconds between redraws of metrics.png while rounds run; the last round is always drawn."""
 
@@ -74,25 +69,6 @@ class Phase(enum.Enum):
     AGGREGATING = "aggregating"
     EVALUATING = "evaluating"
     DONE = "done"
-
-
-def select_clients(
-    live: list[str], fraction: float, min_clients: int, seed: int, round_number: int, attempt: int
-) -> frozenset[str]:
-    """max(min_clients, ceil(fraction * live)) of the live clients (all when fewer), drawn
-    by an RNG seeded with (seed, round, attempt): repeatable for a run, fresh each round."""
-    count = min(len(live), max(min_clients, math.ceil(fraction * len(live))))
-    rng = random.Random(f"{seed}/{round_number}/{attempt}")
-    return frozenset(rng.sample(sorted(live), count))
-
-
-def check_metrics(metrics: Mapping[str, float]) -> None:
-    """InvalidUpdate unless `metrics` is a bounded set of finite, sensibly named numbers."""
-    if len(metrics) > MAX_METRICS:
-        raise InvalidUpdate(f"{len(metrics)} metrics; the limit is {MAX_METRICS}")
-    for key, value in metrics.items():
-        if not key or len(key) > MAX_METRIC_NAME or not math.isfinite(value):
-            raise InvalidUpdate(f"metric {key[:MAX_METRIC_NAME]!r}={value} is not usable")
 
 
 class GlobalModel:
@@ -121,67 +97,6 @@ class GlobalModel:
 
     def chunks(self, offset: int, chunk_bytes: int) -> Iterator[memoryview | bytes]:
         return iter_chunks(list(self.tensors.values()), chunk_bytes, offset)
-
-
-@dataclass
-class ReportTotals:
-    """What the clients of one phase reported: examples, and each metric's
-    example-weighted sum (clients may report different metric names)."""
-
-    examples: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)
-
-    def add(self, num_examples: int, metrics: Mapping[str, float]) -> None:
-        self.examples += num_examples
-        for key, value in metrics.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value * num_examples
-            self.weights[key] = self.weights.get(key, 0.0) + num_examples
-
-    def means(self, prefix: str) -> dict[str, float]:
-        """The example-weighted mean of each metric, as `prefix + name`, by name."""
-        return {prefix + key: total / self.weights[key] for key, total in sorted(self.sums.items())}
-
-
-@dataclass
-class OpenRound:
-    """The bookkeeping of the round in flight."""
-
-    number: int
-    attempt: int
-    selected: frozenset[str]
-    config: dict[str, Scalar]
-    started: float
-    deadline: float
-    accepting: bool = True
-    reported: set[str] = field(default_factory=set)
-    uploading: set[str] = field(default_factory=set)
-    totals: ReportTotals = field(default_factory=ReportTotals)
-    rejected: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-
-    @property
-    def num_examples(self) -> int:
-        """Training examples behind the updates booked so far."""
-        return self.totals.examples
-
-
-@dataclass
-class OpenEvaluation:
-    """A federated evaluation of model version `number` by the clients of round `number`."""
-
-    number: int
-    selected: frozenset[str]
-    deadline: float
-    accepting: bool = True
-    reported: set[str] = field(default_factory=set)
-    totals: ReportTotals = field(default_factory=ReportTotals)
-
-
-def _owes(phase: OpenRound | OpenEvaluation, client: ClientRecord) -> bool:
-    """Whether `client` is selected for this open phase and has not yet reported."""
-    return phase.accepting and client.name in phase.selected and client.name not in phase.reported
 
 
 class Coordinator:
@@ -436,20 +351,9 @@ class Coordinator:
 
     def _check_upload_header(self, client: ClientRecord, header: pb.UpdateHeader) -> OpenRound:
         open_round = self.round
-        if open_round is None or not open_round.accepting:
+        if open_round is None:
             raise WrongRound(f"round {header.round} is not open for updates")
-        if header.round != open_round.number:
-            raise WrongRound(f"round {header.round} is not the open round ({open_round.number})")
-        if header.model_version != self.model.version:
-            raise WrongRound(
-                f"update against model version {header.model_version}; "
-                f"the round trains version {self.model.version}"
-            )
-        if client.name not in open_round.selected:
-            raise NotSelected(f"client {client.name} is not selected for round {header.round}")
-        if not 1 <= header.num_examples <= MAX_EXAMPLES:
-            raise InvalidUpdate(f"num_examples {header.num_examples} is outside 1..{MAX_EXAMPLES}")
-        check_metrics(header.metrics)
+        open_round.check_update(client.name, header)
         return open_round
 
     def report_evaluation(
@@ -457,27 +361,9 @@ class Coordinator:
     ) -> pb.EvaluationReply:
         """Book one client's federated evaluation of the current global model."""
         evaluation = self.evaluation
-        if evaluation is None or not evaluation.accepting:
+        if evaluation is None:
             raise WrongRound(f"no evaluation is open (report for round {report.round})")
-        if report.round != evaluation.number:
-            raise WrongRound(
-                f"evaluation report for round {report.round}; round {evaluation.number} "
-                "is being evaluated"
-            )
-        if report.model_version != self.model.version:
-            raise WrongRound(
-                f"evaluation of model version {report.model_version}; the current version "
-                f"is {self.model.version}"
-            )
-        if client.name not in evaluation.selected:
-            raise NotSelected(
-                f"client {client.name} is not selected for round {report.round}'s evaluation"
-            )
-        if report.num_examples > MAX_EXAMPLES:
-            raise InvalidUpdate(f"num_examples {report.num_examples} is over {MAX_EXAMPLES}")
-        if report.num_examples == 0 and report.metrics:
-            raise InvalidUpdate("metrics reported for 0 evaluated examples")
-        check_metrics(report.metrics)
+        evaluation.check_report(client.name, report)
         if client.name in evaluation.reported:
             return pb.EvaluationReply(
                 accepted=False, detail=f"evaluation of round {evaluation.number} already booked"
@@ -493,9 +379,7 @@ class Coordinator:
     def _book(
         self, open_round: OpenRound, client: ClientRecord, header: pb.UpdateHeader, nbytes: int
     ) -> None:
-        open_round.reported.add(client.name)
-        open_round.totals.add(header.num_examples, header.metrics)
-        open_round.bytes_up += nbytes
+        open_round.book(client.name, header, nbytes)
         client.busy = False
         log.info(
             "round %d: update from %s (%d examples, %d/%d reported)",
@@ -508,7 +392,7 @@ class Coordinator:
 
     def _task_for(self, client: ClientRecord) -> pb.TrainTask | None:
         open_round = self.round
-        if open_round is None or not _owes(open_round, client):
+        if open_round is None or not open_round.owes(client.name):
             return None
         task = pb.TrainTask(
             round=open_round.number,
@@ -520,7 +404,7 @@ class Coordinator:
 
     def _evaluation_for(self, client: ClientRecord) -> pb.EvaluateTask | None:
         evaluation = self.evaluation
-        if evaluation is None or not _owes(evaluation, client):
+        if evaluation is None or not evaluation.owes(client.name):
             return None
         return pb.EvaluateTask(
             round=evaluation.number,
@@ -557,6 +441,7 @@ class Coordinator:
         open_round = OpenRound(
             number=number,
             attempt=attempt,
+            model_version=self.model.version,
             selected=selected,
             config=self.strategy.configure_round(number, self.base_round_config),
             started=now,

@@ -1,0 +1,153 @@
+"""The bookkeeping of the coordinator's open phases: the round in flight and the federated
+evaluation after it.
+
+Each phase knows whom it selected, who has reported and what they reported, and checks
+a client's report against itself before booking it; the state machine that opens and
+closes phases is `server/coordinator.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.round_config import Scalar
+from fedstream.server.errors import InvalidUpdate, NotSelected, WrongRound
+
+MAX_EXAMPLES = 1 << 40
+MAX_METRICS = 64
+MAX_METRIC_NAME = 64
+
+
+def select_clients(
+    live: list[str], fraction: float, min_clients: int, seed: int, round_number: int, attempt: int
+) -> frozenset[str]:
+    """max(min_clients, ceil(fraction * live)) of the live clients (all when fewer), drawn
+    by an RNG seeded with (seed, round, attempt): repeatable for a run, fresh each round."""
+    count = min(len(live), max(min_clients, math.ceil(fraction * len(live))))
+    rng = random.Random(f"{seed}/{round_number}/{attempt}")
+    return frozenset(rng.sample(sorted(live), count))
+
+
+def check_metrics(metrics: Mapping[str, float]) -> None:
+    """InvalidUpdate unless `metrics` is a bounded set of finite, sensibly named numbers."""
+    if len(metrics) > MAX_METRICS:
+        raise InvalidUpdate(f"{len(metrics)} metrics; the limit is {MAX_METRICS}")
+    for key, value in metrics.items():
+        if not key or len(key) > MAX_METRIC_NAME or not math.isfinite(value):
+            raise InvalidUpdate(f"metric {key[:MAX_METRIC_NAME]!r}={value} is not usable")
+
+
+@dataclass
+class ReportTotals:
+    """What the clients of one phase reported: examples, and each metric's
+    example-weighted sum (clients may report different metric names)."""
+
+    examples: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def add(self, num_examples: int, metrics: Mapping[str, float]) -> None:
+        self.examples += num_examples
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * num_examples
+            self.weights[key] = self.weights.get(key, 0.0) + num_examples
+
+    def means(self, prefix: str) -> dict[str, float]:
+        """The example-weighted mean of each metric, as `prefix + name`, by name."""
+        return {prefix + key: total / self.weights[key] for key, total in sorted(self.sums.items())}
+
+
+@dataclass
+class OpenRound:
+    """The round in flight: round `number` trains model version `model_version`."""
+
+    number: int
+    attempt: int
+    model_version: int
+    selected: frozenset[str]
+    config: dict[str, Scalar]
+    started: float
+    deadline: float
+    accepting: bool = True
+    reported: set[str] = field(default_factory=set)
+    uploading: set[str] = field(default_factory=set)
+    totals: ReportTotals = field(default_factory=ReportTotals)
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+    @property
+    def num_examples(self) -> int:
+        """Training examples behind the updates booked so far."""
+        return self.totals.examples
+
+    def owes(self, client: str) -> bool:
+        """Whether `client` is selected for this round and has not yet reported."""
+        return self.accepting and client in self.selected and client not in self.reported
+
+    def check_update(self, client: str, header: pb.UpdateHeader) -> None:
+        """The domain error for an update header this round cannot take, if any."""
+        if not self.accepting:
+            raise WrongRound(f"round {header.round} is not open for updates")
+        if header.round != self.number:
+            raise WrongRound(f"round {header.round} is not the open round ({self.number})")
+        if header.model_version != self.model_version:
+            raise WrongRound(
+                f"update against model version {header.model_version}; "
+                f"the round trains version {self.model_version}"
+            )
+        if client not in self.selected:
+            raise NotSelected(f"client {client} is not selected for round {header.round}")
+        if not 1 <= header.num_examples <= MAX_EXAMPLES:
+            raise InvalidUpdate(f"num_examples {header.num_examples} is outside 1..{MAX_EXAMPLES}")
+        check_metrics(header.metrics)
+
+    def book(self, client: str, header: pb.UpdateHeader, nbytes: int) -> None:
+        """Count `client`'s folded update of `nbytes` on the wire."""
+        self.reported.add(client)
+        self.totals.add(header.num_examples, header.metrics)
+        self.bytes_up += nbytes
+
+
+@dataclass
+class OpenEvaluation:
+    """A federated evaluation of model version `number` by the clients of round `number`."""
+
+    number: int
+    selected: frozenset[str]
+    deadline: float
+    accepting: bool = True
+    reported: set[str] = field(default_factory=set)
+    totals: ReportTotals = field(default_factory=ReportTotals)
+
+    def owes(self, client: str) -> bool:
+        """Whether `client` is selected for this evaluation and has not yet reported."""
+        return self.accepting and client in self.selected and client not in self.reported
+
+    def check_report(self, client: str, report: pb.EvaluationReport) -> None:
+        """The domain error for a report this evaluation cannot take, if any."""
+        if not self.accepting:
+            raise WrongRound(f"no evaluation is open (report for round {report.round})")
+        if report.round != self.number:
+            raise WrongRound(
+                f"evaluation report for round {report.round}; round {self.number} "
+                "is being evaluated"
+            )
+        if report.model_version != self.number:
+            raise WrongRound(
+                f"evaluation of model version {report.model_version}; the current version "
+                f"is {self.number}"
+            )
+        if client not in self.selected:
+            raise NotSelected(
+                f"client {client} is not selected for round {report.round}'s evaluation"
+            )
+        if report.num_examples > MAX_EXAMPLES:
+            raise InvalidUpdate(f"num_examples {report.num_examples} is over {MAX_EXAMPLES}")
+        if report.num_examples == 0 and report.metrics:
+            raise InvalidUpdate("metrics reported for 0 evaluated examples")
+        check_metrics(report.metrics)
