@@ -19,7 +19,9 @@ from fedstream.common.logs import setup_logging
 from fedstream.demo import DemoConfig
 from fedstream.server.config import ServerConfig
 
-COMMANDS: dict[str, tuple[type, str]] = {
+Config = ServerConfig | ClientConfig | DemoConfig
+
+COMMANDS: dict[str, tuple[type[Config], str]] = {
     "server": (ServerConfig, "run the coordinator daemon"),
     "client": (ClientConfig, "run a client process against a coordinator"),
     "demo": (DemoConfig, "run a local cluster: one server and N clients as processes"),
@@ -49,17 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_file = args.pop("config", None)
     cls = COMMANDS[command][0]
     try:
-        config = load_config(cls, command, args, config_file)
+        config: Config = load_config(cls, command, args, config_file)
     except ConfigError as exc:
         print(f"fedstream {command}: {exc}", file=sys.stderr)
         return 2
     try:
-        if command == "server":
+        if isinstance(config, ServerConfig):
             from fedstream.server.daemon import main as server_main
 
             setup_logging(config.log_level, "server")
             return server_main(config)
-        if command == "client":
+        if isinstance(config, ClientConfig):
             from fedstream.client.loop import main as client_main
 
             setup_logging(config.log_level, config.name)
