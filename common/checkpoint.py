@@ -1,9 +1,13 @@
 """Checkpoint I/O: tensors as safetensors files and small JSON sidecars, written atomically.
 
-Every write goes to a temporary file in the target's directory, is fsynced, and is then
-renamed over the target (and the directory fsynced), so a crash at any point leaves
-either the old file or the new one, never a torn mix: `kill -9` of the coordinator
-loses at most the round in flight.
+Every write goes to a temporary file in the target's directory and is then renamed over
+the target, so a process killed at any point leaves either the old file or the new one,
+never a torn mix: `kill -9` of the coordinator loses at most the round in flight. By
+default the file is fsynced before the rename and the directory after it, so the same
+holds through a power cut. `save_checkpoint(..., sync=False)` leaves both fsyncs to a
+later `sync_to_disk`: the file is complete and in place for every process at once, and
+its caller decides when to wait for the disk (the run store does it off the round's
+critical path, keeping the previous checkpoint until then).
 """
 
 from __future__ import annotations
@@ -30,8 +34,29 @@ def _umask() -> int:
     return current
 
 
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Have `write` create a temporary file, then make it `path` durably and atomically."""
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_directory(path: Path) -> None:
+    """The rename into `path.parent` is only durable once the directory entry is on disk."""
+    if os.name == "posix":
+        _fsync(path.parent, os.O_RDONLY)
+
+
+def sync_to_disk(path: Path) -> None:
+    """Wait until the file at `path`, and its name in its directory, are on disk."""
+    _fsync(path, os.O_RDONLY)
+    _sync_directory(path)
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object], sync: bool = True) -> None:
+    """Have `write` create a temporary file, then make it `path` atomically, and durably
+    unless `sync` is False (then see `sync_to_disk`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
@@ -39,22 +64,14 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         # Some writers (safetensors) create their file 0600; give it the mode any other
         # file would get, so the run directory stays readable to the operator's tools.
         os.chmod(tmp, 0o666 & ~_umask())
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if sync:
+            _fsync(tmp, os.O_RDWR)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if os.name == "posix":
-        # The rename itself is only durable once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    if sync:
+        _sync_directory(path)
 
 
 def _unaliased(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,9 +94,14 @@ def _unaliased(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    sync: bool = True,
 ) -> None:
-    """Write `tensors` and string `metadata` to a safetensors file at `path`, atomically.
+    """Write `tensors` and string `metadata` to a safetensors file at `path`, atomically;
+    on disk before returning unless `sync` is False (module docstring).
 
     The tensors' order is kept in the metadata, so `load_checkpoint` returns them in
     the same order (a model's state-dict order).
@@ -91,7 +113,9 @@ def save_checkpoint(
             raise TypeError(f"checkpoint metadata must map str to str; got {key!r}: {value!r}")
     header = {**metadata, _ORDER_KEY: json.dumps(list(tensors))}
     contents = _unaliased(tensors)
-    _write_atomic(path, lambda tmp: safetensors.torch.save_file(contents, tmp, metadata=header))
+    _write_atomic(
+        path, lambda tmp: safetensors.torch.save_file(contents, tmp, metadata=header), sync
+    )
 
 
 def _split_metadata(
@@ -115,15 +139,20 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     """The tensors (in saved order) and metadata of a checkpoint written by save_checkpoint.
 
     A plain safetensors file without a saved order loads in the file's key order.
+    InvalidCheckpoint when the file is not a whole safetensors file (such as one cut
+    short by a power cut before it reached the disk).
     """
-    with safetensors.safe_open(path, framework="pt") as f:
-        order, metadata = _split_metadata(path, f.metadata())
-        keys = list(f.keys())
-        if order is None:
-            order = keys
-        elif sorted(order) != sorted(keys):
-            raise InvalidCheckpoint(f"{path}: {_ORDER_KEY} does not list the file's tensors")
-        tensors = {name: f.get_tensor(name) for name in order}
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            order, metadata = _split_metadata(path, f.metadata())
+            keys = list(f.keys())
+            if order is None:
+                order = keys
+            elif sorted(order) != sorted(keys):
+                raise InvalidCheckpoint(f"{path}: {_ORDER_KEY} does not list the file's tensors")
+            tensors = {name: f.get_tensor(name) for name in order}
+    except safetensors.SafetensorError as exc:
+        raise InvalidCheckpoint(f"{path} is not a readable safetensors file: {exc}") from None
     return tensors, metadata
 
 

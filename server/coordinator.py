@@ -185,6 +185,7 @@ class Coordinator:
                 await self._wait_for_clients()
         if self._plot_pending:
             await self._plot(force=True)
+        await asyncio.to_thread(self.store.wait_on_disk)
         self.phase = Phase.DONE
         self.round = None
         self._notify()

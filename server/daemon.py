@@ -85,6 +85,7 @@ class CoordinatorDaemon:
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=2.0)
+        await asyncio.to_thread(self.coordinator.store.close)
         (self.config.run_dir / "coordinator.json").unlink(missing_ok=True)
 
 

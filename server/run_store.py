@@ -9,10 +9,18 @@
 The checkpoint is the single source of truth: it is written atomically, and on resume
 metrics.jsonl is rewritten from the history it carries, so a crash at any point leaves a
 consistent run directory.
+
+A round's checkpoint is complete and in place when `save` returns, so `kill -9` of the
+coordinator loses at most the round in flight. Waiting for the disk (fsync of the file
+and of the directory) happens in a background thread while the next round runs, and
+only then are older checkpoints deleted; the next `save` first waits for it. So at most
+one checkpoint is ever not yet on disk, and a power cut can cost at most that one: the
+resume finds it unreadable and carries on from the one before, which is still there.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import re
@@ -25,8 +33,9 @@ from typing import Any
 
 import torch
 
-from fedstream.common.checkpoint import load_checkpoint, save_checkpoint
+from fedstream.common.checkpoint import load_checkpoint, save_checkpoint, sync_to_disk
 from fedstream.common.config import ConfigError
+from fedstream.common.errors import InvalidCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,8 @@ class RunStore:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.plot_path = run_dir / "metrics.png"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self._syncer = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-sync")
+        self._syncing: concurrent.futures.Future[None] | None = None
 
     def checkpoint_path(self, round_number: int) -> Path:
         return self.checkpoint_dir / f"round_{round_number:05d}.safetensors"
@@ -93,10 +104,26 @@ class RunStore:
             "history": json.dumps(history),
         }
         path = self.checkpoint_path(round_number)
-        save_checkpoint(path, tensors, metadata)
+        self.wait_on_disk()
+        save_checkpoint(path, tensors, metadata, sync=False)
+        self._syncing = self._syncer.submit(self._settle, path)
+        return path
+
+    def _settle(self, path: Path) -> None:
+        """Put `path` on disk, then delete the checkpoints it makes redundant."""
+        sync_to_disk(path)
         for _, old in self.checkpoints()[: -self.keep]:
             old.unlink(missing_ok=True)
-        return path
+
+    def wait_on_disk(self) -> None:
+        """Return once the newest checkpoint is on disk; raise what putting it there raised."""
+        syncing, self._syncing = self._syncing, None
+        if syncing is not None:
+            syncing.result()
+
+    def close(self) -> None:
+        self.wait_on_disk()
+        self._syncer.shutdown()
 
     def resume(self) -> Resumed | None:
         """The newest checkpoint, checked against this run's identity; None when there is none."""
@@ -104,7 +131,15 @@ class RunStore:
         if not found:
             return None
         round_number, path = found[-1]
-        tensors, metadata = load_checkpoint(path)
+        try:
+            tensors, metadata = load_checkpoint(path)
+        except InvalidCheckpoint as exc:
+            if len(found) < 2:
+                raise
+            # Only the newest checkpoint can be short of the disk (module docstring).
+            log.warning("%s; resuming from the checkpoint before it", exc)
+            round_number, path = found[-2]
+            tensors, metadata = load_checkpoint(path)
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{path} is not a fedstream round checkpoint")
         theirs = RunIdentity(

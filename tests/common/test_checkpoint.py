@@ -13,6 +13,7 @@ from fedstream.common.checkpoint import (
     load_checkpoint,
     read_checkpoint_metadata,
     save_checkpoint,
+    sync_to_disk,
     write_json_atomic,
 )
 from fedstream.common.errors import InvalidCheckpoint
@@ -103,6 +104,30 @@ def test_saving_replaces_the_old_file_and_leaves_no_temp_files(tmp_path: Path) -
     assert torch.equal(tensors["w"], torch.ones(3))
     assert metadata == {"round": "2"}
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_an_unsynced_save_is_complete_and_in_place_before_it_is_synced(tmp_path: Path) -> None:
+    path = tmp_path / "global.safetensors"
+    save_checkpoint(path, {"w": torch.zeros(3)}, {"round": "1"})
+
+    save_checkpoint(path, every_dtype(), {"round": "2"}, sync=False)
+
+    tensors, metadata = load_checkpoint(path)  # another process would read the same
+    assert_bit_exact(tensors, every_dtype())
+    assert metadata == {"round": "2"}
+    sync_to_disk(path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, -1])
+def test_a_checkpoint_cut_short_is_reported_as_unreadable(tmp_path: Path, keep: int) -> None:
+    path = tmp_path / "round_00002.safetensors"
+    save_checkpoint(path, every_dtype(), {"round": "2"})
+    whole = path.read_bytes()
+    path.write_bytes(whole[:keep] if keep >= 0 else whole[:-1])
+
+    with pytest.raises(InvalidCheckpoint, match="round_00002.safetensors is not a readable"):
+        load_checkpoint(path)
 
 
 def test_a_failed_save_keeps_the_old_checkpoint(
