@@ -61,21 +61,31 @@ class ReportTotals:
         return {prefix + key: total / self.weights[key] for key, total in sorted(self.sums.items())}
 
 
-@dataclass
-class OpenRound:
-    """The round in flight: round `number` trains model version `model_version`."""
+@dataclass(kw_only=True)
+class OpenPhase:
+    """What every open phase keeps: whom it selected, until when, and who has reported."""
 
     number: int
-    attempt: int
-    model_version: int
     selected: frozenset[str]
-    config: dict[str, Scalar]
-    started: float
     deadline: float
     accepting: bool = True
     reported: set[str] = field(default_factory=set)
-    uploading: set[str] = field(default_factory=set)
     totals: ReportTotals = field(default_factory=ReportTotals)
+
+    def owes(self, client: str) -> bool:
+        """Whether `client` is selected for this phase and has not yet reported."""
+        return self.accepting and client in self.selected and client not in self.reported
+
+
+@dataclass(kw_only=True)
+class OpenRound(OpenPhase):
+    """The round in flight: round `number` trains model version `model_version`."""
+
+    attempt: int
+    model_version: int
+    config: dict[str, Scalar]
+    started: float
+    uploading: set[str] = field(default_factory=set)
     rejected: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -84,10 +94,6 @@ class OpenRound:
     def num_examples(self) -> int:
         """Training examples behind the updates booked so far."""
         return self.totals.examples
-
-    def owes(self, client: str) -> bool:
-        """Whether `client` is selected for this round and has not yet reported."""
-        return self.accepting and client in self.selected and client not in self.reported
 
     def check_update(self, client: str, header: pb.UpdateHeader) -> None:
         """The domain error for an update header this round cannot take, if any."""
@@ -113,20 +119,9 @@ class OpenRound:
         self.bytes_up += nbytes
 
 
-@dataclass
-class OpenEvaluation:
+@dataclass(kw_only=True)
+class OpenEvaluation(OpenPhase):
     """A federated evaluation of model version `number` by the clients of round `number`."""
-
-    number: int
-    selected: frozenset[str]
-    deadline: float
-    accepting: bool = True
-    reported: set[str] = field(default_factory=set)
-    totals: ReportTotals = field(default_factory=ReportTotals)
-
-    def owes(self, client: str) -> bool:
-        """Whether `client` is selected for this evaluation and has not yet reported."""
-        return self.accepting and client in self.selected and client not in self.reported
 
     def check_report(self, client: str, report: pb.EvaluationReport) -> None:
         """The domain error for a report this evaluation cannot take, if any."""
