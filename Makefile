@@ -63,6 +63,7 @@ lint: $(STAMP)
 	ln -s $(CURDIR)/fedstream/*.py $(TYPECHECK)/fedstream/
 	for pkg in common server client; do ln -s $(CURDIR)/$$pkg $(TYPECHECK)/fedstream/$$pkg; done
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p fedstream -p bench
+	MYPYPATH=$(TYPECHECK) $(BIN)/mypy tests
 
 # The full grid takes about half an hour on 2 cores; BENCH_ARGS='--params 100e6' narrows it.
 bench: $(STAMP)

@@ -134,7 +134,7 @@ def test_every_option_has_help(command: str) -> None:
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_config_field_is_documented(command: str) -> None:
     """The help text comes from the string under each field of the config dataclass."""
-    cls = COMMANDS[command][0]
+    cls: type = COMMANDS[command][0]
     docs = field_docs(cls)
     undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
     assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"

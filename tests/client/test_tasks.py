@@ -251,6 +251,7 @@ def test_synthetic_rejects_bad_options(options: dict[str, str]) -> None:
 def test_digits_keeps_a_local_held_out_fifth_out_of_training() -> None:
     task = DigitsTask({}, seed=0)
     task.load_data(1, 3)
+    assert task._data is not None and task._local_heldout is not None
     train_x, _ = task._data
     held_x, _ = task._local_heldout
     share = len(task.partition_indices(3)[1])

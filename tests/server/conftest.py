@@ -56,10 +56,10 @@ class TinyTask(Task):
         return TrainResult(10 * (self.partition + 1), {"loss": float(self.partition)})
 
     def evaluate(self, model: torch.nn.Module) -> EvalResult:
-        return EvalResult(1, {"loss": float(model.w.detach().sum())})
+        return EvalResult(1, {"loss": float(model.get_parameter("w").detach().sum())})
 
     def evaluate_local(self, model: torch.nn.Module) -> EvalResult:
-        self.evaluated_w = model.w.detach().clone()
+        self.evaluated_w = model.get_parameter("w").detach().clone()
         return EvalResult(5 * (self.partition + 1), {"loss": float(self.partition)})
 
 

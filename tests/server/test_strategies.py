@@ -57,7 +57,8 @@ def run(strategy: Strategy, rounds: int = ROUNDS) -> dict[str, torch.Tensor]:
 def weighted_mean(r: int, weights: list[float]) -> dict[str, torch.Tensor]:
     ups = [update(r, k) for k in range(len(CLIENTS))]
     return {
-        name: sum(w * u[name] for w, u in zip(weights, ups, strict=True)) / sum(weights)
+        name: torch.stack([w * u[name] for w, u in zip(weights, ups, strict=True)]).sum(0)
+        / sum(weights)
         for name in ups[0]
     }
 
@@ -119,8 +120,12 @@ def test_adaptive_methods_follow_reddi_algorithm_2(method: str) -> None:
             else:
                 v[k] = v[k] + d[k] ** 2
             w[k] = w[k] + lr * m[k] / (torch.sqrt(v[k]) + tau)
-    cls = {"adam": FedAdam, "yogi": FedYogi, "adagrad": FedAdagrad}[method]
-    check(cls(lr, b1, b2, tau), w)
+    classes: dict[str, type[FedAdam | FedYogi | FedAdagrad]] = {
+        "adam": FedAdam,
+        "yogi": FedYogi,
+        "adagrad": FedAdagrad,
+    }
+    check(classes[method](lr, b1, b2, tau), w)
 
 
 def test_fedsgd_sgd_with_momentum_on_the_mean_gradient() -> None:
