@@ -28,8 +28,8 @@ import grpc
 
 MIB = 1 << 20
 TCP_BUFFER = 4 * MIB
-_METHOD = "/bench.Bulk/Stream"
-_UPLOAD_METHOD = "/bench.Bulk/Upload"
+STREAM_METHOD = "/bench.Bulk/Stream"
+UPLOAD_METHOD = "/bench.Bulk/Upload"
 
 
 def grpc_options(
@@ -121,7 +121,7 @@ def grpc_throughput(
             f"127.0.0.1:{port}", options=grpc_options(message_bytes, extra)
         ) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
-            call = channel.unary_stream(_METHOD)
+            call = channel.unary_stream(STREAM_METHOD)
             received = 0
             started = time.perf_counter()
             for message in call(b""):
@@ -133,15 +133,17 @@ def grpc_throughput(
     return received / elapsed
 
 
-def _upload_server(message_bytes: int, ready: Connection) -> None:
-    async def upload(requests: AsyncIterator[bytes], context: object) -> bytes:
-        received = 0
-        async for message in requests:
-            received += len(message)
-        return str(received).encode()
+async def drain_upload(requests: AsyncIterator[bytes], context: object) -> bytes:
+    """Receive an upload and do nothing with it; the reply is the byte count."""
+    received = 0
+    async for message in requests:
+        received += len(message)
+    return str(received).encode()
 
+
+def _upload_server(message_bytes: int, ready: Connection) -> None:
     handler = grpc.stream_unary_rpc_method_handler(
-        upload, request_deserializer=None, response_serializer=None
+        drain_upload, request_deserializer=None, response_serializer=None
     )
     asyncio.run(serve_bulk({"Upload": handler}, grpc_options(message_bytes), ready))
 
@@ -150,7 +152,7 @@ def _uploader(port: int, message_bytes: int, count: int, go: Event, done: Queue[
     payload = bytes(message_bytes)
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(message_bytes)) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
-        upload = channel.stream_unary(_UPLOAD_METHOD)
+        upload = channel.stream_unary(UPLOAD_METHOD)
         go.wait()
         done.put(int(upload(payload for _ in range(count))))
 

@@ -32,16 +32,30 @@ from multiprocessing.connection import Connection
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import grpc
 
-from bench.baselines import MIB, grpc_options, serve_bulk
+from bench.baselines import (
+    MIB,
+    STREAM_METHOD,
+    UPLOAD_METHOD,
+    drain_upload,
+    grpc_options,
+    serve_bulk,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 Work = Literal["bare", "design"]
 FOLD_BLOCK = 4 * MIB
-_DOWNLOAD = "/bench.Bulk/Download"
-_UPLOAD = "/bench.Bulk/Upload"
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    from fedstream.common.tensor_codec import tensor_bytes  # torch only in the children
+
+    return tensor_bytes(tensor)
 
 
 class _DesignServer:
@@ -51,9 +65,6 @@ class _DesignServer:
     def __init__(self, model_bytes: int, clients: int, scratch: Path) -> None:
         import torch  # only in the child: see bench.baselines.memcpy_bandwidth
 
-        from fedstream.common.tensor_codec import tensor_bytes
-
-        self.bytes_of = tensor_bytes
         self.model_bytes = model_bytes
         self.clients = clients
         self.scratch = scratch
@@ -64,14 +75,19 @@ class _DesignServer:
         self.lock = threading.Lock()
         self.spools: list[int] = []
 
-    def spool(self) -> int:
-        if self.spools:
-            return self.spools.pop()
-        return os.open(self.scratch, os.O_RDWR | os.O_TMPFILE, 0o600)
+    async def upload(self, requests: AsyncIterator[bytes], context: object) -> bytes:
+        """Spool an upload as it arrives, then fold it (in a thread, one at a time)."""
+        fd = self.spools.pop() if self.spools else os.open(self.scratch, os.O_RDWR | os.O_TMPFILE)
+        received = 0
+        async for message in requests:
+            os.pwrite(fd, message, received)
+            received += len(message)
+        await asyncio.to_thread(self.fold, fd)
+        return str(received).encode()
 
     def fold(self, fd: int) -> None:
         with self.lock:
-            view = self.bytes_of(self.block)
+            view = _bytes(self.block)
             offset = 0
             while offset < self.model_bytes:
                 n = os.preadv(fd, [view], offset)
@@ -83,7 +99,7 @@ class _DesignServer:
                 self.model.add_(self.sum.div_(self.clients))
                 self.sum.zero_()
                 with open(self.scratch / "checkpoint", "wb") as f:
-                    f.write(self.bytes_of(self.model))
+                    f.write(_bytes(self.model))
 
 
 def _server(
@@ -96,22 +112,11 @@ def _server(
         for _ in range(model_bytes // chunk):
             yield payload
 
-    async def upload(requests: AsyncIterator[bytes], context: object) -> bytes:
-        received = 0
-        if design is None:
-            async for message in requests:
-                received += len(message)
-            return str(received).encode()
-        fd = design.spool()
-        async for message in requests:
-            os.pwrite(fd, message, received)
-            received += len(message)
-        await asyncio.to_thread(design.fold, fd)
-        return str(received).encode()
-
     handlers = {
-        "Download": grpc.unary_stream_rpc_method_handler(download),
-        "Upload": grpc.stream_unary_rpc_method_handler(upload),
+        "Stream": grpc.unary_stream_rpc_method_handler(download),
+        "Upload": grpc.stream_unary_rpc_method_handler(
+            drain_upload if design is None else design.upload
+        ),
     }
     asyncio.run(serve_bulk(handlers, grpc_options(chunk), ready))
 
@@ -128,14 +133,12 @@ def _client(
 ) -> None:
     import torch  # only in the child
 
-    from fedstream.common.tensor_codec import tensor_bytes
-
     payload = bytes(chunk)
     model = torch.zeros(model_bytes // 4)
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=grpc_options(chunk)) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
-        download = channel.unary_stream(_DOWNLOAD)
-        upload = channel.stream_unary(_UPLOAD)
+        download = channel.unary_stream(STREAM_METHOD)
+        upload = channel.stream_unary(UPLOAD_METHOD)
         for _ in range(rounds):
             start.wait()
             if work == "bare":
@@ -148,13 +151,13 @@ def _client(
                 for message in download(b""):
                     os.pwrite(fd, message, received)
                     received += len(message)
-                os.preadv(fd, [tensor_bytes(model)], 0)
+                os.preadv(fd, [_bytes(model)], 0)
                 model.add_(1e-3)  # the near-free training step of the synthetic task
 
                 def deltas(fd: int = fd) -> Iterator[bytes]:
                     for offset in range(0, model_bytes, chunk):
                         block = torch.empty(chunk // 4)
-                        os.preadv(fd, [tensor_bytes(block)], offset)
+                        os.preadv(fd, [_bytes(block)], offset)
                         local = model[offset // 4 : (offset + chunk) // 4]
                         yield torch.sub(local, block, out=block).numpy().tobytes()
 

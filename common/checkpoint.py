@@ -34,7 +34,8 @@ def _umask() -> int:
     return current
 
 
-def _fsync(path: Path, flags: int) -> None:
+def _fsync(path: Path, flags: int = os.O_RDWR) -> None:
+    """fsync the file (or, with O_RDONLY, the directory) at `path`."""
     fd = os.open(path, flags)
     try:
         os.fsync(fd)
@@ -50,7 +51,7 @@ def _sync_directory(path: Path) -> None:
 
 def sync_to_disk(path: Path) -> None:
     """Wait until the file at `path`, and its name in its directory, are on disk."""
-    _fsync(path, os.O_RDONLY)
+    _fsync(path)
     _sync_directory(path)
 
 
@@ -65,7 +66,7 @@ def _write_atomic(path: Path, write: Callable[[Path], object], sync: bool = True
         # file would get, so the run directory stays readable to the operator's tools.
         os.chmod(tmp, 0o666 & ~_umask())
         if sync:
-            _fsync(tmp, os.O_RDWR)
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
