@@ -13,6 +13,7 @@ COPY protos ./protos
 COPY common ./common
 COPY server ./server
 COPY client ./client
+COPY tasks ./tasks
 COPY fedstream ./fedstream
 
 # constraints.txt pins torch; the PyTorch CPU index supplies that version as a CPU-only

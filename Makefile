@@ -61,7 +61,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/fedstream
 	ln -s $(CURDIR)/fedstream/*.py $(TYPECHECK)/fedstream/
-	for pkg in common server client; do ln -s $(CURDIR)/$$pkg $(TYPECHECK)/fedstream/$$pkg; done
+	for pkg in common server client tasks; do ln -s $(CURDIR)/$$pkg $(TYPECHECK)/fedstream/$$pkg; done
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p fedstream -p bench
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy tests
 

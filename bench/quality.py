@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from fedstream.client.task import EvalResult, Task, load_task
 from fedstream.server.config import ServerConfig
 from fedstream.server.strategies import DeltaBlock, build_strategy
+from fedstream.tasks import EvalResult, Task, load_task
 
 
 @dataclass

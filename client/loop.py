@@ -24,7 +24,6 @@ import torch
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
 from fedstream.client.held_model import HeldModel
-from fedstream.client.task import Task, exchanged_names, load_task
 from fedstream.client.uplink import Deltas, UplinkEncoder
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import FedstreamError, InvalidManifest
@@ -32,6 +31,7 @@ from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.tensor_codec import Manifest
+from fedstream.tasks import Task, exchanged_names, load_task
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from fedstream.client.task import Task, exchanged_names
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
@@ -51,6 +50,7 @@ from fedstream.server.registry import ClientRecord, ClientRegistry
 from fedstream.server.run_store import RunStore
 from fedstream.server.spool import SpoolFiles, UploadSpool
 from fedstream.server.strategies import Strategy
+from fedstream.tasks import Task, exchanged_names
 
 log = logging.getLogger(__name__)
 

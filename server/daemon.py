@@ -13,7 +13,6 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedstream.client.task import Task, load_task
 from fedstream.common.checkpoint import write_json_atomic
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.server.config import ServerConfig
@@ -21,6 +20,7 @@ from fedstream.server.coordinator import Coordinator
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.servicer import SERVICE_NAME, CoordinatorServicer
 from fedstream.server.strategies import build_strategy
+from fedstream.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import torch
 
 from fedstream.client.config import ClientConfig
 from fedstream.client.loop import FederatedClient
-from fedstream.client.task import ConfigScalar, EvalResult, Task, TrainResult
 from fedstream.server.config import ServerConfig
 from fedstream.server.daemon import CoordinatorDaemon
+from fedstream.tasks import ConfigScalar, EvalResult, Task, TrainResult
 
 
 class TinyModel(torch.nn.Module):

@@ -7,8 +7,8 @@ import json
 import torch
 
 from fedstream.client.loop import FederatedClient
-from fedstream.client.task import load_task
 from fedstream.common.checkpoint import load_checkpoint
+from fedstream.tasks import load_task
 
 from .conftest import ClientThread, client_config
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedstream.client.tasks.digits import DigitsTask
 from fedstream.server.strategies import DeltaBlock, FedSGD
+from fedstream.tasks.digits import DigitsTask
 
 STEPS = 5
 

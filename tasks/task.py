@@ -26,10 +26,10 @@ ConfigScalar = float | int | str | bool
 __all__ = ["ConfigScalar", "EvalResult", "Task", "TaskError", "TrainResult", "load_task"]
 
 BUILTIN_TASKS: dict[str, str] = {
-    "digits": "fedstream.client.tasks.digits:DigitsTask",
-    "charlm": "fedstream.client.tasks.charlm:CharLMTask",
-    "charlm-lora": "fedstream.client.tasks.charlm_lora:CharLMLoRATask",
-    "synthetic": "fedstream.client.tasks.synthetic:SyntheticTask",
+    "digits": "fedstream.tasks.digits:DigitsTask",
+    "charlm": "fedstream.tasks.charlm:CharLMTask",
+    "charlm-lora": "fedstream.tasks.charlm_lora:CharLMLoRATask",
+    "synthetic": "fedstream.tasks.synthetic:SyntheticTask",
 }
 
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedstream.client.task import ConfigScalar, Task, TaskError, TrainResult
-from fedstream.client.tasks.training import check_partition, config_float, config_int
+from fedstream.tasks import ConfigScalar, Task, TaskError, TrainResult
+from fedstream.tasks.training import check_partition, config_float, config_int
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

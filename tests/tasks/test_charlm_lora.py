@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedstream.client.task import TaskError, exchanged_names, load_task
 from fedstream.common.checkpoint import save_checkpoint
+from fedstream.tasks import TaskError, exchanged_names, load_task
 
 SMALL = {"n_layer": "1", "n_embd": "32", "n_head": "2", "block_size": "16"}
 

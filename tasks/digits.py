@@ -18,8 +18,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from fedstream.client.task import ConfigScalar, EvalResult, Task, TaskError, TrainResult
-from fedstream.client.tasks.training import (
+from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TrainResult
+from fedstream.tasks.training import (
     ProximalTerm,
     check_partition,
     config_float,

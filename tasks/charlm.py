@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedstream.client.task import ConfigScalar, EvalResult, Task, TaskError, TrainResult
-from fedstream.client.tasks.gpt import GPT, GPTConfig
-from fedstream.client.tasks.training import (
+from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TrainResult
+from fedstream.tasks.gpt import GPT, GPTConfig
+from fedstream.tasks.training import (
     ProximalTerm,
     check_partition,
     config_float,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedstream.client.task import ConfigScalar, EvalResult, Task, TaskError, load_task
-from fedstream.client.tasks.charlm import CharLMTask
-from fedstream.client.tasks.digits import DigitsTask, dirichlet_partition
-from fedstream.client.tasks.synthetic import SyntheticTask
+from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, load_task
+from fedstream.tasks.charlm import CharLMTask
+from fedstream.tasks.digits import DigitsTask, dirichlet_partition
+from fedstream.tasks.synthetic import SyntheticTask
 
 SMALL_SYNTHETIC = {"params": "20000", "layers": "2"}
 

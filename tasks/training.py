@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
-from fedstream.client.task import ConfigScalar, TaskError
+from fedstream.tasks import ConfigScalar, TaskError
 
 
 def config_float(config: Mapping[str, ConfigScalar], key: str, default: float) -> float:

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedstream.client.task import TaskError
-from fedstream.client.tasks.charlm import CharLMTask
-from fedstream.client.tasks.training import seeded_rng
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.errors import InvalidCheckpoint
+from fedstream.tasks import TaskError
+from fedstream.tasks.charlm import CharLMTask
+from fedstream.tasks.training import seeded_rng
 
 ADAPTED = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 """The linear layers of each block that get adapters."""
