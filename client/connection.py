@@ -21,14 +21,14 @@ import torch
 from fedstream.client.held_model import HeldModel
 from fedstream.common.codecs import wire_chunks
 from fedstream.common.errors import WireError
-from fedstream.common.framing import ChunkParser, MalformedChunk, frame_data, serialize_chunk
+from fedstream.common.framing import MalformedChunk, frame_data
 from fedstream.common.progress import TransferProgress
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.service import bearer_metadata, stub
 from fedstream.common.tensor_codec import Manifest
 
 log = logging.getLogger(__name__)
 
-SERVICE = "/" + pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 MAX_MESSAGE = 80 << 20
 POLL_DEADLINE = 120.0
 CONTROL_DEADLINE = 30.0
@@ -76,7 +76,7 @@ class Session:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),)
+        return bearer_metadata(self.token)
 
 
 class StallWatchdog:
@@ -141,31 +141,11 @@ class Connection:
         self.stall_timeout = stall_timeout
         self.control = _channel(target, "control")
         self.bulk = _channel(target, "bulk")
-        self._join = self.control.unary_unary(
-            f"{SERVICE}/Join",
-            request_serializer=pb.JoinRequest.SerializeToString,
-            response_deserializer=pb.JoinReply.FromString,
-        )
-        self._poll = self.control.unary_unary(
-            f"{SERVICE}/Poll",
-            request_serializer=pb.PollRequest.SerializeToString,
-            response_deserializer=pb.PollReply.FromString,
-        )
-        self._report_evaluation = self.control.unary_unary(
-            f"{SERVICE}/ReportEvaluation",
-            request_serializer=pb.EvaluationReport.SerializeToString,
-            response_deserializer=pb.EvaluationReply.FromString,
-        )
-        self._download = self.bulk.unary_stream(
-            f"{SERVICE}/Download",
-            request_serializer=pb.DownloadRequest.SerializeToString,
-            response_deserializer=ChunkParser(pb.ModelChunk),
-        )
-        self._upload = self.bulk.stream_unary(
-            f"{SERVICE}/Upload",
-            request_serializer=serialize_chunk,
-            response_deserializer=pb.UploadReply.FromString,
-        )
+        self._join = stub(self.control, "Join")
+        self._poll = stub(self.control, "Poll")
+        self._report_evaluation = stub(self.control, "ReportEvaluation")
+        self._download = stub(self.bulk, "Download")
+        self._upload = stub(self.bulk, "Upload")
 
     def close(self) -> None:
         self.control.close()
