@@ -155,11 +155,9 @@ class Connection:
         reply = self._join(request, timeout=CONTROL_DEADLINE)
         return Session(reply.client_id, reply.token, reply.run_id)
 
-    def poll(self, session: Session, held_version: int) -> pb.PollReply:
+    def poll(self, session: Session) -> pb.PollReply:
         reply: pb.PollReply = self._poll(
-            pb.PollRequest(held_model_version=held_version),
-            metadata=session.metadata,
-            timeout=POLL_DEADLINE,
+            pb.PollRequest(), metadata=session.metadata, timeout=POLL_DEADLINE
         )
         return reply
 

@@ -72,7 +72,7 @@ class FederatedClient:
                     if self.session is None:
                         self._join()
                     assert self.session is not None
-                    reply = self.connection.poll(self.session, self.held_version)
+                    reply = self.connection.poll(self.session)
                     self._contacted()
                     action = reply.WhichOneof("action")
                     if action == "done":

@@ -176,17 +176,12 @@ Global___JoinReply: _TypeAlias = JoinReply  # noqa: Y015
 class PollRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    HELD_MODEL_VERSION_FIELD_NUMBER: _builtins.int
-    held_model_version: _builtins.int
-    """The global model version the client already holds, or -1 for none."""
     def __init__(
         self,
-        *,
-        held_model_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_model_version", b"held_model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
