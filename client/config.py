@@ -31,7 +31,8 @@ class ClientConfig:
     threads: int = 0
     """Torch CPU threads (0 keeps torch's default)."""
     chunk_bytes: int = MIB
-    """Bytes per streamed chunk of update data."""
+    """Bytes per streamed chunk, uploads and downloads (lowered to the coordinator's
+    max_chunk_bytes when that is smaller)."""
     stall_timeout: float = 60.0
     """Seconds a transfer may move no bytes before it is abandoned and retried."""
     max_backoff: float = 30.0

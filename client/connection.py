@@ -68,11 +68,19 @@ class Backoff:
         self.attempt = 0
 
 
+def negotiated_chunk_bytes(configured: int, server_max: int) -> int:
+    """The chunk size a client uses after Join: its own, unless the coordinator's
+    `max_chunk_bytes` (0 when it states none) is smaller."""
+    return min(configured, server_max) if server_max > 0 else configured
+
+
 @dataclass
 class Session:
     client_id: str
     token: str
     run_id: str
+    chunk_bytes: int
+    """Bytes per upload chunk and asked for per download chunk on this session."""
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -152,8 +160,9 @@ class Connection:
         self.bulk.close()
 
     def join(self, request: pb.JoinRequest) -> Session:
-        reply = self._join(request, timeout=CONTROL_DEADLINE)
-        return Session(reply.client_id, reply.token, reply.run_id)
+        reply: pb.JoinReply = self._join(request, timeout=CONTROL_DEADLINE)
+        chunk_bytes = negotiated_chunk_bytes(self.chunk_bytes, reply.max_chunk_bytes)
+        return Session(reply.client_id, reply.token, reply.run_id, chunk_bytes)
 
     def poll(self, session: Session) -> pb.PollReply:
         reply: pb.PollReply = self._poll(
@@ -184,7 +193,7 @@ class Connection:
         for attempt in range(1, attempts + 1):
             offset = held.bytes_written if held is not None else 0
             request = pb.DownloadRequest(
-                model_version=version, offset=offset, chunk_bytes=self.chunk_bytes
+                model_version=version, offset=offset, chunk_bytes=session.chunk_bytes
             )
             call = self._download(request, metadata=session.metadata)
             watchdog = StallWatchdog(call, self.stall_timeout)
@@ -249,7 +258,7 @@ class Connection:
 
         def messages() -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(header=header)
-            for chunk in wire_chunks(manifest, pieces, self.chunk_bytes):
+            for chunk in wire_chunks(manifest, pieces, session.chunk_bytes):
                 yield frame_data(chunk)
                 progress.advance(len(chunk))
 

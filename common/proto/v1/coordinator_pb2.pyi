@@ -155,7 +155,9 @@ class JoinReply(_message.Message):
     run_id: _builtins.str
     """Identifies the coordinator run; a change means the coordinator restarted."""
     max_chunk_bytes: _builtins.int
-    """Largest chunk the coordinator accepts on Upload."""
+    """Largest data chunk the coordinator accepts on Upload (0: no bound stated).
+    A client cuts its uploads, and asks for download chunks, no larger than this.
+    """
     def __init__(
         self,
         *,
