@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,22 +46,38 @@ RETRYABLE = frozenset(
 
 
 class Backoff:
-    """Exponential backoff with full jitter: sleep a uniform draw below a doubling cap."""
+    """Exponential backoff with full jitter: sleep a uniform draw below a doubling cap.
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None):
+    The n-th delay since the last reset is drawn from [0, min(cap, base * 2**n)].
+    """
+
+    def __init__(
+        self,
+        base: float = 0.5,
+        cap: float = 30.0,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.base = base
         self.cap = cap
         self.attempt = 0
         self.rng = rng or random.Random()
+        self._sleep = sleep
+
+    def ceiling(self) -> float:
+        """The bound of the next delay."""
+        # 2.0 ** n raises OverflowError past n = 1023, which a client retrying for days
+        # reaches; any cap is reached long before 2 ** 1000.
+        return min(self.cap, self.base * 2.0 ** min(self.attempt, 1000))
 
     def next_delay(self) -> float:
-        ceiling = min(self.cap, self.base * (2**self.attempt))
+        ceiling = self.ceiling()
         self.attempt += 1
         return self.rng.uniform(0.0, ceiling)
 
     def sleep(self) -> float:
         delay = self.next_delay()
-        time.sleep(delay)
+        self._sleep(delay)
         return delay
 
     def reset(self) -> None:
