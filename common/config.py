@@ -6,6 +6,11 @@ Each field is documented by the string literal under it; that text becomes the f
 environment variables are `FEDSTREAM_<SECTION>_<FIELD>` (`FEDSTREAM_SERVER_MIN_CLIENTS`);
 the TOML file holds one table per section (`[server]`, `[client]`, `[demo]`).
 
+A section's dataclass may compose component dataclasses by inheritance (`ServerConfig`
+inherits `TransportConfig`, `RoundsConfig`, ...): the fields stay flat for flags,
+variables and TOML keys, and `--help` lists them under one heading per component, the
+component's docstring beneath it.
+
 Mapping-valued fields (`task_opt`, `round_config`) take repeated `KEY=VALUE` flags, a
 comma-separated `KEY=VALUE,KEY=VALUE` environment variable, or a TOML table.
 """
@@ -31,13 +36,21 @@ T = TypeVar("T")
 ENV_PREFIX = "FEDSTREAM"
 
 
+CHOICES = "choices"
+"""Field metadata key: the values a str field may take, listed in its `--help` (taken from
+the code that defines them, so the help cannot drift from it)."""
+
+DEFAULT_HELP = "default_help"
+"""Field metadata key: what `--help` shows as the field's default, where the value alone
+says little (None standing for "each strategy's own default", say)."""
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be used."""
 
 
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field of a dataclass, by field name."""
+def _docs_declared_in(cls: type) -> dict[str, str]:
+    """The string literal under each annotated name in the body of `cls` itself."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
@@ -51,6 +64,32 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = " ".join(following.value.value.split())
     return docs
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass, by field name, inherited fields
+    included (read where each is declared; a subclass's redeclaration wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_docs_declared_in(klass))
+    return docs
+
+
+def components(cls: type) -> list[tuple[type, list[dataclasses.Field[Any]]]]:
+    """The dataclasses `cls` is composed of, each with the fields it declares: `cls` first,
+    then its bases in method resolution order; those that declare no field left out."""
+    declared: dict[type, list[dataclasses.Field[Any]]] = {}
+    for f in dataclasses.fields(cls):
+        owner = next(k for k in cls.__mro__ if f.name in k.__dict__.get("__annotations__", {}))
+        declared.setdefault(owner, []).append(f)
+    return [(klass, declared[klass]) for klass in cls.__mro__ if klass in declared]
+
+
+def component_title(cls: type) -> str:
+    """`TransportConfig` -> `transport`: the heading of its flags in `--help`."""
+    return cls.__name__.removesuffix("Config").lower()
 
 
 def _field_type(cls: type, name: str) -> Any:
@@ -116,13 +155,38 @@ def _convert(cls: type, name: str, raw: Any, source: str) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of `cls`, each defaulting to 'not given' so precedence works."""
+    """One flag per field of `cls`, each defaulting to 'not given' so precedence works.
+
+    A `cls` composed of several dataclasses gets one argument group per component, titled
+    by it and described by its docstring; a plain one adds its flags to `parser` itself.
+    """
+    parts = components(cls)
+    if len(parts) == 1:
+        _add_fields(parser, cls, parts[0][1])
+        return
+    for component, fields in parts:
+        description = component.__dict__.get("__doc__")
+        group = parser.add_argument_group(
+            component_title(component), " ".join(description.split()) if description else None
+        )
+        _add_fields(group, cls, fields)
+
+
+def _add_fields(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    fields: list[dataclasses.Field[Any]],
+) -> None:
     docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(_field_type(cls, f.name))
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+        default = f.metadata.get(DEFAULT_HELP)
+        if default is None:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         help_text = docs.get(f.name, "")
+        if CHOICES in f.metadata:
+            help_text = f"{help_text} One of: {', '.join(f.metadata[CHOICES])}."
         if _is_mapping(tp):
             parser.add_argument(
                 flag,
