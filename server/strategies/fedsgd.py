@@ -23,6 +23,7 @@ client's data with the same optimiser.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
@@ -34,13 +35,18 @@ OPTIMIZERS = ("sgd", "adam")
 
 class FedSGD(ServerOptimizer):
     """Parameters: `optimizer` (sgd | adam), `lr`, `momentum` (sgd), `beta1`, `beta2` and
-    `eps` (adam)."""
+    `eps` (adam); `lr` and `momentum` None take the class defaults."""
+
+    default_lr: ClassVar[float] = 0.1
+    """Server learning rate when none is given."""
+    default_momentum: ClassVar[float] = 0.0
+    """Momentum of the sgd optimiser when none is given: plain SGD."""
 
     def __init__(
         self,
         optimizer: str,
-        lr: float,
-        momentum: float = 0.0,
+        lr: float | None = None,
+        momentum: float | None = None,
         beta1: float = 0.9,
         beta2: float = 0.999,
         eps: float = 1e-8,
@@ -49,8 +55,8 @@ class FedSGD(ServerOptimizer):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"FedSGD optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
         self.optimizer = optimizer
-        self.lr = lr
-        self.momentum = momentum
+        self.lr = self.default_lr if lr is None else lr
+        self.momentum = self.default_momentum if momentum is None else momentum
         self.beta1 = beta1
         self.beta2 = beta2
         self.eps = eps

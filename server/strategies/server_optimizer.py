@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
@@ -59,13 +60,18 @@ class AdaptiveServerOptimizer(ServerOptimizer):
         v <- second_moment(v, delta)            (per method: Adagrad, Adam, Yogi)
         w <- w + lr * m / (sqrt(v) + tau)
 
-    Parameters: `lr` (the server learning rate eta), `beta1`, `beta2` (unused by
-    FedAdagrad) and `tau` (the adaptivity: larger is closer to momentum SGD).
+    Parameters: `lr` (the server learning rate eta; None takes `default_lr`), `beta1`,
+    `beta2` (unused by FedAdagrad) and `tau` (the adaptivity: larger is closer to
+    momentum SGD).
     """
 
-    def __init__(self, lr: float, beta1: float, beta2: float, tau: float) -> None:
+    default_lr: ClassVar[float] = 0.01
+    """Server learning rate (eta) when none is given, for FedAdam, FedYogi and FedAdagrad
+    alike."""
+
+    def __init__(self, lr: float | None, beta1: float, beta2: float, tau: float) -> None:
         super().__init__()
-        self.lr = lr
+        self.lr = self.default_lr if lr is None else lr
         self.beta1 = beta1
         self.beta2 = beta2
         self.tau = tau

@@ -11,8 +11,23 @@ from typing import Any
 import pytest
 
 from fedstream.client.config import ClientConfig
-from fedstream.common.config import ConfigError, add_arguments, field_docs, load_config
-from fedstream.server.config import ServerConfig
+from fedstream.common.config import (
+    CHOICES,
+    DEFAULT_HELP,
+    ConfigError,
+    add_arguments,
+    components,
+    field_docs,
+    load_config,
+)
+from fedstream.server.config import (
+    EvaluationConfig,
+    RoundsConfig,
+    ServerConfig,
+    StrategyConfig,
+    TransportConfig,
+    UplinkConfig,
+)
 
 
 @dataclass
@@ -252,3 +267,189 @@ def test_flags_carry_docs_and_defaults_but_default_to_not_given() -> None:
     assert helps["extra"] == "Extra KEY=VALUE settings. (repeatable)"
     assert helps["path"] == "Where things go. (default: default/dir)"
     assert vars(parser.parse_args([])) == {}
+
+
+# ---- configuration by component ------------------------------------------------------
+
+
+@dataclass
+class Wire:
+    """How bytes move."""
+
+    port: int = 1
+    """Port to listen on."""
+    label: str = "wire"
+    """Redeclared below."""
+
+
+@dataclass
+class Schedule:
+    """When things happen."""
+
+    every: float = 2.0
+    """Seconds between runs."""
+
+
+@dataclass
+class Composed(Wire, Schedule):
+    """The whole thing."""
+
+    label: str = "whole"
+    """The composed class's own label."""
+    name: str = "x"
+    """A name of its own."""
+
+
+def test_field_docs_reads_inherited_fields_where_declared() -> None:
+    docs = field_docs(Composed)
+    assert docs == {
+        "port": "Port to listen on.",
+        "every": "Seconds between runs.",
+        "label": "The composed class's own label.",
+        "name": "A name of its own.",
+    }
+
+
+def test_components_are_the_declaring_classes_in_method_resolution_order() -> None:
+    parts = [(cls, [f.name for f in fields]) for cls, fields in components(Composed)]
+    assert parts == [(Composed, ["label", "name"]), (Wire, ["port"]), (Schedule, ["every"])]
+    assert [cls for cls, _ in components(Sample)] == [Sample]
+
+
+def test_a_composed_config_gets_one_argument_group_per_component() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Composed)
+    groups = {
+        g.title: (g.description, [a.dest for a in g._group_actions]) for g in parser._action_groups
+    }
+    assert groups["composed"] == ("The whole thing.", ["label", "name"])
+    assert groups["wire"] == ("How bytes move.", ["port"])
+    assert groups["schedule"] == ("When things happen.", ["every"])
+    assert vars(parser.parse_args(["--port", "3", "--every", "1"])) == {"port": "3", "every": "1"}
+
+
+def test_a_plain_config_adds_its_flags_to_the_parser_itself() -> None:
+    parser = argparse.ArgumentParser()
+    before = len(parser._action_groups)
+    add_arguments(parser, Sample)
+    assert len(parser._action_groups) == before
+
+
+def test_choices_and_default_help_metadata_show_in_help() -> None:
+    @dataclass
+    class Picky:
+        mode: str = field(default="a", metadata={CHOICES: ("a", "b")})
+        """How to go."""
+        rate: float | None = field(default=None, metadata={DEFAULT_HELP: "per mode"})
+        """How fast."""
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Picky)
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["mode"] == "How to go. One of: a, b. (default: a)"
+    assert helps["rate"] == "How fast. (default: per mode)"
+
+
+SERVER_COMPONENTS = [
+    ServerConfig,
+    TransportConfig,
+    RoundsConfig,
+    UplinkConfig,
+    StrategyConfig,
+    EvaluationConfig,
+]
+
+
+def test_server_config_is_composed_of_its_components() -> None:
+    assert [cls for cls, _ in components(ServerConfig)] == SERVER_COMPONENTS
+    for component in SERVER_COMPONENTS[1:]:
+        assert isinstance(ServerConfig(), component)
+        assert component.__doc__ and not component.__doc__.startswith(component.__name__ + "(")
+    assert ServerConfig().spool_path == Path("runs/latest/spool")
+
+
+# A field of each component: TOML value, environment value, flag, and what each gives.
+SERVER_PRECEDENCE = [
+    ("run_dir", '"f/run"', "e/run", "g/run", Path("f/run"), Path("e/run"), Path("g/run")),
+    ("address", '"f:1"', "e:2", "g:3", "f:1", "e:2", "g:3"),
+    ("min_clients", "3", "4", "5", 3, 4, 5),
+    ("uplink_codec", '"int8"', "fp16", "topk", "int8", "fp16", "topk"),
+    ("server_lr", "0.5", "0.25", "0.125", 0.5, 0.25, 0.125),
+    ("eval_every", "2", "3", "4", 2, 3, 4),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "toml_value", "env_value", "flag_value", "from_file", "from_env", "from_flag"),
+    SERVER_PRECEDENCE,
+    ids=[case[0] for case in SERVER_PRECEDENCE],
+)
+def test_precedence_holds_for_a_field_of_each_server_component(
+    tmp_path: Path,
+    name: str,
+    toml_value: str,
+    env_value: str,
+    flag_value: str,
+    from_file: Any,
+    from_env: Any,
+    from_flag: Any,
+) -> None:
+    config_file = tmp_path / "fedstream.toml"
+    config_file.write_text(f"[server]\n{name} = {toml_value}\n")
+    env = {f"FEDSTREAM_SERVER_{name.upper()}": env_value}
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ServerConfig)
+    flags = vars(parser.parse_args(["--" + name.replace("_", "-"), flag_value]))
+
+    def value(cli: dict[str, Any], file: Path | None, environ: dict[str, str]) -> Any:
+        return getattr(load_config(ServerConfig, "server", cli, file, environ), name)
+
+    assert value({}, None, {}) == getattr(ServerConfig(), name)
+    assert value({}, config_file, {}) == from_file
+    assert value({}, config_file, env) == from_env
+    assert value(flags, config_file, env) == from_flag
+
+
+# A bad value for fields of each component; the error must name the field.
+BAD_VALUES: list[tuple[type, str, Any]] = [
+    (TransportConfig, "address", "no-port"),
+    (TransportConfig, "chunk_bytes", 10),
+    (TransportConfig, "chunk_bytes", 32 << 20),
+    (TransportConfig, "poll_timeout", 0.0),
+    (TransportConfig, "client_timeout", -1.0),
+    (TransportConfig, "stall_timeout", 0.0),
+    (RoundsConfig, "rounds", 0),
+    (RoundsConfig, "min_clients", 0),
+    (RoundsConfig, "fraction", 1.5),
+    (RoundsConfig, "min_reports", 0),
+    (RoundsConfig, "round_timeout", 0.0),
+    (RoundsConfig, "proximal_mu", -0.1),
+    (RoundsConfig, "done_grace", -1.0),
+    (UplinkConfig, "uplink_codec", "gzip"),
+    (UplinkConfig, "topk_fraction", 0.0),
+    (StrategyConfig, "strategy", "krum"),
+    (StrategyConfig, "client_weight", {"a": "-1"}),
+    (StrategyConfig, "server_lr", 0.0),
+    (StrategyConfig, "server_momentum", 1.0),
+    (StrategyConfig, "server_optimizer", "rmsprop"),
+    (StrategyConfig, "beta1", 1.0),
+    (StrategyConfig, "beta2", -0.1),
+    (StrategyConfig, "tau", 0.0),
+    (EvaluationConfig, "eval_every", -1),
+    (EvaluationConfig, "eval_timeout", 0.0),
+    (ServerConfig, "keep_checkpoints", 0),
+    (ServerConfig, "threads", -1),
+]
+
+
+@pytest.mark.parametrize(
+    ("component", "name", "bad"),
+    BAD_VALUES,
+    ids=[f"{c.__name__}.{n}={b!r}" for c, n, b in BAD_VALUES],
+)
+def test_each_component_validates_its_own_fields(component: type, name: str, bad: Any) -> None:
+    component().validate()
+    with pytest.raises(ConfigError, match=name):
+        component(**{name: bad}).validate()
+    with pytest.raises(ConfigError, match=name):
+        ServerConfig(**{name: bad}).validate()

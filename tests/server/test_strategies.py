@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
-from fedstream.common.config import ConfigError
-from fedstream.server.config import ServerConfig
+from fedstream.common.config import ConfigError, add_arguments
+from fedstream.server.config import ServerConfig, StrategyConfig
 from fedstream.server.strategies import (
     STRATEGIES,
     DeltaBlock,
@@ -196,3 +198,79 @@ def test_unknown_strategy_is_a_config_error() -> None:
 def test_client_weights_must_be_positive_numbers(weight: str) -> None:
     with pytest.raises(ConfigError, match="client_weight"):
         ServerConfig(client_weight={"a": weight}).validate()
+
+
+# ---- defaults on the strategy classes ------------------------------------------------
+
+HYPER_PARAMETERS = [
+    ("server_lr", "default_lr", "lr"),
+    ("server_momentum", "default_momentum", "momentum"),
+]
+"""Config field, the class attribute that is its default, and the built strategy's attribute."""
+
+
+def server_help() -> dict[str, str]:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, ServerConfig)
+    return {action.dest: action.help or "" for action in parser._actions}
+
+
+def with_default(attribute: str) -> list[str]:
+    return [name for name, named in STRATEGIES.items() if hasattr(named.cls, attribute)]
+
+
+def test_every_strategy_with_a_server_optimiser_declares_its_defaults() -> None:
+    assert set(with_default("default_lr")) == {
+        "fedsgd",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+    }
+    assert set(with_default("default_momentum")) == {"fedsgd", "fedavgm"}
+
+
+@pytest.mark.parametrize(("field", "attribute", "_built"), HYPER_PARAMETERS)
+def test_help_names_each_strategys_class_default(field: str, attribute: str, _built: str) -> None:
+    listed = server_help()[field].split("(default: ")[1].removesuffix(")")
+    named = dict(pair.split(" ") for pair in listed.split(", "))
+    assert named == {
+        name: f"{getattr(STRATEGIES[name].cls, attribute):g}" for name in with_default(attribute)
+    }
+
+
+def test_strategy_help_lists_every_strategy() -> None:
+    text = server_help()["strategy"]
+    assert f"One of: {', '.join(STRATEGIES)}." in text
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "attribute", "built"),
+    [(name, *hyper) for hyper in HYPER_PARAMETERS for name in with_default(hyper[1])],
+)
+def test_build_strategy_takes_the_class_default_when_the_flag_is_unset(
+    monkeypatch: pytest.MonkeyPatch, name: str, field: str, attribute: str, built: str
+) -> None:
+    cls = STRATEGIES[name].cls
+    strategy = build_strategy(StrategyConfig(strategy=name))
+    assert isinstance(strategy, cls)
+    assert getattr(strategy, built) == getattr(cls, attribute)
+
+    monkeypatch.setattr(cls, attribute, 0.375)
+    assert getattr(build_strategy(StrategyConfig(strategy=name)), built) == 0.375
+    given = StrategyConfig(strategy=name)
+    setattr(given, field, 0.25)
+    assert getattr(build_strategy(given), built) == 0.25
+
+
+def test_constructors_take_class_defaults_for_none() -> None:
+    assert (FedAvgM().lr, FedAvgM().momentum) == (FedAvgM.default_lr, FedAvgM.default_momentum)
+    assert FedAvgM(None, 0.5).momentum == 0.5
+    assert FedSGD("sgd").lr == FedSGD.default_lr
+    assert FedAdam(None, 0.9, 0.99, 1e-3).lr == FedAdam.default_lr
+    assert FedYogi(0.2, 0.9, 0.99, 1e-3).lr == 0.2
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_each_name_builds_its_class(name: str) -> None:
+    assert type(build_strategy(ServerConfig(strategy=name))) is STRATEGIES[name].cls
