@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from fedstream.cli import COMMANDS, build_parser, main
-from fedstream.common.config import field_docs
+from fedstream.common.config import component_title, components, field_docs
+from fedstream.server.config import ServerConfig
 
 OPTIONS: dict[str, set[str]] = {
     "server": {
@@ -94,6 +95,8 @@ OPTIONS: dict[str, set[str]] = {
 HELP_SUFFIX = re.compile(r"\s*\((default: .*|repeatable)\)$")
 """What `add_arguments` appends to a field's documentation."""
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
@@ -138,6 +141,43 @@ def test_every_config_field_is_documented(command: str) -> None:
     docs = field_docs(cls)
     undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
     assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
+
+
+SERVER_GROUPS = ["server", "transport", "rounds", "uplink", "strategy", "evaluation"]
+"""`fedstream server --help`'s headings: the run's own flags, then one per component."""
+
+
+def group_options(parser: argparse.ArgumentParser) -> dict[str | None, set[str]]:
+    return {
+        group.title: {option for action in group._group_actions for option in action.option_strings}
+        for group in parser._action_groups
+    }
+
+
+def test_server_help_groups_the_flags_by_component() -> None:
+    parser = subparsers()["server"]
+    groups = group_options(parser)
+    assert [g.title for g in parser._action_groups][2:] == SERVER_GROUPS
+    assert groups["options"] == {"-h", "--help", "--config"}
+    for component, fields in components(ServerConfig):
+        flags = {"--" + f.name.replace("_", "-") for f in fields}
+        if "--uplink-zstd" in flags:
+            flags.add("--no-uplink-zstd")
+        assert groups[component_title(component)] == flags, component.__name__
+    text = parser.format_help()
+    for component, _ in components(ServerConfig):
+        heading = f"\n{component_title(component)}:\n"
+        assert heading in text
+        first_words = " ".join((component.__doc__ or "").split()[:4])
+        assert first_words in " ".join(text.split(heading)[1].split()[:20]), component.__name__
+    assert text.index("\ntransport:\n") < text.index("\n  --address") < text.index("\nrounds:\n")
+
+
+@pytest.mark.parametrize("command", ["client", "demo"])
+def test_client_and_demo_help_stay_ungrouped(command: str) -> None:
+    groups = group_options(subparsers()[command])
+    assert set(groups) == {"positional arguments", "options"}
+    assert groups["options"] == OPTIONS[command] | {"-h", "--help"}
 
 
 @pytest.mark.parametrize("command", sorted(OPTIONS))
@@ -190,3 +230,52 @@ def test_bad_values_exit_2_with_a_message(
     err = capsys.readouterr().err
     assert err.startswith(f"fedstream {argv[0]}: ")
     assert named in err
+
+
+README_TABLES_START = "The tables below are generated from"
+README_TABLES_END = "\n## Wire protocol"
+
+
+def reference_tables() -> str:
+    """README.md's flag tables, made from what `--help` says of each flag."""
+    blocks: list[str] = []
+    for command, (_, summary) in COMMANDS.items():
+        blocks.append(f"#### `fedstream {command}`: {summary}")
+        for group in subparsers()[command]._action_groups:
+            actions = [a for a in group._group_actions if a.dest not in ("help", "config")]
+            if not actions:
+                continue
+            if group.title not in ("options", "positional arguments"):
+                blocks.append(f"**{group.title}**: {group.description}")
+            rows = [
+                "| Flag | Environment variable | Default | Meaning |",
+                "| --- | --- | --- | --- |",
+            ]
+            for action in actions:
+                help_text = action.help or ""
+                if help_text.endswith(" (repeatable)"):
+                    meaning, default = help_text.removesuffix(" (repeatable)"), ""
+                else:
+                    meaning, _, default = help_text.rpartition(" (default: ")
+                    default = default.removesuffix(")")
+                shown = "(none)" if default in ("None", "") else f"`{default}`"
+                flags = ", ".join(f"`{option}`" for option in action.option_strings)
+                if action.metavar == "KEY=VALUE":
+                    flags = f"`{action.option_strings[0]} KEY=VALUE`"
+                env = f"`FEDSTREAM_{command.upper()}_{action.dest.upper()}`"
+                cell = meaning.replace("|", "\\|")
+                rows.append(f"| {flags} | {env} | {shown} | {cell} |")
+            blocks.append("\n".join(rows))
+    return "\n\n".join(blocks) + "\n"
+
+
+def test_readme_flag_tables_are_what_help_says() -> None:
+    """README.md's configuration reference cannot drift from the config dataclasses."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index(README_TABLES_START) : readme.index(README_TABLES_END)]
+    tables = section[section.index("\n#### ") + 1 :]
+    expected = reference_tables()
+    assert tables == expected, (
+        "README.md's flag tables are stale; replace everything from the first `#### "
+        f"`fedstream` heading up to `## Wire protocol` with:\n\n{expected}"
+    )
