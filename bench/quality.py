@@ -6,8 +6,9 @@ Federated rounds run in this one process through the real Strategy classes (buil
 ServerConfig, exactly as the coordinator builds them) and the real built-in task code,
 with no gRPC in between: the wire is tested elsewhere, this measures the learning. Each
 round every client starts from the global weights, trains (or computes its gradient, for
-FedSGD), and its update is folded block by block; `finish_round` makes the next global
-model, which the task's held-out split scores.
+FedSGD), and its update is handed to the strategy as the coordinator hands a verified
+one (`accept`, block by block); `aggregate` makes the next global model, which the task's
+held-out split scores.
 
 The centralised baseline trains one model on the union of the clients' training data
 with the same optimiser, the same round config, and the same number of local steps per
@@ -29,6 +30,7 @@ import torch
 
 from fedstream.server.config import ServerConfig
 from fedstream.server.strategies import DeltaBlock, build_strategy
+from fedstream.server.updates import VerifiedUpdate
 from fedstream.tasks import EvalResult, Task, load_task
 
 
@@ -106,6 +108,7 @@ def federated(setting: Setting, flags: Mapping[str, Any], seed: int) -> list[flo
         round_config = strategy.configure_round(round_number, base)
         gradient = round_config.get("mode") == "gradient"
         strategy.begin_round(global_tensors)
+        updates = []
         for k, client in enumerate(clients):
             local = client.build_model()
             local.load_state_dict(model.state_dict())
@@ -113,11 +116,15 @@ def federated(setting: Setting, flags: Mapping[str, Any], seed: int) -> list[flo
                 result = client.compute_gradient(local, round_config)
             else:
                 result = client.train(local, round_config)
-            strategy.fold(
+            update = VerifiedUpdate.in_memory(
                 f"client-{k}", result.num_examples, update_blocks(local, global_tensors, gradient)
             )
+            strategy.accept(update)
+            if not strategy.holds_updates:
+                update.release()
+            updates.append(update)
         with torch.no_grad():
-            strategy.finish_round(global_tensors)
+            strategy.aggregate(updates, global_tensors)
         curve.append(score(server, model, setting.metric))
     return curve
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -40,3 +41,8 @@ def reuse_chunk_buffers() -> None:
     mallopt(M_ARENA_MAX, ARENA_MAX)
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
     mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far, as the OS counts it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

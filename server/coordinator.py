@@ -4,142 +4,115 @@
     round r     select clients, publish the round; they pull model version r-1, train and
                 push deltas; the round closes when every selected client has reported, or
                 at the deadline (uploads still moving bytes are waited for)
-                -> with enough updates: aggregate into version r, evaluate, checkpoint,
-                   metrics; without: the round is run again with a fresh selection
-    evaluating  every `eval_every` rounds, after aggregating: the round's selected clients
-                pull version r, evaluate it on their own held-out data and report; closes
-                when all have reported or at its own deadline
+                -> with enough updates: aggregate into version r, checkpoint, metrics;
+                   without: the round is run again with a fresh selection
+    evaluating  every `eval_every` rounds, after round r is checkpointed: the clients the
+                strategy picks pull version r, evaluate it on their own held-out data and
+                report; closes when all have reported or at its own deadline; the metrics
+                are added to round r's record
     done        every poll is answered Done; the daemon stops once all have heard it
 
-Everything a client sends is validated before it touches state; failures raise the
-domain errors of `server/errors.py`, which the servicer maps to gRPC statuses.
+The coordinator is in one phase at a time (`self.phase`, `server/phases.py`). It reads the
+time only through its clock, takes and returns plain values (`server/calls.py`), and
+raises the domain errors of `server/errors.py`, which the servicer maps to gRPC statuses.
+The global model and its downloads live in `server/global_model.py`, upload intake in
+`server/intake.py`, the run directory in `server/run_store.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
-import enum
 import logging
-import math
-import resource
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
-
 from fedstream.common.codecs import UplinkCodec
-from fedstream.common.errors import InvalidManifest
-from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.round_config import parse_scalar
-from fedstream.common.round_config import to_proto as config_to_proto
-from fedstream.common.tensor_codec import Manifest, ManifestLimits, iter_chunks
-from fedstream.server.config import ServerConfig
-from fedstream.server.errors import (
-    InvalidUpdate,
-    OffsetOutOfRange,
-    TaskMismatch,
-    UploadInProgress,
-    WrongRound,
+from fedstream.common.memory import peak_rss_bytes
+from fedstream.common.round_config import Scalar, parse_scalar
+from fedstream.server.calls import (
+    EvaluationClaim,
+    JoinClaim,
+    Joined,
+    ModelStream,
+    NoWork,
+    Receipt,
+    RunDone,
+    UpdateClaim,
+    Work,
 )
-from fedstream.server.phases import OpenEvaluation, OpenRound, select_clients
+from fedstream.server.clock import Changes, Clock, MonotonicClock
+from fedstream.server.config import ServerConfig
+from fedstream.server.errors import TaskMismatch, UploadInProgress, WrongRound
+from fedstream.server.global_model import GlobalModel
+from fedstream.server.intake import UploadIntake
+from fedstream.server.phases import (
+    Aggregating,
+    Done,
+    OpenEvaluation,
+    OpenRound,
+    Phase,
+    Waiting,
+    select_clients,
+)
 from fedstream.server.registry import ClientRecord, ClientRegistry
 from fedstream.server.run_store import RunStore
-from fedstream.server.spool import SpoolFiles, UploadSpool
 from fedstream.server.strategies import Strategy
+from fedstream.server.updates import EvaluationReport
 from fedstream.tasks import Task, exchanged_names
 
 log = logging.getLogger(__name__)
 
-PLOT_INTERVAL_S = 30.0
-"""Seconds between redraws of metrics.png while rounds run; the last round is always drawn."""
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far, as the OS counts it."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class Phase(enum.Enum):
-    WAITING = "waiting"
-    TRAINING = "training"
-    AGGREGATING = "aggregating"
-    EVALUATING = "evaluating"
-    DONE = "done"
-
-
-class GlobalModel:
-    """The global weights: the exchanged tensors of the task's model (`exchanged_names`).
-
-    The tensors share storage with the model's parameters, so evaluating the module sees
-    the current weights and no second copy exists. Tensors not exchanged stay as the
-    task built them.
-    """
-
-    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
-        self.module = module
-        state = module.state_dict()
-        self.tensors: dict[str, torch.Tensor] = {name: state[name] for name in names}
-        for name, tensor in self.tensors.items():
-            if not tensor.is_contiguous():
-                raise ValueError(f"model tensor {name!r} is not contiguous")
-        self.manifest = Manifest.from_tensors(self.tensors)
-        self.version = 0
-
-    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        Manifest.from_tensors(tensors).require_same_layout(self.manifest)
-        with torch.no_grad():
-            for name, target in self.tensors.items():
-                target.copy_(tensors[name])
-
-    def chunks(self, offset: int, chunk_bytes: int) -> Iterator[memoryview | bytes]:
-        return iter_chunks(list(self.tensors.values()), chunk_bytes, offset)
-
 
 class Coordinator:
     def __init__(
-        self, config: ServerConfig, task: Task, strategy: Strategy, store: RunStore
+        self,
+        config: ServerConfig,
+        task: Task,
+        strategy: Strategy,
+        store: RunStore,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         self.task = task
         self.strategy = strategy
         self.store = store
-        self.registry = ClientRegistry()
+        self.clock = clock or MonotonicClock()
+        self.registry = ClientRegistry(self.clock.now)
         module = task.build_model()
         self.model = GlobalModel(module, exchanged_names(task, module))
         self.run_id = uuid.uuid4().hex
-        self.phase = Phase.WAITING
-        self.round: OpenRound | None = None
-        self.evaluation: OpenEvaluation | None = None
+        self.phase: Phase = Waiting(config.min_clients)
         self.completed = 0
-        self.history: list[dict[str, Any]] = []
-        self.uplink = UplinkCodec.parse(config.uplink_codec, config.topk_fraction)
+        uplink = UplinkCodec.parse(config.uplink_codec, config.topk_fraction)
         if config.uplink_zstd:
-            self.uplink = UplinkCodec(self.uplink.codec, zstd=True)
-        self.upload_layout = self.uplink.layout(self.model.manifest)
-        self.base_round_config = {
+            uplink = UplinkCodec(uplink.codec, zstd=True)
+        self.intake = UploadIntake(uplink, self.model.manifest, config.spool_path)
+        self.base_round_config: dict[str, Scalar] = {
             **{k: parse_scalar(v) for k, v in config.round_config.items()},
-            **self.uplink.round_config(),
+            **uplink.round_config(),
         }
         if config.proximal_mu > 0:
             self.base_round_config["proximal_mu"] = config.proximal_mu
-        # Loose enough that a wrong dtype is reported as such, tight enough that no
-        # manifest can make the coordinator spool far more than a model's worth.
-        bound = 4 * self.model.manifest.total_bytes + (1 << 20)
-        self.upload_limits = ManifestLimits(
-            max_tensors=len(self.upload_layout.entries),
-            max_total_bytes=bound,
-            max_tensor_bytes=bound,
-        )
-        self._changed = asyncio.Event()
-        self._fold_lock = asyncio.Lock()
-        self._spool_writer = concurrent.futures.ThreadPoolExecutor(2, "spool-writer")
-        self._spool_files = SpoolFiles(config.spool_path)
-        self._last_plot = -math.inf
-        self._plot_pending = False
+        self.changes = Changes(self.clock)
+
+    @property
+    def round(self) -> OpenRound | None:
+        """The round in flight: open, or closed and being aggregated."""
+        if isinstance(self.phase, OpenRound):
+            return self.phase
+        if isinstance(self.phase, Aggregating):
+            return self.phase.round
+        return None
+
+    @property
+    def evaluation(self) -> OpenEvaluation | None:
+        return self.phase if isinstance(self.phase, OpenEvaluation) else None
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The records of the completed rounds (metrics.jsonl)."""
+        return self.store.history
 
     # ---- life cycle -------------------------------------------------------------------
 
@@ -148,297 +121,197 @@ class Coordinator:
         resumed = self.store.resume()
         if resumed is None:
             self.store.save(0, self.model.tensors, self.strategy.state_tensors(), [])
-            log.info("new run in %s: %s", self.store.run_dir, self._model_summary())
+            log.info("new run in %s: %s", self.store.run_dir, self._summary())
             return
         self.model.load(resumed.model)
         self.model.version = resumed.round
         self.strategy.load_state_tensors(resumed.strategy_state)
         self.completed = resumed.round
-        self.history = resumed.history
         log.info(
             "resumed %s at round %d of %d: %s",
             self.store.run_dir,
             resumed.round,
             self.config.rounds,
-            self._model_summary(),
+            self._summary(),
         )
 
     async def run(self) -> None:
         """Run rounds until the configured number have completed."""
         while self.completed < self.config.rounds:
-            await self._wait_for_clients()
+            number = self.completed + 1
             attempt = 1
             while True:
-                open_round = self._open_round(self.completed + 1, attempt)
+                await self._wait_for_clients()
+                open_round = self._open_round(number, attempt)
                 if await self._close(open_round):
-                    await self._finish(open_round)
                     break
                 self.strategy.abort_round()
+                open_round.release_updates()
                 log.warning(
                     "round %d: %d of %d selected clients reported, fewer than needed; "
                     "running it again",
-                    open_round.number,
+                    number,
                     len(open_round.reported),
                     len(open_round.selected),
                 )
                 attempt += 1
-                await self._wait_for_clients()
-        if self._plot_pending:
-            await self._plot(force=True)
-        await asyncio.to_thread(self.store.wait_on_disk)
-        self.phase = Phase.DONE
-        self.round = None
-        self._notify()
+            await self._commit(open_round)
+            if self.config.eval_every and number % self.config.eval_every == 0:
+                await self._evaluate(open_round)
+        await asyncio.to_thread(self.store.finish)
+        self._enter(Done(self.completed))
         log.info("run complete: %d rounds", self.completed)
 
     async def wait_clients_told(self, grace: float) -> None:
         """After the run: give every live client up to `grace` seconds to hear it is done."""
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
+        deadline = self.clock.now() + grace
+        while self.clock.now() < deadline:
             waiting = [r for r in self.registry.live(self.config.client_timeout) if not r.told_done]
             if not waiting:
                 return
-            await self._wait_change(deadline - time.monotonic())
+            await self.changes.wait(deadline - self.clock.now())
+
+    def close(self) -> None:
+        self.intake.close()
 
     # ---- calls from clients ------------------------------------------------------------
 
-    def join(self, request: pb.JoinRequest) -> tuple[ClientRecord, pb.JoinReply]:
-        if request.task != self.config.task:
+    def join(self, claim: JoinClaim) -> Joined:
+        claim.check()
+        if claim.task != self.config.task:
             raise TaskMismatch(
-                f"client runs task {request.task!r}; this coordinator runs {self.config.task!r}"
+                f"client runs task {claim.task!r}; this coordinator runs {self.config.task!r}"
             )
-        if not request.name or len(request.name) > 128:
-            raise InvalidUpdate("client name must be 1 to 128 characters")
-        if request.num_partitions < 1 or request.partition >= request.num_partitions:
-            raise InvalidUpdate(
-                f"partition {request.partition} is outside 0..{request.num_partitions - 1}"
-            )
-        record = self.registry.join(request.name, request.partition, request.num_partitions)
+        record = self.registry.join(claim.name, claim.partition, claim.num_partitions)
         log.info("client %s joined (partition %d)", record.name, record.partition)
-        self._notify()
-        reply = pb.JoinReply(
-            client_id=record.name,
-            token=record.token,
-            run_id=self.run_id,
-            max_chunk_bytes=self.config.max_chunk_bytes,
-        )
-        return record, reply
+        self.changes.notify()
+        return Joined(record, self.run_id, self.config.max_chunk_bytes)
 
-    async def poll(self, client: ClientRecord) -> pb.PollReply:
-        deadline = time.monotonic() + self.config.poll_timeout
+    async def poll(self, client: ClientRecord) -> Work:
+        """Work for `client`, waiting up to the poll timeout for some to appear."""
+        deadline = self.clock.now() + self.config.poll_timeout
         while True:
-            if self.phase is Phase.DONE:
-                client.told_done = True
-                self._notify()
-                return pb.PollReply(done=pb.Done(reason=f"run complete: {self.completed} rounds"))
-            task = self._task_for(client)
-            if task is not None:
-                client.busy = True
-                return pb.PollReply(train=task)
-            evaluate = self._evaluation_for(client)
-            if evaluate is not None:
-                client.busy = True
-                return pb.PollReply(evaluate=evaluate)
-            client.busy = False
-            remaining = deadline - time.monotonic()
+            work = self._work_for(client)
+            if not isinstance(work, NoWork):
+                return work
+            remaining = deadline - self.clock.now()
             if remaining <= 0:
-                return pb.PollReply(wait=pb.Wait(retry_after_seconds=0.0))
-            await self._wait_change(remaining)
+                return work
+            await self.changes.wait(remaining)
 
     def open_download(
-        self, client: ClientRecord, request: pb.DownloadRequest
-    ) -> tuple[pb.ModelHeader, Iterator[memoryview | bytes]]:
-        phase: OpenRound | OpenEvaluation | None = None
-        if self.phase is Phase.TRAINING:
-            phase = self.round
-        elif self.phase is Phase.EVALUATING:
-            phase = self.evaluation
-        if phase is None or not phase.accepting:
+        self, client: ClientRecord, version: int, offset: int, chunk_bytes: int
+    ) -> ModelStream:
+        phase = self.phase
+        if not isinstance(phase, OpenRound | OpenEvaluation) or not phase.accepting:
             raise WrongRound("no round is open for download")
-        if request.model_version != self.model.version:
-            raise WrongRound(
-                f"model version {request.model_version} is not current "
-                f"(current: {self.model.version})"
-            )
-        total = self.model.manifest.total_bytes
-        if request.offset > total:
-            raise OffsetOutOfRange(f"offset {request.offset} is beyond the model's {total} bytes")
-        chunk = request.chunk_bytes or self.config.chunk_bytes
-        chunk = max(1024, min(chunk, self.config.max_chunk_bytes))
-        header = pb.ModelHeader(
-            model_version=self.model.version,
-            manifest=self.model.manifest.to_proto(),
-            offset=request.offset,
+        chunk = min(chunk_bytes or self.config.chunk_bytes, self.config.max_chunk_bytes)
+        kind = "round" if isinstance(phase, OpenRound) else "evaluation of round"
+        return self.model.download(
+            version,
+            offset,
+            chunk,
+            lambda: self.phase is phase and phase.accepting,
+            f"{kind} {phase.number}",
         )
-        return header, self._while_open(phase, self.model.chunks(request.offset, chunk))
 
     def count_download(self, nbytes: int) -> None:
         if self.round is not None:
             self.round.bytes_down += nbytes
 
-    def _while_open(
-        self, phase: OpenRound | OpenEvaluation, chunks: Iterator[memoryview | bytes]
-    ) -> Iterator[memoryview | bytes]:
-        """Chunks of the global model for as long as the round (or the evaluation) it
-        belongs to is open.
-
-        Aggregation rewrites the global tensors in place once the round closes; a chunk
-        is a view of them until it is framed, which happens in the same event-loop step
-        as this check, so no download ever reads a tensor that is being rewritten.
-        """
-        for chunk in chunks:
-            current = self.round if isinstance(phase, OpenRound) else self.evaluation
-            if current is not phase or not phase.accepting:
-                raise WrongRound(f"round {phase.number} closed during the download")
-            yield chunk
-
     async def receive_upload(
-        self, client: ClientRecord, header: pb.UpdateHeader, chunks: AsyncIterator[memoryview]
-    ) -> pb.UploadReply:
-        open_round = self._check_upload_header(client, header)
+        self, client: ClientRecord, claim: UpdateClaim, chunks: AsyncIterator[memoryview]
+    ) -> Receipt:
+        open_round = self.round
+        if open_round is None:
+            raise WrongRound(f"round {claim.round} is not open for updates")
+        open_round.check_update(client.name, claim)
         if client.name in open_round.reported:
-            return pb.UploadReply(
-                accepted=False, detail=f"update for round {open_round.number} already booked"
-            )
-        manifest = Manifest.from_proto(header.manifest, self.upload_limits)
-        if manifest.codec != self.uplink.spec:
-            raise InvalidManifest(
-                f"codec {manifest.codec[:64]!r} is not this run's uplink codec {self.uplink.spec!r}"
-            )
-        self.upload_layout.require_same_layout(manifest)
+            return Receipt(False, f"update for round {open_round.number} already booked")
+        manifest = self.intake.check_manifest(claim.manifest)
         if client.name in open_round.uploading:
             raise UploadInProgress(f"an upload from {client.name} is already streaming")
         open_round.uploading.add(client.name)
-        spool = UploadSpool(
-            self._spool_files,
-            f"r{open_round.number}-{client.name}",
-            manifest,
-            self.uplink,
-            self.model.manifest,
-        )
-        writing: concurrent.futures.Future[None] | None = None
+        label = f"r{open_round.number}-{client.name}"
         try:
-            async for chunk in chunks:
-                if writing is not None:
-                    await asyncio.wrap_future(writing)
-                # A thread writes each chunk while the next one arrives: the write system
-                # call then overlaps the event loop's work on every other stream.
-                writing = self._spool_writer.submit(spool.write, chunk)
-            if writing is not None:
-                await asyncio.wrap_future(writing)
-            spool.finish()
-            # One update is read back at a time, verified and then folded: concurrent
-            # read-backs would each hold a block buffer and compete for the same cores.
-            async with self._fold_lock:
-                await asyncio.to_thread(spool.verify_finite)
-                if self.round is not open_round or not open_round.accepting:
-                    raise WrongRound(f"round {open_round.number} closed while the update arrived")
-                await asyncio.to_thread(
-                    self.strategy.fold, client.name, header.num_examples, spool.blocks()
-                )
-                self._book(open_round, client, header, spool.bytes_written)
+            async with self.intake.receive(
+                label, client.name, claim.num_examples, claim.metrics, manifest, chunks
+            ) as update:
+                open_round.check_accepting()
+                await asyncio.to_thread(self.strategy.accept, update)
+                open_round.book(update)
+            if not self.strategy.holds_updates:
+                update.release()
         except BaseException:
             open_round.rejected += 1
             raise
         finally:
-            if writing is not None:
-                concurrent.futures.wait([writing])  # never close the spool under a write
             open_round.uploading.discard(client.name)
-            spool.discard()
-            self._notify()
-        return pb.UploadReply(accepted=True, detail=f"booked for round {open_round.number}")
-
-    # ---- internals -----------------------------------------------------------------------
-
-    def _check_upload_header(self, client: ClientRecord, header: pb.UpdateHeader) -> OpenRound:
-        open_round = self.round
-        if open_round is None:
-            raise WrongRound(f"round {header.round} is not open for updates")
-        open_round.check_update(client.name, header)
-        return open_round
-
-    def report_evaluation(
-        self, client: ClientRecord, report: pb.EvaluationReport
-    ) -> pb.EvaluationReply:
-        """Book one client's federated evaluation of the current global model."""
-        evaluation = self.evaluation
-        if evaluation is None:
-            raise WrongRound(f"no evaluation is open (report for round {report.round})")
-        evaluation.check_report(client.name, report)
-        if client.name in evaluation.reported:
-            return pb.EvaluationReply(
-                accepted=False, detail=f"evaluation of round {evaluation.number} already booked"
-            )
-        evaluation.reported.add(client.name)
-        evaluation.totals.add(report.num_examples, report.metrics)
-        client.busy = False
-        self._notify()
-        return pb.EvaluationReply(
-            accepted=True, detail=f"evaluation booked for round {evaluation.number}"
-        )
-
-    def _book(
-        self, open_round: OpenRound, client: ClientRecord, header: pb.UpdateHeader, nbytes: int
-    ) -> None:
-        open_round.book(client.name, header, nbytes)
+            self.changes.notify()
         client.busy = False
         log.info(
             "round %d: update from %s (%d examples, %d/%d reported)",
             open_round.number,
             client.name,
-            header.num_examples,
+            claim.num_examples,
             len(open_round.reported),
             len(open_round.selected),
         )
+        return Receipt(True, f"booked for round {open_round.number}")
 
-    def _task_for(self, client: ClientRecord) -> pb.TrainTask | None:
-        open_round = self.round
-        if open_round is None or not open_round.owes(client.name):
-            return None
-        task = pb.TrainTask(
-            round=open_round.number,
-            model_version=self.model.version,
-            deadline_seconds=max(0.0, open_round.deadline - time.monotonic()),
-        )
-        config_to_proto(open_round.config, task.config)
-        return task
-
-    def _evaluation_for(self, client: ClientRecord) -> pb.EvaluateTask | None:
+    def report_evaluation(self, client: ClientRecord, claim: EvaluationClaim) -> Receipt:
+        """Book one client's federated evaluation of the current global model."""
         evaluation = self.evaluation
-        if evaluation is None or not evaluation.owes(client.name):
-            return None
-        return pb.EvaluateTask(
-            round=evaluation.number,
-            model_version=self.model.version,
-            deadline_seconds=max(0.0, evaluation.deadline - time.monotonic()),
-        )
+        if evaluation is None:
+            raise WrongRound(f"no evaluation is open (report for round {claim.round})")
+        evaluation.check_report(client.name, claim)
+        if client.name in evaluation.reported:
+            return Receipt(False, f"evaluation of round {evaluation.number} already booked")
+        evaluation.book(EvaluationReport(client.name, claim.num_examples, dict(claim.metrics)))
+        client.busy = False
+        self.changes.notify()
+        return Receipt(True, f"evaluation booked for round {evaluation.number}")
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    # ---- internals -----------------------------------------------------------------------
 
-    async def _wait_change(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), max(0.0, timeout))
+    def _enter(self, phase: Phase) -> None:
+        self.phase = phase
+        self.changes.notify()
+
+    def _work_for(self, client: ClientRecord) -> Work:
+        phase = self.phase
+        if isinstance(phase, Done):
+            client.told_done = True
+            self.changes.notify()
+            return RunDone(f"run complete: {phase.completed} rounds")
+        if isinstance(phase, OpenRound | OpenEvaluation) and phase.owes(client.name):
+            client.busy = True
+            return phase.work(self.model.version, self.clock.now())
+        client.busy = False
+        return NoWork()
+
+    def _live(self) -> list[str]:
+        return [r.name for r in self.registry.live(self.config.client_timeout)]
 
     async def _wait_for_clients(self) -> None:
+        """Between rounds: until at least min_clients are live."""
+        self._enter(Waiting(self.config.min_clients))
         announced = -1
         while True:
-            live = len(self.registry.live(self.config.client_timeout))
+            live = len(self._live())
             if live >= self.config.min_clients:
                 return
             if live != announced:
                 log.info("waiting for clients: %d of %d joined", live, self.config.min_clients)
                 announced = live
-            await self._wait_change(1.0)
+            await self.changes.wait(1.0)
 
     def _open_round(self, number: int, attempt: int) -> OpenRound:
-        live = [r.name for r in self.registry.live(self.config.client_timeout)]
+        live = self._live()
         selected = select_clients(
             live, self.config.fraction, self.config.min_clients, self.config.seed, number, attempt
         )
-        count = len(selected)
-        now = time.monotonic()
+        now = self.clock.now()
         open_round = OpenRound(
             number=number,
             attempt=attempt,
@@ -448,112 +321,67 @@ class Coordinator:
             started=now,
             deadline=now + self.config.round_timeout,
         )
-        self.round = open_round
         self.strategy.begin_round(self.model.tensors)
-        self.phase = Phase.TRAINING
-        self._notify()
+        self._enter(open_round)
         log.info(
             "round %d/%d started: %d of %d clients selected",
             number,
             self.config.rounds,
-            count,
+            len(selected),
             len(live),
         )
         return open_round
 
     async def _close(self, open_round: OpenRound) -> bool:
         """Wait for the round's end; True when it has enough updates to aggregate."""
-        while True:
-            if open_round.reported >= open_round.selected:
-                break
-            now = time.monotonic()
-            if now >= open_round.deadline and not open_round.uploading:
-                log.warning(
-                    "round %d: deadline reached with %d of %d updates",
-                    open_round.number,
-                    len(open_round.reported),
-                    len(open_round.selected),
-                )
-                break
-            await self._wait_change(max(0.05, open_round.deadline - now))
-        open_round.accepting = False
-        for record in self.registry.all():
-            record.busy = False  # the round they held a task for is over
-        self._notify()
-        async with self._fold_lock:
+        await self._until_reported(open_round, "updates")
+        self._enter(Aggregating(open_round))
+        async with self.intake.readback:  # an update being read back finishes first
             needed = min(self.config.min_reports, len(open_round.selected))
             return len(open_round.reported) >= max(1, needed)
 
-    async def _evaluate_federated(self, open_round: OpenRound) -> dict[str, Any]:
-        """Selected clients evaluate model version `open_round.number` on their own held-out
-        data; the example-weighted mean of their metrics, as `fed_eval_*`."""
-        live = {r.name for r in self.registry.live(self.config.client_timeout)}
-        evaluation = OpenEvaluation(
-            number=open_round.number,
-            selected=open_round.selected & live,
-            deadline=time.monotonic() + self.config.eval_timeout,
-        )
-        self.evaluation = evaluation
-        self.phase = Phase.EVALUATING
-        self._notify()
-        while not evaluation.reported >= evaluation.selected:
-            now = time.monotonic()
-            if now >= evaluation.deadline:
+    async def _until_reported(self, phase: OpenRound | OpenEvaluation, what: str) -> None:
+        """Until every client selected for `phase` has reported, or its deadline has passed
+        (for a round, once no upload is still arriving); then it stops accepting."""
+        while not phase.reported >= phase.selected:
+            now = self.clock.now()
+            if now >= phase.deadline and not (isinstance(phase, OpenRound) and phase.uploading):
                 log.warning(
-                    "round %d: evaluation deadline reached with %d of %d reports",
-                    evaluation.number,
-                    len(evaluation.reported),
-                    len(evaluation.selected),
+                    "round %d: %s deadline reached with %d of %d %s",
+                    phase.number,
+                    "evaluation" if isinstance(phase, OpenEvaluation) else "round",
+                    len(phase.reported),
+                    len(phase.selected),
+                    what,
                 )
                 break
-            await self._wait_change(evaluation.deadline - now)
-        evaluation.accepting = False
-        self.evaluation = None
-        for client in self.registry.all():
-            client.busy = False  # the evaluation they held a task for is over
-        return {
-            "fed_eval_clients": len(evaluation.reported),
-            "fed_eval_examples": evaluation.totals.examples,
-            **evaluation.totals.means("fed_eval_"),
-        }
+            await self.changes.wait(max(0.05, phase.deadline - now))
+        phase.accepting = False
+        for record in self.registry.all():
+            record.busy = False  # the phase they held a task for is over
 
-    async def _finish(self, open_round: OpenRound) -> None:
-        self.phase = Phase.AGGREGATING
-        await asyncio.to_thread(self.strategy.finish_round, self.model.tensors)
+    async def _commit(self, open_round: OpenRound) -> None:
+        """Aggregate the round into the next global model, checkpoint it with its record,
+        and only then let it go on (DESIGN.md: aggregate -> checkpoint -> metrics -> next)."""
+        try:
+            await asyncio.to_thread(self.strategy.aggregate, open_round.updates, self.model.tensors)
+        finally:
+            open_round.release_updates()
         self.model.version = open_round.number
         evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
-        record: dict[str, Any] = {
-            "round": open_round.number,
-            "model_version": self.model.version,
-            "time": time.time(),
-            "duration_s": round(time.monotonic() - open_round.started, 3),
-            "clients_selected": len(open_round.selected),
-            "updates": len(open_round.reported),
-            "rejected_uploads": open_round.rejected,
-            "attempt": open_round.attempt,
-            "num_examples": open_round.num_examples,
-            "bytes_down": open_round.bytes_down,
-            "bytes_up": open_round.bytes_up,
-            "coordinator_peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
-        }
-        record.update(open_round.totals.means("train_"))
+        record = open_round.record(self.model.version, self.clock.now())
+        record["coordinator_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
         if evaluation is not None:
-            for key, value in sorted(evaluation.metrics.items()):
-                record[f"eval_{key}"] = value
-        if self.config.eval_every and open_round.number % self.config.eval_every == 0:
-            record.update(await self._evaluate_federated(open_round))
-        self.history.append(record)
+            record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})
         await asyncio.to_thread(
-            self.store.save,
+            self.store.commit_round,
             open_round.number,
             self.model.tensors,
             self.strategy.state_tensors(),
-            self.history,
+            record,
         )
-        self.store.append_metrics(record)
-        await self._plot(force=False)
         self.completed = open_round.number
-        shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_", "fed_eval_"))}
+        shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_"))}
         log.info(
             "round %d/%d done in %.1fs: %d updates, %s",
             open_round.number,
@@ -563,22 +391,25 @@ class Coordinator:
             ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics",
         )
 
-    async def _plot(self, force: bool) -> None:
-        """Redraw metrics.png, at most every PLOT_INTERVAL_S while rounds run (drawing
-        starts a Python with matplotlib: about a CPU-second, which short rounds would
-        otherwise pay every time), and whenever `force` asks."""
-        now = time.monotonic()
-        if not force and now - self._last_plot < PLOT_INTERVAL_S:
-            self._plot_pending = True
-            return
-        self._last_plot = now
-        self._plot_pending = False
-        await asyncio.to_thread(self.store.plot)
-
-    def _model_summary(self) -> str:
-        manifest = self.model.manifest
-        params = sum(e.numel for e in manifest.entries)
-        return (
-            f"task {self.config.task}, {len(manifest.entries)} tensors, {params:,} parameters, "
-            f"{manifest.total_bytes / 2**20:.1f} MiB exchanged, uplink {self.uplink.spec}"
+    async def _evaluate(self, trained: OpenRound) -> None:
+        """Clients evaluate the checkpointed model version `trained.number` on their own
+        held-out data; the strategy's aggregate of their reports joins the round's record."""
+        live = frozenset(self._live())
+        evaluation = OpenEvaluation(
+            number=trained.number,
+            selected=self.strategy.configure_evaluation(trained.number, trained.selected & live),
+            deadline=self.clock.now() + self.config.eval_timeout,
         )
+        self._enter(evaluation)
+        await self._until_reported(evaluation, "reports")
+        metrics = self.strategy.aggregate_evaluation(evaluation.reports)
+        await asyncio.to_thread(self.store.add_to_record, evaluation.number, metrics)
+        log.info(
+            "round %d evaluated by %d clients: %s",
+            evaluation.number,
+            len(evaluation.reports),
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+        )
+
+    def _summary(self) -> str:
+        return f"task {self.config.task}, {self.model.summary()}, uplink {self.intake.uplink.spec}"

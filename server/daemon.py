@@ -15,10 +15,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedstream.common.checkpoint import write_json_atomic
 from fedstream.common.memory import reuse_chunk_buffers
+from fedstream.common.service import SERVICE_NAME
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.run_store import RunIdentity, RunStore
-from fedstream.server.servicer import SERVICE_NAME, CoordinatorServicer
+from fedstream.server.servicer import CoordinatorServicer
 from fedstream.server.strategies import build_strategy
 from fedstream.tasks import Task, load_task
 
@@ -57,7 +58,9 @@ class CoordinatorDaemon:
         self.coordinator = Coordinator(config, task, strategy, store)
         self.coordinator.restore()
         self.server = grpc.aio.server(options=grpc_options(config.max_chunk_bytes))
-        servicer = CoordinatorServicer(self.coordinator, config.stall_timeout)
+        servicer = CoordinatorServicer(
+            self.coordinator, config.stall_timeout, config.max_chunk_bytes
+        )
         self.server.add_generic_rpc_handlers((servicer.handler(),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -72,21 +75,31 @@ class CoordinatorDaemon:
             self.config.run_dir / "coordinator.json",
             {"address": self.address, "pid": os.getpid(), "run_id": self.coordinator.run_id},
         )
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("coordinator listening on %s (run %s)", self.address, self.coordinator.run_id)
         return self.address
 
     async def run(self) -> None:
-        """All rounds, then a grace period for every client to hear the run is over."""
+        """All rounds, then a grace period for every client to hear the run is over.
+
+        Health answers NOT_SERVING from the end of the run: the coordinator still answers
+        polls (Done) during the grace period, but it serves no more rounds."""
         await self.coordinator.run()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.coordinator.wait_clients_told(self.config.done_grace)
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=2.0)
+        self.coordinator.close()
         await asyncio.to_thread(self.coordinator.store.close)
         (self.config.run_dir / "coordinator.json").unlink(missing_ok=True)
+
+    async def _set_health(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
 
 
 async def serve(config: ServerConfig) -> int:

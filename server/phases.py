@@ -1,21 +1,27 @@
-"""The bookkeeping of the coordinator's open phases: the round in flight and the federated
-evaluation after it.
+"""The coordinator's phases, one object at a time: waiting for clients, the round in
+flight, its aggregation, the federated evaluation after it, and done.
 
-Each phase knows whom it selected, who has reported and what they reported, and checks
-a client's report against itself before booking it; the state machine that opens and
-closes phases is `server/coordinator.py`.
+An open phase knows whom it selected, who has reported and what they reported, and
+checks a client's report against itself before booking it; the state machine that moves
+from phase to phase is `server/coordinator.py`.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import Scalar
+from fedstream.server.calls import EvaluateWork, TrainWork
 from fedstream.server.errors import InvalidUpdate, NotSelected, WrongRound
+
+if TYPE_CHECKING:
+    from fedstream.server.calls import EvaluationClaim, UpdateClaim
+    from fedstream.server.updates import EvaluationReport, VerifiedUpdate
 
 MAX_EXAMPLES = 1 << 40
 MAX_METRICS = 64
@@ -70,7 +76,6 @@ class OpenPhase:
     deadline: float
     accepting: bool = True
     reported: set[str] = field(default_factory=set)
-    totals: ReportTotals = field(default_factory=ReportTotals)
 
     def owes(self, client: str) -> bool:
         """Whether `client` is selected for this phase and has not yet reported."""
@@ -86,6 +91,10 @@ class OpenRound(OpenPhase):
     config: dict[str, Scalar]
     started: float
     uploading: set[str] = field(default_factory=set)
+    totals: ReportTotals = field(default_factory=ReportTotals)
+    updates: list[VerifiedUpdate] = field(default_factory=list)
+    """The verified updates booked, in arrival order; the round owns their spools until
+    its aggregate is committed (or the round is abandoned)."""
     rejected: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -95,7 +104,7 @@ class OpenRound(OpenPhase):
         """Training examples behind the updates booked so far."""
         return self.totals.examples
 
-    def check_update(self, client: str, header: pb.UpdateHeader) -> None:
+    def check_update(self, client: str, header: UpdateClaim) -> None:
         """The domain error for an update header this round cannot take, if any."""
         if not self.accepting:
             raise WrongRound(f"round {header.round} is not open for updates")
@@ -112,18 +121,56 @@ class OpenRound(OpenPhase):
             raise InvalidUpdate(f"num_examples {header.num_examples} is outside 1..{MAX_EXAMPLES}")
         check_metrics(header.metrics)
 
-    def book(self, client: str, header: pb.UpdateHeader, nbytes: int) -> None:
-        """Count `client`'s folded update of `nbytes` on the wire."""
-        self.reported.add(client)
-        self.totals.add(header.num_examples, header.metrics)
-        self.bytes_up += nbytes
+    def work(self, model_version: int, now: float) -> TrainWork:
+        """What a selected client that owes its update is told to do."""
+        return TrainWork(self.number, model_version, max(0.0, self.deadline - now), self.config)
+
+    def check_accepting(self) -> None:
+        """WrongRound once the round has closed (an update verified too late)."""
+        if not self.accepting:
+            raise WrongRound(f"round {self.number} closed while the update arrived")
+
+    def book(self, update: VerifiedUpdate) -> None:
+        """Count a verified update the strategy has accepted."""
+        self.reported.add(update.client)
+        self.updates.append(update)
+        self.totals.add(update.num_examples, update.metrics)
+        self.bytes_up += update.nbytes
+
+    def release_updates(self) -> None:
+        """Give back every booked update's spool."""
+        for update in self.updates:
+            update.release()
+
+    def record(self, model_version: int, now: float) -> dict[str, Any]:
+        """The round's line of metrics.jsonl, as far as the round itself knows it."""
+        return {
+            "round": self.number,
+            "model_version": model_version,
+            "time": time.time(),
+            "duration_s": round(now - self.started, 3),
+            "clients_selected": len(self.selected),
+            "updates": len(self.reported),
+            "rejected_uploads": self.rejected,
+            "attempt": self.attempt,
+            "num_examples": self.num_examples,
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+            **self.totals.means("train_"),
+        }
 
 
 @dataclass(kw_only=True)
 class OpenEvaluation(OpenPhase):
     """A federated evaluation of model version `number` by the clients of round `number`."""
 
-    def check_report(self, client: str, report: pb.EvaluationReport) -> None:
+    reports: list[EvaluationReport] = field(default_factory=list)
+
+    def work(self, model_version: int, now: float) -> EvaluateWork:
+        """What a selected client that owes its report is told to do."""
+        return EvaluateWork(self.number, model_version, max(0.0, self.deadline - now))
+
+    def check_report(self, client: str, report: EvaluationClaim) -> None:
         """The domain error for a report this evaluation cannot take, if any."""
         if not self.accepting:
             raise WrongRound(f"no evaluation is open (report for round {report.round})")
@@ -146,3 +193,32 @@ class OpenEvaluation(OpenPhase):
         if report.num_examples == 0 and report.metrics:
             raise InvalidUpdate("metrics reported for 0 evaluated examples")
         check_metrics(report.metrics)
+
+    def book(self, report: EvaluationReport) -> None:
+        self.reported.add(report.client)
+        self.reports.append(report)
+
+
+@dataclass
+class Waiting:
+    """Until `needed` clients have joined."""
+
+    needed: int
+
+
+@dataclass
+class Aggregating:
+    """The round has closed; its aggregate is being made and committed."""
+
+    round: OpenRound
+
+
+@dataclass
+class Done:
+    """Every round is complete; clients are told to stop."""
+
+    completed: int
+
+
+Phase = Waiting | OpenRound | Aggregating | OpenEvaluation | Done
+"""The coordinator is in exactly one of these at a time."""

@@ -8,7 +8,10 @@
 
 The checkpoint is the single source of truth: it is written atomically, and on resume
 metrics.jsonl is rewritten from the history it carries, so a crash at any point leaves a
-consistent run directory.
+consistent run directory. A round's record is committed with its checkpoint
+(`commit_round`); what arrives after it, the federated evaluation of that round's model,
+is added to the record in metrics.jsonl at once (`add_to_record`) and reaches the
+checkpoints from the next round on (a resume also takes it back from metrics.jsonl).
 
 A round's checkpoint is complete and in place when `save` returns, so `kill -9` of the
 coordinator loses at most the round in flight. Waiting for the disk (fsync of the file
@@ -23,9 +26,11 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +47,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "fedstream-round/1"
 STRATEGY_PREFIX = "strategy/"
 _NAME = re.compile(r"round_(\d{5,})\.safetensors")
+
+PLOT_INTERVAL_S = 30.0
+"""Seconds between redraws of metrics.png while rounds run; the last round is always drawn."""
 
 
 @dataclass
@@ -67,6 +75,10 @@ class RunStore:
         self.run_dir = run_dir
         self.identity = identity
         self.keep = keep
+        self.history: list[dict[str, Any]] = []
+        """One record per completed round, oldest first: the run's metrics."""
+        self._last_plot = -math.inf
+        self._plot_pending = False
         self.checkpoint_dir = run_dir / "checkpoints"
         self.metrics_path = run_dir / "metrics.jsonl"
         self.plot_path = run_dir / "metrics.png"
@@ -108,6 +120,34 @@ class RunStore:
         save_checkpoint(path, tensors, metadata, sync=False)
         self._syncing = self._syncer.submit(self._settle, path)
         return path
+
+    def commit_round(
+        self,
+        round_number: int,
+        model: Mapping[str, torch.Tensor],
+        strategy_state: Mapping[str, torch.Tensor],
+        record: dict[str, Any],
+    ) -> None:
+        """Checkpoint round `round_number` with its record, then log the record."""
+        self.history.append(record)
+        self.save(round_number, model, strategy_state, self.history)
+        self.append_metrics(record)
+        self.plot(force=False)
+
+    def add_to_record(self, round_number: int, values: Mapping[str, Any]) -> None:
+        """Add `values` to the committed record of round `round_number`."""
+        for record in reversed(self.history):
+            if record["round"] == round_number:
+                record.update(values)
+                self.rewrite_metrics(self.history)
+                return
+        raise KeyError(f"round {round_number} has no record")
+
+    def finish(self) -> None:
+        """At the end of the run: draw what is not drawn yet, and wait for the disk."""
+        if self._plot_pending:
+            self.plot(force=True)
+        self.wait_on_disk()
 
     def _settle(self, path: Path) -> None:
         """Put `path` on disk, then delete the checkpoints it makes redundant."""
@@ -159,9 +199,28 @@ class RunStore:
             for k, v in tensors.items()
             if k.startswith(STRATEGY_PREFIX)
         }
-        history = json.loads(metadata["history"])
+        history = self._with_logged_additions(json.loads(metadata["history"]))
         self.rewrite_metrics(history)
+        self.history = history
         return Resumed(round_number, model, state, history)
+
+    def _with_logged_additions(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`history` with what `add_to_record` logged to metrics.jsonl after the checkpoint
+        was written (the same round's record, recognised by its time, holding more keys)."""
+        logged: dict[Any, dict[str, Any]] = {}
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    logged[record.get("round")] = record
+        for record in history:
+            later = logged.get(record["round"])
+            if later is not None and later.get("time") == record.get("time"):
+                record.update({k: v for k, v in later.items() if k not in record})
+        return history
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
@@ -172,12 +231,20 @@ class RunStore:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
         tmp.replace(self.metrics_path)
 
-    def plot(self) -> None:
+    def plot(self, force: bool = True) -> None:
         """Every numeric metric per round, one panel each, into metrics.png.
 
         Drawn by a child process from metrics.jsonl, so the daemon's memory and GIL stay
-        out of it; a failed plot is logged, never fatal.
+        out of it; a failed plot is logged, never fatal. Unless `force`, at most every
+        PLOT_INTERVAL_S: drawing costs about a CPU-second, which short rounds would
+        otherwise pay every time.
         """
+        now = time.monotonic()
+        if not force and now - self._last_plot < PLOT_INTERVAL_S:
+            self._plot_pending = True
+            return
+        self._last_plot = now
+        self._plot_pending = False
         command = [sys.executable, "-m", "fedstream.common.plot"]
         done = subprocess.run(
             [*command, str(self.metrics_path), str(self.plot_path)],

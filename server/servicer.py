@@ -1,8 +1,9 @@
 """The gRPC skin over the Coordinator: unpack, authenticate, delegate, map errors.
 
-This is the one place domain errors become gRPC statuses. Bulk methods use the hand
-framing of `common/framing.py`, so the service is registered with explicit method
-handlers rather than the generated `add_CoordinatorServicer_to_server`.
+This is the one place protobuf messages are built from the coordinator's plain results
+(`server/calls.py`) and the one place domain errors become gRPC statuses. Bulk methods
+use the hand framing of `common/framing.py`, so the service is registered with explicit
+method handlers rather than the generated `add_CoordinatorServicer_to_server`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,20 @@ from fedstream.common.errors import (
     NonFiniteValues,
     WireError,
 )
-from fedstream.common.framing import ChunkParser, MalformedChunk, frame_data, serialize_chunk
+from fedstream.common.framing import MalformedChunk, frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.round_config import to_proto as config_to_proto
+from fedstream.common.service import bearer_token, method_handlers
+from fedstream.server.calls import (
+    EvaluateWork,
+    EvaluationClaim,
+    JoinClaim,
+    Receipt,
+    RunDone,
+    TrainWork,
+    UpdateClaim,
+    Work,
+)
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.errors import (
     InvalidUpdate,
@@ -37,8 +50,6 @@ from fedstream.server.errors import (
 from fedstream.server.registry import ClientRecord
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 STATUS_OF: dict[type[FedstreamError], grpc.StatusCode] = {
     UnknownClient: grpc.StatusCode.UNAUTHENTICATED,
@@ -72,34 +83,63 @@ async def _reject(
     raise AssertionError("unreachable: abort raises")
 
 
-def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-            return value[len("Bearer ") :]
-    return None
+def poll_reply(work: Work) -> pb.PollReply:
+    if isinstance(work, TrainWork):
+        task = pb.TrainTask(
+            round=work.round,
+            model_version=work.model_version,
+            deadline_seconds=work.deadline_seconds,
+        )
+        config_to_proto(work.config, task.config)
+        return pb.PollReply(train=task)
+    if isinstance(work, EvaluateWork):
+        return pb.PollReply(
+            evaluate=pb.EvaluateTask(
+                round=work.round,
+                model_version=work.model_version,
+                deadline_seconds=work.deadline_seconds,
+            )
+        )
+    if isinstance(work, RunDone):
+        return pb.PollReply(done=pb.Done(reason=work.reason))
+    return pb.PollReply(wait=pb.Wait(retry_after_seconds=0.0))
+
+
+def _receipt(receipt: Receipt) -> dict[str, Any]:
+    return {"accepted": receipt.accepted, "detail": receipt.detail}
 
 
 class CoordinatorServicer:
-    def __init__(self, coordinator: Coordinator, stall_timeout: float) -> None:
+    def __init__(
+        self, coordinator: Coordinator, stall_timeout: float, max_chunk_bytes: int
+    ) -> None:
         self.coordinator = coordinator
         self.stall_timeout = stall_timeout
+        self.max_chunk_bytes = max_chunk_bytes
 
     def _client(self, context: grpc.aio.ServicerContext) -> ClientRecord:
-        return self.coordinator.registry.authenticate(bearer_token(context))
+        return self.coordinator.registry.authenticate(bearer_token(context.invocation_metadata()))
 
     async def join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinReply:
+        claim = JoinClaim(request.name, request.task, request.partition, request.num_partitions)
         try:
-            return self.coordinator.join(request)[1]
+            joined = self.coordinator.join(claim)
         except FedstreamError as exc:
             await _reject(context, "Join", exc)
+        return pb.JoinReply(
+            client_id=joined.client.name,
+            token=joined.client.token,
+            run_id=joined.run_id,
+            max_chunk_bytes=joined.max_chunk_bytes,
+        )
 
     async def poll(
         self, request: pb.PollRequest, context: grpc.aio.ServicerContext
     ) -> pb.PollReply:
         try:
-            return await self.coordinator.poll(self._client(context))
+            return poll_reply(await self.coordinator.poll(self._client(context)))
         except FedstreamError as exc:
             await _reject(context, "Poll", exc)
 
@@ -108,13 +148,18 @@ class CoordinatorServicer:
     ) -> AsyncIterator[pb.ModelChunk | bytes]:
         try:
             client = self._client(context)
-            header, chunks = self.coordinator.open_download(client, request)
+            stream = self.coordinator.open_download(
+                client, request.model_version, request.offset, request.chunk_bytes
+            )
         except FedstreamError as exc:
             await _reject(context, "Download", exc)
+        header = pb.ModelHeader(
+            model_version=stream.version, manifest=stream.manifest.to_proto(), offset=stream.offset
+        )
         sent = 0
         try:
             yield pb.ModelChunk(header=header)
-            for chunk in chunks:
+            for chunk in stream.chunks:
                 yield frame_data(chunk)
                 sent += len(chunk)
         except FedstreamError as exc:
@@ -138,7 +183,13 @@ class CoordinatorServicer:
                 raise WireError(first.reason)
             if not isinstance(first, pb.UpdateHeader):
                 raise WireError("the first upload message must be the header")
-            return await self.coordinator.receive_upload(client, first, self._data_chunks(iterator))
+            claim = UpdateClaim(
+                first.round, first.model_version, first.num_examples, first.metrics, first.manifest
+            )
+            receipt = await self.coordinator.receive_upload(
+                client, claim, self._data_chunks(iterator)
+            )
+            return pb.UploadReply(**_receipt(receipt))
         except FedstreamError as exc:
             await _reject(context, "Upload", exc)
 
@@ -146,7 +197,11 @@ class CoordinatorServicer:
         self, request: pb.EvaluationReport, context: grpc.aio.ServicerContext
     ) -> pb.EvaluationReply:
         try:
-            return self.coordinator.report_evaluation(self._client(context), request)
+            claim = EvaluationClaim(
+                request.round, request.model_version, request.num_examples, request.metrics
+            )
+            receipt = self.coordinator.report_evaluation(self._client(context), claim)
+            return pb.EvaluationReply(**_receipt(receipt))
         except FedstreamError as exc:
             await _reject(context, "ReportEvaluation", exc)
 
@@ -167,36 +222,20 @@ class CoordinatorServicer:
                 raise WireError(item.reason)
             if not isinstance(item, memoryview):
                 raise WireError("a second header arrived in the middle of the upload")
+            if len(item) > self.max_chunk_bytes:
+                raise LimitExceeded(
+                    f"a data chunk of {len(item)} bytes is over this coordinator's "
+                    f"max_chunk_bytes of {self.max_chunk_bytes}"
+                )
             yield item
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
+        return method_handlers(
             {
-                "Join": grpc.unary_unary_rpc_method_handler(
-                    self.join,
-                    request_deserializer=pb.JoinRequest.FromString,
-                    response_serializer=pb.JoinReply.SerializeToString,
-                ),
-                "Poll": grpc.unary_unary_rpc_method_handler(
-                    self.poll,
-                    request_deserializer=pb.PollRequest.FromString,
-                    response_serializer=pb.PollReply.SerializeToString,
-                ),
-                "Download": grpc.unary_stream_rpc_method_handler(
-                    self.download,
-                    request_deserializer=pb.DownloadRequest.FromString,
-                    response_serializer=serialize_chunk,
-                ),
-                "Upload": grpc.stream_unary_rpc_method_handler(
-                    self.upload,
-                    request_deserializer=ChunkParser(pb.UpdateChunk),
-                    response_serializer=pb.UploadReply.SerializeToString,
-                ),
-                "ReportEvaluation": grpc.unary_unary_rpc_method_handler(
-                    self.report_evaluation,
-                    request_deserializer=pb.EvaluationReport.FromString,
-                    response_serializer=pb.EvaluationReply.SerializeToString,
-                ),
-            },
+                "Join": self.join,
+                "Poll": self.poll,
+                "Download": self.download,
+                "Upload": self.upload,
+                "ReportEvaluation": self.report_evaluation,
+            }
         )

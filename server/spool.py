@@ -34,7 +34,7 @@ from fedstream.common.codecs.base import Raw
 from fedstream.common.codecs.zstd import ZstdError
 from fedstream.common.errors import NonFiniteValues, WireError
 from fedstream.common.tensor_codec import Manifest, TensorEntry, tensor_bytes
-from fedstream.server.strategies.base import DeltaBlock
+from fedstream.server.updates import DeltaBlock
 
 # Received chunks are immutable `bytes`; the scan only reads the tensors it views them as.
 warnings.filterwarnings(

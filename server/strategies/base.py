@@ -1,42 +1,40 @@
-"""The Strategy interface, cut for streaming aggregation.
+"""The Strategy interface: configure a round, aggregate its updates; configure an
+evaluation, aggregate its reports (the cut of Flower's strategies).
 
-The coordinator never holds more than one update at a time: each verified upload is
-folded into the strategy's running state as it arrives (`fold`), and the round is
-finished into the next global model in place (`finish_round`). Whatever the strategy
-carries from round to round (optimiser moments, say) goes into the checkpoint through
-`state_tensors`, so a resumed run continues exactly.
+A strategy sees whole verified updates (`server/updates.py`). Each is handed to `accept`
+as soon as it is verified; a strategy that folds updates into a running state (FedAvg and
+the server optimisers) does its work there, and the update's spool is released as soon as
+`accept` returns, so the coordinator's disk holds only the uploads in flight. A strategy
+that needs all of a round's updates at once (coordinate-wise median, Krum) sets
+`holds_updates`: the round then keeps every verified spool until its aggregate is
+committed, and `aggregate` reads them block by block. Either way the coordinator's
+memory is the model, the output and a block per update, never a model per update.
+
+Whatever the strategy carries from round to round (optimiser moments, say) goes into the
+checkpoint through `state_tensors`, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 
 from fedstream.common.round_config import Scalar
+from fedstream.server.phases import ReportTotals
+from fedstream.server.updates import DeltaBlock, DeltaStream, EvaluationReport, VerifiedUpdate
 
-
-@dataclass(frozen=True)
-class DeltaBlock:
-    """A run of elements of one tensor of an update (local minus global).
-
-    `values` is 1-D and holds elements `start .. start + len(values)` of the flattened
-    tensor `name`. It may live in a reused buffer: use it before taking the next block.
-    """
-
-    name: str
-    start: int
-    values: torch.Tensor
-
-    def target(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The matching elements of a same-shaped tensor in `tensors`, as a flat view."""
-        return tensors[self.name].view(-1)[self.start : self.start + self.values.numel()]
-
-
-DeltaStream = Iterable[DeltaBlock]
-"""An update, block by block, in manifest order."""
+__all__ = [
+    "DeltaBlock",
+    "DeltaStream",
+    "MeanOfUpdates",
+    "RunningMean",
+    "Strategy",
+    "accumulator_dtype",
+    "add_in_place",
+]
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,7 +74,7 @@ class RunningMean:
     def take(self) -> dict[str, torch.Tensor]:
         """The weighted mean (computed in place over the sums, which are then dropped)."""
         if self.weight <= 0:
-            raise ValueError("finish_round with no weight folded")
+            raise ValueError("aggregate with no weight folded")
         mean = {name: total.div_(self.weight) for name, total in self.sums.items()}
         self.clear()
         return mean
@@ -87,7 +85,13 @@ class RunningMean:
 
 
 class Strategy(ABC):
-    """Turns a round's updates into the next global model."""
+    """Turns a round's verified updates into the next global model, and the clients'
+    evaluation reports into the round's federated metrics."""
+
+    holds_updates: ClassVar[bool] = False
+    """True when `aggregate` reads the round's updates at the end: the round then keeps
+    every verified spool until its aggregate is committed. False when `accept` folds each
+    update as it arrives: its spool is released right after."""
 
     def configure_round(self, round_number: int, base: Mapping[str, Scalar]) -> dict[str, Scalar]:
         """The settings sent to every selected client for this round."""
@@ -97,16 +101,35 @@ class Strategy(ABC):
     def begin_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
         """Prepare running state for a round that starts from `global_tensors`."""
 
-    @abstractmethod
-    def fold(self, client: str, num_examples: int, delta: DeltaStream) -> None:
-        """Add one verified update to the running state."""
+    def accept(self, update: VerifiedUpdate) -> None:  # noqa: B027 (strategies that hold updates read them in `aggregate`)
+        """Take one verified update as it arrives (fold it into a running state, say)."""
 
     @abstractmethod
-    def finish_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
-        """Write the next global model into `global_tensors`, in place."""
+    def aggregate(
+        self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        """Write the next global model into `global_tensors`, in place, from the round's
+        updates (their `blocks()` readable only when `holds_updates` is set)."""
 
     def abort_round(self) -> None:  # noqa: B027 (optional hook; most strategies need nothing)
         """Drop the running state of a round that will not be finished."""
+
+    def configure_evaluation(self, round_number: int, candidates: frozenset[str]) -> frozenset[str]:
+        """The clients asked to evaluate round `round_number`'s model: by default every
+        candidate (the round's selected clients that are still live)."""
+        return candidates
+
+    def aggregate_evaluation(self, reports: Sequence[EvaluationReport]) -> dict[str, float]:
+        """The round's federated evaluation metrics, as `fed_eval_*`: how many clients
+        reported, over how many examples, and each metric's example-weighted mean."""
+        totals = ReportTotals()
+        for report in reports:
+            totals.add(report.num_examples, report.metrics)
+        return {
+            "fed_eval_clients": len(reports),
+            "fed_eval_examples": totals.examples,
+            **totals.means("fed_eval_"),
+        }
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """State carried across rounds, for the checkpoint."""
@@ -118,7 +141,8 @@ class Strategy(ABC):
 
 class MeanOfUpdates(Strategy):
     """Strategies whose round is a weighted mean of the clients' updates: the weight of each
-    client is `weight(client, num_examples)`; the mean goes to `apply`."""
+    client is `weight(client, num_examples)`; the mean goes to `apply`. Each update is
+    folded into a running sum as it arrives, so the round holds none of them."""
 
     def __init__(self) -> None:
         self.running = RunningMean()
@@ -136,10 +160,12 @@ class MeanOfUpdates(Strategy):
     def begin_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
         self.running.reset(global_tensors)
 
-    def fold(self, client: str, num_examples: int, delta: DeltaStream) -> None:
-        self.running.add(self.weight(client, num_examples), delta)
+    def accept(self, update: VerifiedUpdate) -> None:
+        self.running.add(self.weight(update.client, update.num_examples), update.blocks())
 
-    def finish_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
+    def aggregate(
+        self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
+    ) -> None:
         self.apply(global_tensors, self.running.take())
 
     def abort_round(self) -> None:

@@ -49,7 +49,7 @@ def test_round_with_a_compressed_uplink_folds_the_decoded_updates(
     assert [c.join(60) for c in clients] == [0, 0, 0]
     running.wait_done(30)
 
-    uplink = running.coordinator.uplink
+    uplink = running.coordinator.intake.uplink
     assert uplink.spec == codec + ("+zstd" if zstd else "")
     expected = fedavg_of_decoded_tiny(uplink, [0, 1, 2])
     final = running.coordinator.model.tensors
@@ -95,7 +95,7 @@ def test_wrong_codec_and_oversize_parts_are_refused_before_spooling(coordinator)
     metadata = (("authorization", f"Bearer {token}"),)
     assert peer._poll(pb.PollRequest(), metadata=metadata, timeout=30).train.round == 1
     model = running.coordinator.model.manifest
-    layout = running.coordinator.upload_layout
+    layout = running.coordinator.intake.layout
 
     def upload_header(manifest: Manifest) -> bytes:
         msg = pb.UpdateHeader(round=1, model_version=0, num_examples=30)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fedstream.server.strategies import DeltaBlock, FedSGD
+from fedstream.server.updates import VerifiedUpdate
 from fedstream.tasks.digits import DigitsTask
 
 STEPS = 5
@@ -42,9 +43,12 @@ def test_one_client_fedsgd_is_centralised_training(optimizer, make_torch_optimiz
     for _ in range(STEPS):
         strategy.begin_round(global_tensors)
         result = task.compute_gradient(client_model, config)
-        strategy.fold("only", result.num_examples, gradient_blocks(client_model))
+        update = VerifiedUpdate.in_memory(
+            "only", result.num_examples, gradient_blocks(client_model)
+        )
+        strategy.accept(update)
         with torch.no_grad():
-            strategy.finish_round(global_tensors)
+            strategy.aggregate([update], global_tensors)
 
     # centralised: plain torch on the same data, full batch
     central = task.build_model()

@@ -87,7 +87,7 @@ def test_silent_client_costs_its_update_not_the_round(coordinator, tmp_path):
     silent = Connection(running.address, 1 << 20, 30.0)
     session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
     honest = start_client(running.address, 0)
-    reply = silent.poll(session, -1)
+    reply = silent.poll(session)
     assert reply.WhichOneof("action") == "train"  # selected, then never answers
     assert honest.join(60) == 0
     running.wait_done(30)
@@ -101,12 +101,12 @@ def test_round_without_enough_updates_is_run_again(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=1, min_reports=1, round_timeout=1.5)
     silent = Connection(running.address, 1 << 20, 30.0)
     session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
-    first = silent.poll(session, -1)
+    first = silent.poll(session)
     assert first.train.round == 1
     # nothing is uploaded: after the deadline round 1 starts again with a fresh selection
     wait_for(lambda: attempt(running) >= 2, 20, "round 1 to be re-run")
     assert running.coordinator.completed == 0
-    assert silent.poll(session, -1).train.round == 1
+    assert silent.poll(session).train.round == 1
     honest = start_client(running.address, 0)
     assert honest.join(60) == 0
     silent.close()
@@ -186,7 +186,7 @@ def test_closing_a_round_ends_a_stalled_download(coordinator, tmp_path):
     wide = WideTask({}, 0)
     wide.load_data(0, 8)
     honest = ClientThread(client_config(running.address, 0), wide)
-    assert slow.poll(session, -1).train.round == 1
+    assert slow.poll(session).train.round == 1
     stream = slow._download(
         pb.DownloadRequest(model_version=0, chunk_bytes=1024), metadata=session.metadata
     )

@@ -144,7 +144,7 @@ class Reporter:
 def poll_for_work(peer: Connection, session) -> pb.PollReply:
     """Poll past Wait replies (the harness's long-poll lasts one second)."""
     while True:
-        reply = peer.poll(session, -1)
+        reply = peer.poll(session)
         if reply.WhichOneof("action") != "wait":
             return reply
 

@@ -1,0 +1,85 @@
+"""The global model: the weights the coordinator owns, and the downloads it serves.
+
+The coordinator encodes nothing per client: a download is a walk over the global tensors'
+own memory, chunk by chunk from the requested byte offset (a broken download resumes
+where it stopped), for as long as the phase it was opened in stays open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.server.calls import ModelStream
+from fedstream.server.errors import OffsetOutOfRange, WrongRound
+
+MIN_CHUNK_BYTES = 1024
+
+
+class GlobalModel:
+    """The exchanged tensors of the task's model (`exchanged_names`), at `version`.
+
+    The tensors share storage with the model's parameters, so evaluating the module sees
+    the current weights and no second copy exists. Tensors not exchanged stay as the
+    task built them.
+    """
+
+    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
+        self.module = module
+        state = module.state_dict()
+        self.tensors: dict[str, torch.Tensor] = {name: state[name] for name in names}
+        for name, tensor in self.tensors.items():
+            if not tensor.is_contiguous():
+                raise ValueError(f"model tensor {name!r} is not contiguous")
+        self.manifest = Manifest.from_tensors(self.tensors)
+        self.version = 0
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        Manifest.from_tensors(tensors).require_same_layout(self.manifest)
+        with torch.no_grad():
+            for name, target in self.tensors.items():
+                target.copy_(tensors[name])
+
+    def summary(self) -> str:
+        params = sum(e.numel for e in self.manifest.entries)
+        return (
+            f"{len(self.manifest.entries)} tensors, {params:,} parameters, "
+            f"{self.manifest.total_bytes / 2**20:.1f} MiB exchanged"
+        )
+
+    def download(
+        self,
+        version: int,
+        offset: int,
+        chunk_bytes: int,
+        still_open: Callable[[], bool],
+        phase_name: str,
+    ) -> ModelStream:
+        """Model `version` from byte `offset` in chunks of `chunk_bytes`, for as long as
+        `still_open()` holds (the phase `phase_name` the download belongs to)."""
+        if version != self.version:
+            raise WrongRound(f"model version {version} is not current (current: {self.version})")
+        total = self.manifest.total_bytes
+        if offset > total:
+            raise OffsetOutOfRange(f"offset {offset} is beyond the model's {total} bytes")
+        chunks = iter_chunks(list(self.tensors.values()), max(MIN_CHUNK_BYTES, chunk_bytes), offset)
+        return ModelStream(
+            self.version, self.manifest, offset, _while_open(chunks, still_open, phase_name)
+        )
+
+
+def _while_open(
+    chunks: Iterator[memoryview | bytes], still_open: Callable[[], bool], phase_name: str
+) -> Iterator[memoryview | bytes]:
+    """The chunks, as long as the phase they belong to is open.
+
+    Aggregation rewrites the global tensors in place once a round closes; a chunk is a view
+    of them until it is framed, which happens in the same event-loop step as this check, so
+    no download ever reads a tensor that is being rewritten.
+    """
+    for chunk in chunks:
+        if not still_open():
+            raise WrongRound(f"{phase_name} closed during the download")
+        yield chunk

@@ -1,0 +1,99 @@
+"""Upload intake: an update's manifest checked, its bytes spooled to disk as they arrive,
+the whole checked, and only then handed on as a `VerifiedUpdate`.
+
+A client that dies mid-upload leaves nothing but a spool file, which goes back to the
+pool; memory does not grow with the number of clients uploading at once (DESIGN.md,
+"Aggregation streams too").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from fedstream.common.codecs import UplinkCodec
+from fedstream.common.errors import InvalidManifest
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.tensor_codec import Manifest, ManifestLimits
+from fedstream.server.spool import SpoolFiles, UploadSpool
+from fedstream.server.updates import VerifiedUpdate
+
+
+class UploadIntake:
+    """Takes uploads of updates to the global model `model`, in the run's `uplink` codec."""
+
+    def __init__(self, uplink: UplinkCodec, model: Manifest, spool_dir: Path) -> None:
+        self.uplink = uplink
+        self.model = model
+        self.layout = uplink.layout(model)
+        """The manifest every upload must have, up to the byte counts of coded tensors."""
+        # Loose enough that a wrong dtype is reported as such, tight enough that no
+        # manifest can make the coordinator spool far more than a model's worth.
+        bound = 4 * model.total_bytes + (1 << 20)
+        self.limits = ManifestLimits(
+            max_tensors=len(self.layout.entries), max_total_bytes=bound, max_tensor_bytes=bound
+        )
+        self.readback = asyncio.Lock()
+        """Held while an update is read back (verified, then handed on): concurrent
+        read-backs would each hold a block buffer and compete for the same cores."""
+        self._writer = concurrent.futures.ThreadPoolExecutor(2, "spool-writer")
+        self._files = SpoolFiles(spool_dir)
+
+    def check_manifest(self, proto: pb.Manifest) -> Manifest:
+        """The upload's manifest, bounded and checked against the run's layout."""
+        manifest = Manifest.from_proto(proto, self.limits)
+        if manifest.codec != self.uplink.spec:
+            raise InvalidManifest(
+                f"codec {manifest.codec[:64]!r} is not this run's uplink codec {self.uplink.spec!r}"
+            )
+        self.layout.require_same_layout(manifest)
+        return manifest
+
+    @contextlib.asynccontextmanager
+    async def receive(
+        self,
+        label: str,
+        client: str,
+        num_examples: int,
+        metrics: Mapping[str, float],
+        manifest: Manifest,
+        chunks: AsyncIterator[memoryview],
+    ) -> AsyncIterator[VerifiedUpdate]:
+        """Spool the upload, verify it whole, and yield it, holding `readback`.
+
+        The body decides what becomes of the update (a strategy takes it, the round books
+        it); when the body raises, or anything before it does, the spool is given back.
+        """
+        spool = UploadSpool(self._files, label, manifest, self.uplink, self.model)
+        try:
+            await self._spool(spool, chunks)
+            async with self.readback:
+                await asyncio.to_thread(spool.verify_finite)
+                yield VerifiedUpdate(
+                    client, num_examples, dict(metrics), spool.bytes_written, spool
+                )
+        except BaseException:
+            spool.discard()
+            raise
+
+    async def _spool(self, spool: UploadSpool, chunks: AsyncIterator[memoryview]) -> None:
+        writing: concurrent.futures.Future[None] | None = None
+        try:
+            async for chunk in chunks:
+                if writing is not None:
+                    await asyncio.wrap_future(writing)
+                # A thread writes each chunk while the next one arrives: the write system
+                # call then overlaps the event loop's work on every other stream.
+                writing = self._writer.submit(spool.write, chunk)
+            if writing is not None:
+                await asyncio.wrap_future(writing)
+            spool.finish()
+        finally:
+            if writing is not None:
+                concurrent.futures.wait([writing])  # never close the spool under a write
+
+    def close(self) -> None:
+        self._writer.shutdown()
