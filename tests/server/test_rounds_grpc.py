@@ -127,6 +127,36 @@ def test_health_service_reports_serving(coordinator):
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_health_service_reports_not_serving_once_the_run_is_done(coordinator):
+    running = coordinator(rounds=1, min_clients=2, round_timeout=2.0, done_grace=30.0)
+    silent = Connection(running.address, 1 << 20, 30.0)
+    session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
+    honest = start_client(running.address, 0)
+    wait_for(
+        lambda: silent.poll(session).WhichOneof("action") == "train",  # and never uploads
+        30,
+        "the silent client's train task",
+    )
+    assert honest.join(60) == 0
+    with grpc.insecure_channel(running.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+
+        def status() -> int:
+            request = health_pb2.HealthCheckRequest(service="fedstream.v1.Coordinator")
+            return stub.Check(request, timeout=5).status
+
+        # The daemon still answers polls while it waits for the silent client to hear
+        # that the run is done, but it serves no more rounds.
+        wait_for(
+            lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING,
+            30,
+            "health to turn NOT_SERVING",
+        )
+        assert silent.poll(session).WhichOneof("action") == "done"
+    silent.close()
+    running.wait_done(30)
+
+
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(coordinator, tmp_path):
     first = coordinator(rounds=2, min_clients=2, run_dir=tmp_path / "resumed")
     clients = [start_client(first.address, p) for p in (0, 1)]

@@ -22,6 +22,7 @@ from fedstream.server.strategies import (
     Strategy,
     build_strategy,
 )
+from fedstream.server.updates import VerifiedUpdate
 
 ROUNDS = 3
 CLIENTS = [("a", 10), ("b", 30), ("c", 5)]
@@ -46,13 +47,23 @@ def blocks(update_: dict[str, torch.Tensor], size: int = 3) -> list[DeltaBlock]:
     return out
 
 
+def one_round(strategy: Strategy, model: dict[str, torch.Tensor], r: int) -> None:
+    """Round `r` as the coordinator runs it: each update accepted as it arrives, then the
+    aggregate of all of them."""
+    strategy.begin_round(model)
+    updates = [
+        VerifiedUpdate.in_memory(name, n, blocks(update(r, k)))
+        for k, (name, n) in enumerate(CLIENTS)
+    ]
+    for verified in updates:
+        strategy.accept(verified)
+    strategy.aggregate(updates, model)
+
+
 def run(strategy: Strategy, rounds: int = ROUNDS) -> dict[str, torch.Tensor]:
     model = initial()
     for r in range(rounds):
-        strategy.begin_round(model)
-        for k, (name, n) in enumerate(CLIENTS):
-            strategy.fold(name, n, blocks(update(r, k)))
-        strategy.finish_round(model)
+        one_round(strategy, model, r)
     return model
 
 
@@ -171,10 +182,7 @@ def test_state_survives_a_checkpoint_round_trip_exactly(name: str) -> None:
     saved = {k: v.clone() for k, v in first.state_tensors().items()}
     second = build_strategy(config)
     second.load_state_tensors(saved)
-    second.begin_round(model)
-    for k, (client, n) in enumerate(CLIENTS):
-        second.fold(client, n, blocks(update(2, k)))
-    second.finish_round(model)
+    one_round(second, model, 2)
     for key in whole:
         assert torch.equal(model[key], whole[key]), key
 
@@ -184,7 +192,8 @@ def test_half_precision_models_sum_in_float32() -> None:
     strategy = FedAvg()
     strategy.begin_round(model)
     assert strategy.running.sums == {}  # allocated by the first update, not before
-    strategy.fold("a", 3, [DeltaBlock(name, 0, t.clone()) for name, t in model.items()])
+    whole = [DeltaBlock(name, 0, t.clone()) for name, t in model.items()]
+    strategy.accept(VerifiedUpdate.in_memory("a", 3, whole))
     assert strategy.running.sums["h"].dtype == torch.float32
     assert strategy.running.sums["d"].dtype == torch.float64
 
