@@ -15,8 +15,6 @@
 The coordinator is in one phase at a time (`self.phase`, `server/phases.py`). It reads the
 time only through its clock, takes and returns plain values (`server/calls.py`), and
 raises the domain errors of `server/errors.py`, which the servicer maps to gRPC statuses.
-The global model and its downloads live in `server/global_model.py`, upload intake in
-`server/intake.py`, the run directory in `server/run_store.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fedstream.common.codecs import UplinkCodec
 from fedstream.common.memory import peak_rss_bytes
 from fedstream.common.round_config import Scalar, parse_scalar
 from fedstream.server.calls import (
@@ -84,13 +81,10 @@ class Coordinator:
         self.run_id = uuid.uuid4().hex
         self.phase: Phase = Waiting(config.min_clients)
         self.completed = 0
-        uplink = UplinkCodec.parse(config.uplink_codec, config.topk_fraction)
-        if config.uplink_zstd:
-            uplink = UplinkCodec(uplink.codec, zstd=True)
-        self.intake = UploadIntake(uplink, self.model.manifest, config.spool_path)
+        self.intake = UploadIntake(config, self.model.manifest, config.spool_path)
         self.base_round_config: dict[str, Scalar] = {
             **{k: parse_scalar(v) for k, v in config.round_config.items()},
-            **uplink.round_config(),
+            **self.intake.uplink.round_config(),
         }
         if config.proximal_mu > 0:
             self.base_round_config["proximal_mu"] = config.proximal_mu

@@ -18,17 +18,19 @@ from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.tensor_codec import Manifest, ManifestLimits
+from fedstream.server.config import UplinkConfig
 from fedstream.server.spool import SpoolFiles, UploadSpool
 from fedstream.server.updates import VerifiedUpdate
 
 
 class UploadIntake:
-    """Takes uploads of updates to the global model `model`, in the run's `uplink` codec."""
+    """Takes uploads of updates to the global model `model`, in the run's uplink codec."""
 
-    def __init__(self, uplink: UplinkCodec, model: Manifest, spool_dir: Path) -> None:
-        self.uplink = uplink
+    def __init__(self, config: UplinkConfig, model: Manifest, spool_dir: Path) -> None:
+        uplink = UplinkCodec.parse(config.uplink_codec, config.topk_fraction)
+        self.uplink = UplinkCodec(uplink.codec, zstd=True) if config.uplink_zstd else uplink
         self.model = model
-        self.layout = uplink.layout(model)
+        self.layout = self.uplink.layout(model)
         """The manifest every upload must have, up to the byte counts of coded tensors."""
         # Loose enough that a wrong dtype is reported as such, tight enough that no
         # manifest can make the coordinator spool far more than a model's worth.
