@@ -24,7 +24,15 @@ from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import METHODS, bearer_metadata, stub
 from fedstream.common.tensor_codec import Manifest, iter_chunks
 
-from .conftest import RunningCoordinator, TinyModel, start_client, wait_for
+from .conftest import (
+    ClientThread,
+    RunningCoordinator,
+    TinyModel,
+    client_config,
+    start_client,
+    wait_for,
+    wide_task,
+)
 from .test_rounds_grpc import fedavg_of_tiny
 
 sc = grpc.StatusCode
@@ -352,3 +360,21 @@ def test_repeated_update_is_idempotent(
     arena.peer.upload(update(good()), other)
     running.wait_done(30)
     arena.peer.channel.close()
+
+
+def test_a_client_cuts_its_chunks_to_the_coordinators_bound(
+    coordinator: Callable[..., RunningCoordinator], tmp_path: Path
+) -> None:
+    """Not a bad request: a client configured for larger chunks than the coordinator
+    accepts learns the bound from Join and uploads within it."""
+    bound = 16 << 10
+    running = coordinator(
+        task=wide_task(), rounds=1, min_clients=1, chunk_bytes=bound, max_chunk_bytes=bound
+    )
+    client = ClientThread(client_config(running.address, 0, chunk_bytes=256 << 10), wide_task(0))
+    assert client.join(60) == 0
+    running.wait_done(30)
+    assert client.client.session is not None
+    assert client.client.session.chunk_bytes == bound
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["updates"] == 1 and record["rejected_uploads"] == 0
