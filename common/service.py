@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
@@ -28,7 +28,7 @@ FRAMED: frozenset[type[Message]] = frozenset({pb.ModelChunk, pb.UpdateChunk})
 
 Serializer = Callable[[Any], bytes]
 Deserializer = Callable[[bytes], Any]
-MultiCallable = (
+MultiCallable: TypeAlias = (
     grpc.UnaryUnaryMultiCallable
     | grpc.UnaryStreamMultiCallable
     | grpc.StreamUnaryMultiCallable

@@ -96,7 +96,7 @@ def test_an_update_header_parses_to_the_header_message() -> None:
 def test_data_framed_differently_still_parses_as_protobuf_would() -> None:
     """Another implementation may put an unknown field first, or repeat the field (the last
     one wins): not our fast path, but still a data chunk."""
-    parse = ChunkParser(pb.UpdateChunk)
+    parse: ChunkParser[pb.UpdateHeader] = ChunkParser(pb.UpdateChunk)
     unknown_first = bytes((9 << 3 | 0, 1)) + frame_data(b"payload")
     item = parse(unknown_first)
     assert isinstance(item, memoryview) and item.tobytes() == b"payload"
