@@ -8,7 +8,7 @@ import asyncio
 class FakeClock:
     def __init__(self, start: float = 1000.0) -> None:
         self.time = start
-        self._timers: list[tuple[float, asyncio.Future[None]]] = []
+        self._timers: list[tuple[float, asyncio.Future[object]]] = []
 
     def now(self) -> float:
         return self.time
@@ -16,10 +16,10 @@ class FakeClock:
     async def wait(self, event: asyncio.Event, timeout: float) -> None:
         if event.is_set() or timeout <= 0:
             return
-        timer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        timer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         entry = (self.time + timeout, timer)
         self._timers.append(entry)
-        waiter = asyncio.ensure_future(event.wait())
+        waiter: asyncio.Future[object] = asyncio.ensure_future(event.wait())
         try:
             await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
