@@ -53,3 +53,11 @@ def test_the_walk_sees_imports_at_any_depth(tmp_path: Path) -> None:
         "from . import sibling\n"
     )
     assert fedstream_imports(module) == {"common", "client"}
+
+
+def test_a_users_task_can_still_subclass_fedstream_client_task() -> None:
+    import fedstream.client
+    import fedstream.tasks
+
+    assert fedstream.client.Task is fedstream.tasks.Task
+    assert fedstream.client.TrainResult is fedstream.tasks.TrainResult

@@ -102,6 +102,16 @@ class Harness:
         )
         assert receipt.accepted, receipt.detail
 
+    async def start(self, *names: str) -> tuple[asyncio.Task[None], OpenRound]:
+        """Join clients `names` (each's partition is its index), run the coordinator, and
+        return its task and round 1 once that round is open."""
+        for partition, name in enumerate(names):
+            self.join(name, partition)
+        running = asyncio.create_task(self.coordinator.run())
+        await self.until(lambda: isinstance(self.coordinator.phase, OpenRound), "round 1 to open")
+        assert isinstance(self.coordinator.phase, OpenRound)
+        return running, self.coordinator.phase
+
     async def until(self, predicate: Callable[[], bool], what: str) -> None:
         """Yield to the coordinator until `predicate` holds (its threads take real time)."""
         deadline = time.monotonic() + REAL_DEADLINE_S
@@ -160,10 +170,7 @@ def test_round_closes_when_every_selected_client_has_reported(tmp_path: Path) ->
 def test_round_closes_at_its_deadline_with_enough_reports(tmp_path: Path) -> None:
     async def scenario() -> None:
         h = Harness(tmp_path, round_timeout=30.0, min_reports=1)
-        h.join("a", 0)
-        h.join("b", 1)
-        running = asyncio.create_task(h.coordinator.run())
-        await h.until(lambda: isinstance(h.coordinator.phase, OpenRound), "round 1 to open")
+        running, _ = await h.start("a", "b")
         await h.upload("a", 0)
         h.clock.advance(29.0)
         await asyncio.sleep(0)
@@ -184,12 +191,7 @@ def test_round_with_too_few_reports_runs_again_with_its_updates_released(
 ) -> None:
     async def scenario() -> None:
         h = Harness(tmp_path, round_timeout=30.0, min_reports=2)
-        h.join("a", 0)
-        h.join("b", 1)
-        running = asyncio.create_task(h.coordinator.run())
-        await h.until(lambda: isinstance(h.coordinator.phase, OpenRound), "round 1 to open")
-        first = h.coordinator.phase
-        assert isinstance(first, OpenRound)
+        running, first = await h.start("a", "b")
         await h.upload("a", 0)
         h.clock.advance(30.0)
         await h.until(
@@ -213,12 +215,7 @@ def test_round_with_too_few_reports_runs_again_with_its_updates_released(
 def test_refused_updates_change_nothing_and_the_round_carries_on(tmp_path: Path) -> None:
     async def scenario() -> None:
         h = Harness(tmp_path, fraction=0.5, min_clients=1)
-        for name, partition in (("a", 0), ("b", 1)):
-            h.join(name, partition)
-        running = asyncio.create_task(h.coordinator.run())
-        await h.until(lambda: isinstance(h.coordinator.phase, OpenRound), "round 1 to open")
-        open_round = h.coordinator.phase
-        assert isinstance(open_round, OpenRound)
+        running, open_round = await h.start("a", "b")
         (chosen,) = open_round.selected
         other = "b" if chosen == "a" else "a"
         partition = 0 if chosen == "a" else 1
@@ -244,10 +241,7 @@ def test_refused_updates_change_nothing_and_the_round_carries_on(tmp_path: Path)
 def test_evaluation_opens_after_the_checkpoint_and_adds_to_the_record(tmp_path: Path) -> None:
     async def scenario() -> None:
         h = Harness(tmp_path, eval_every=1, eval_timeout=60.0)
-        h.join("a", 0)
-        h.join("b", 1)
-        running = asyncio.create_task(h.coordinator.run())
-        await h.until(lambda: isinstance(h.coordinator.phase, OpenRound), "round 1 to open")
+        running, _ = await h.start("a", "b")
         await h.upload("a", 0)
         await h.upload("b", 1)
         await h.until(lambda: isinstance(h.coordinator.phase, OpenEvaluation), "evaluation")
@@ -277,9 +271,7 @@ def test_evaluation_opens_after_the_checkpoint_and_adds_to_the_record(tmp_path: 
 def test_done_answers_every_poll_and_waits_for_clients_to_hear_it(tmp_path: Path) -> None:
     async def scenario() -> None:
         h = Harness(tmp_path, min_clients=1, poll_timeout=5.0)
-        h.join("a", 0)
-        running = asyncio.create_task(h.coordinator.run())
-        await h.until(lambda: isinstance(h.coordinator.phase, OpenRound), "round 1 to open")
+        running, _ = await h.start("a")
         await h.upload("a", 0)
         await asyncio.wait_for(running, REAL_DEADLINE_S)
         told = asyncio.create_task(h.coordinator.wait_clients_told(30.0))
@@ -335,12 +327,7 @@ def test_a_strategy_that_holds_updates_reads_every_one_at_the_end(tmp_path: Path
     async def scenario() -> None:
         strategy = CoordinateMax()
         h = Harness(tmp_path, strategy=strategy, min_clients=3)
-        for name, partition in (("a", 0), ("b", 1), ("c", 2)):
-            h.join(name, partition)
-        running = asyncio.create_task(h.coordinator.run())
-        await h.until(lambda: isinstance(h.coordinator.phase, OpenRound), "round 1 to open")
-        open_round = h.coordinator.phase
-        assert isinstance(open_round, OpenRound)
+        running, open_round = await h.start("a", "b", "c")
         for name, partition in (("c", 2), ("a", 0), ("b", 1)):
             await h.upload(name, partition)
         await asyncio.wait_for(running, REAL_DEADLINE_S)
@@ -356,12 +343,7 @@ def test_a_strategy_that_holds_updates_reads_every_one_at_the_end(tmp_path: Path
 def test_fold_strategies_release_each_spool_as_soon_as_it_is_folded(tmp_path: Path) -> None:
     async def scenario() -> None:
         h = Harness(tmp_path)
-        h.join("a", 0)
-        h.join("b", 1)
-        running = asyncio.create_task(h.coordinator.run())
-        await h.until(lambda: isinstance(h.coordinator.phase, OpenRound), "round 1 to open")
-        open_round = h.coordinator.phase
-        assert isinstance(open_round, OpenRound)
+        running, open_round = await h.start("a", "b")
         await h.upload("a", 0)
         (update,) = open_round.updates
         assert update.released and update.client == "a" and update.num_examples == 10
