@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fedstream.common.config import ConfigError
 
@@ -39,6 +40,15 @@ class ClientConfig:
     """Longest wait between reconnection attempts, in seconds."""
     give_up_after: float = 300.0
     """Seconds without reaching the coordinator after which the client exits non-zero."""
+    ca: Path | None = None
+    """CA certificate (PEM) the coordinator's certificate must chain to: TLS."""
+    cert: Path | None = None
+    """This client's certificate (PEM) for mutual TLS; with --key and --ca."""
+    key: Path | None = None
+    """This client's private key (PEM) for mutual TLS; with --cert."""
+    token: str = ""
+    """This client's token, when the coordinator checks tokens (--tokens); better given
+    as FEDSTREAM_CLIENT_TOKEN than on the command line."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
 
@@ -52,5 +62,13 @@ class ClientConfig:
             raise ConfigError("chunk_bytes must be between 1 KiB and 16 MiB")
         if self.threads < 0:
             raise ConfigError("threads must be 0 or more")
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("cert and key go together: give both or neither")
+        if self.cert is not None and self.ca is None:
+            raise ConfigError("mutual TLS (cert, key) needs ca as well")
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name}: {path} is not a readable file")
         if not self.name:
             self.name = f"{socket.gethostname()}-p{self.partition}"

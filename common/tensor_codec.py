@@ -13,6 +13,7 @@ tensor's own dtype: numpy has no bfloat16, and the raw bits are what must surviv
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -181,6 +182,11 @@ class Manifest:
                 )
             entries.append(entry)
         return cls(tuple(entries), msg.codec)
+
+    def digest(self) -> str:
+        """Hex SHA-256 of this layout (names, dtypes, shapes, codec): two models with the
+        same digest exchange the same tensors."""
+        return hashlib.sha256(self.to_proto().SerializeToString(deterministic=True)).hexdigest()
 
     def require_same_layout(self, other: Manifest) -> None:
         """Raise InvalidManifest naming the first way `other` differs from this layout.

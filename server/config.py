@@ -9,6 +9,7 @@ table), and `fedstream server --help` lists the flags under one heading per comp
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,9 @@ class TransportConfig:
     """How the coordinator listens and moves bytes: its address, the chunking of model
     streams, and how long a quiet client or a stalled transfer is waited for."""
 
-    address: str = "0.0.0.0:50051"
-    """HOST:PORT the coordinator listens on (port 0 picks a free one)."""
+    address: str = "127.0.0.1:50051"
+    """HOST:PORT the coordinator listens on (port 0 picks a free one); an address other
+    than loopback needs TLS (--tls-cert, --tls-key) or --insecure."""
     chunk_bytes: int = MIB
     """Bytes per streamed chunk of model data."""
     max_chunk_bytes: int = 16 * MIB
@@ -43,6 +45,17 @@ class TransportConfig:
     """Seconds without any call after which an idle client is no longer selected."""
     stall_timeout: float = 60.0
     """Seconds an upload may move no bytes before it is dropped as stalled."""
+    min_transfer_rate: float = 64 * 1024
+    """Bytes per second a download or upload must average over --transfer-window; a
+    slower one is cut (a peer trickling bytes cannot hold a round open)."""
+    transfer_window: float = 30.0
+    """Seconds over which a transfer's rate is measured against --min-transfer-rate."""
+    max_uploads: int = 16
+    """Uploads received at once; more wait for a free slot (memory does not grow with
+    the number of open streams)."""
+    heartbeat_seconds: float = 10.0
+    """How often a client holding a task calls Heartbeat; one silent for three times
+    this is released from its round."""
 
     def validate(self) -> None:
         host, sep, port = self.address.rpartition(":")
@@ -56,6 +69,61 @@ class TransportConfig:
         _positive("poll_timeout", self.poll_timeout)
         _positive("client_timeout", self.client_timeout)
         _positive("stall_timeout", self.stall_timeout)
+        if not self.min_transfer_rate >= 0:
+            raise ConfigError(f"min_transfer_rate must be at least 0, got {self.min_transfer_rate}")
+        _positive("transfer_window", self.transfer_window)
+        if self.max_uploads < 1:
+            raise ConfigError(f"max_uploads must be at least 1, got {self.max_uploads}")
+        _positive("heartbeat_seconds", self.heartbeat_seconds)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT names a loopback host (127.0.0.0/8, ::1, localhost)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class SecurityConfig:
+    """Who may talk to the coordinator: TLS, mutual TLS, per-client tokens, and how many
+    sessions it holds."""
+
+    tls_cert: Path | None = None
+    """Server certificate (PEM) for TLS; with --tls-key."""
+    tls_key: Path | None = None
+    """Server private key (PEM) for TLS; with --tls-cert."""
+    client_ca: Path | None = None
+    """CA certificate (PEM) that signs client certificates: mutual TLS, and a client's
+    identity is its certificate's common name."""
+    tokens: Path | None = None
+    """File of per-client tokens, one `NAME SHA256-HEX` a line (`fedstream token NAME`
+    makes one): a client must present the token of the name it joins as."""
+    insecure: bool = False
+    """Listen on a non-loopback address without TLS (plaintext: anyone on the network can
+    read the model and join)."""
+    max_clients: int = 256
+    """Client sessions the coordinator holds; Joins beyond it are refused."""
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def validate(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ConfigError("client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "client_ca", "tokens"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name}: {path} is not a readable file")
+        if self.max_clients < 1:
+            raise ConfigError(f"max_clients must be at least 1, got {self.max_clients}")
 
 
 @dataclass
@@ -190,7 +258,9 @@ class EvaluationConfig:
 
 
 @dataclass
-class ServerConfig(TransportConfig, RoundsConfig, UplinkConfig, StrategyConfig, EvaluationConfig):
+class ServerConfig(
+    TransportConfig, SecurityConfig, RoundsConfig, UplinkConfig, StrategyConfig, EvaluationConfig
+):
     """The run: its directory, task and seed, and how the coordinator process runs."""
 
     run_dir: Path = Path("runs/latest")
@@ -213,6 +283,12 @@ class ServerConfig(TransportConfig, RoundsConfig, UplinkConfig, StrategyConfig, 
     def validate(self) -> None:
         """Every component's checks, then the run's own."""
         TransportConfig.validate(self)
+        SecurityConfig.validate(self)
+        if not self.tls and not self.insecure and not is_loopback(self.address):
+            raise ConfigError(
+                f"address {self.address} is not loopback: give --tls-cert and --tls-key, "
+                "or --insecure to serve plaintext on the network"
+            )
         RoundsConfig.validate(self)
         UplinkConfig.validate(self)
         StrategyConfig.validate(self)

@@ -266,6 +266,15 @@ class Coordinator:
         self.changes.notify()
         return Receipt(True, f"evaluation booked for round {evaluation.number}")
 
+    def heartbeat(self, client: ClientRecord, round_number: int) -> bool:
+        """A client holding a task is alive; whether the phase of `round_number` is open."""
+        phase = self.phase
+        return (
+            isinstance(phase, OpenRound | OpenEvaluation)
+            and phase.number == round_number
+            and phase.accepting
+        )
+
     # ---- internals -----------------------------------------------------------------------
 
     def _enter(self, phase: Phase) -> None:

@@ -205,6 +205,15 @@ class CoordinatorServicer:
         except FedstreamError as exc:
             await _reject(context, "ReportEvaluation", exc)
 
+    async def heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatReply:
+        try:
+            open_ = self.coordinator.heartbeat(self._client(context), request.round)
+        except FedstreamError as exc:
+            await _reject(context, "Heartbeat", exc)
+        return pb.HeartbeatReply(phase_open=open_)
+
     async def _data_chunks(self, iterator: AsyncIterator[Any]) -> AsyncIterator[memoryview]:
         """The data chunks after an upload's header, failing when none arrives in time."""
         while True:
@@ -237,5 +246,6 @@ class CoordinatorServicer:
                 "Download": self.download,
                 "Upload": self.upload,
                 "ReportEvaluation": self.report_evaluation,
+                "Heartbeat": self.heartbeat,
             }
         )

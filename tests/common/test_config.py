@@ -23,6 +23,7 @@ from fedstream.common.config import (
 from fedstream.server.config import (
     EvaluationConfig,
     RoundsConfig,
+    SecurityConfig,
     ServerConfig,
     StrategyConfig,
     TransportConfig,
@@ -353,6 +354,7 @@ def test_choices_and_default_help_metadata_show_in_help() -> None:
 SERVER_COMPONENTS = [
     ServerConfig,
     TransportConfig,
+    SecurityConfig,
     RoundsConfig,
     UplinkConfig,
     StrategyConfig,
@@ -371,7 +373,7 @@ def test_server_config_is_composed_of_its_components() -> None:
 # A field of each component: TOML value, environment value, flag, and what each gives.
 SERVER_PRECEDENCE = [
     ("run_dir", '"f/run"', "e/run", "g/run", Path("f/run"), Path("e/run"), Path("g/run")),
-    ("address", '"f:1"', "e:2", "g:3", "f:1", "e:2", "g:3"),
+    ("address", '"127.0.0.1:1"', "127.0.0.2:2", "::1:3", "127.0.0.1:1", "127.0.0.2:2", "::1:3"),
     ("min_clients", "3", "4", "5", 3, 4, 5),
     ("uplink_codec", '"int8"', "fp16", "topk", "int8", "fp16", "topk"),
     ("server_lr", "0.5", "0.25", "0.125", 0.5, 0.25, 0.125),

@@ -31,6 +31,7 @@ CARDINALITY = {
     "Download": (False, True),
     "Upload": (True, False),
     "ReportEvaluation": (False, False),
+    "Heartbeat": (False, False),
 }
 """What the clients and the servicer are written for; a proto change shows here."""
 
@@ -101,6 +102,12 @@ def test_upload_requests_are_framed_by_hand() -> None:
             pb.EvaluationReport(round=1, num_examples=5, metrics={"loss": 0.5}),
             pb.EvaluationReply(accepted=True),
             id="ReportEvaluation",
+        ),
+        pytest.param(
+            "Heartbeat",
+            pb.HeartbeatRequest(round=3),
+            pb.HeartbeatReply(phase_open=True),
+            id="Heartbeat",
         ),
     ],
 )

@@ -120,12 +120,17 @@ class JoinRequest(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     PARTITION_FIELD_NUMBER: _builtins.int
     NUM_PARTITIONS_FIELD_NUMBER: _builtins.int
+    MODEL_DIGEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for logs; unique per client process is best."""
     task: _builtins.str
     """The task the client runs; must match the coordinator's."""
     partition: _builtins.int
     num_partitions: _builtins.int
+    model_digest: _builtins.str
+    """Hex SHA-256 of the client's model layout (its exchanged tensors' Manifest,
+    serialized): a client whose model differs from the coordinator's is refused.
+    """
     def __init__(
         self,
         *,
@@ -133,10 +138,11 @@ class JoinRequest(_message.Message):
         task: _builtins.str = ...,
         partition: _builtins.int = ...,
         num_partitions: _builtins.int = ...,
+        model_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "num_partitions", b"num_partitions", "partition", b"partition", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_digest", b"model_digest", "name", b"name", "num_partitions", b"num_partitions", "partition", b"partition", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -150,6 +156,7 @@ class JoinReply(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _builtins.int
     client_id: _builtins.str
     token: _builtins.str
     run_id: _builtins.str
@@ -158,6 +165,8 @@ class JoinReply(_message.Message):
     """Largest data chunk the coordinator accepts on Upload (0: no bound stated).
     A client cuts its uploads, and asks for download chunks, no larger than this.
     """
+    heartbeat_seconds: _builtins.float
+    """How often a client holding a task calls Heartbeat (0: never)."""
     def __init__(
         self,
         *,
@@ -165,10 +174,11 @@ class JoinReply(_message.Message):
         token: _builtins.str = ...,
         run_id: _builtins.str = ...,
         max_chunk_bytes: _builtins.int = ...,
+        heartbeat_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "max_chunk_bytes", b"max_chunk_bytes", "run_id", b"run_id", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "heartbeat_seconds", b"heartbeat_seconds", "max_chunk_bytes", b"max_chunk_bytes", "run_id", b"run_id", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -597,3 +607,43 @@ class EvaluationReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluationReply: _TypeAlias = EvaluationReply  # noqa: Y015
+
+@_typing.final
+class HeartbeatRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    """The round (or the round whose evaluation) the client holds a task for."""
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHASE_OPEN_FIELD_NUMBER: _builtins.int
+    phase_open: _builtins.bool
+    """False once that round's phase has closed: the client may stop its work."""
+    def __init__(
+        self,
+        *,
+        phase_open: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phase_open", b"phase_open"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatReply: _TypeAlias = HeartbeatReply  # noqa: Y015

@@ -59,6 +59,11 @@ class CoordinatorStub:
                 request_serializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReply.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/fedstream.v1.Coordinator/Heartbeat',
+                request_serializer=fedstream_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedstream_dot_v1_dot_coordinator__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -103,6 +108,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """While it holds a task (downloading, training, uploading, evaluating), a client
+        calls this every JoinReply.heartbeat_seconds: a selected client that falls
+        silent is released, so its round closes without it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReport.FromString,
                     response_serializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=fedstream_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedstream_dot_v1_dot_coordinator__pb2.HeartbeatReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class Coordinator:
             '/fedstream.v1.Coordinator/ReportEvaluation',
             fedstream_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
             fedstream_dot_v1_dot_coordinator__pb2.EvaluationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedstream.v1.Coordinator/Heartbeat',
+            fedstream_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            fedstream_dot_v1_dot_coordinator__pb2.HeartbeatReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,11 @@ class CoordinatorStub:
     """Report a federated evaluation: the metrics of the global model named by an
     EvaluateTask on the client's own held-out data.
     """
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.HeartbeatRequest, _coordinator_pb2.HeartbeatReply]
+    """While it holds a task (downloading, training, uploading, evaluating), a client
+    calls this every JoinReply.heartbeat_seconds: a selected client that falls
+    silent is released, so its round closes without it.
+    """
 
 @_typing.type_check_only
 class CoordinatorAsyncStub(CoordinatorStub):
@@ -75,6 +80,11 @@ class CoordinatorAsyncStub(CoordinatorStub):
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.EvaluationReport, _coordinator_pb2.EvaluationReply]  # type: ignore[assignment]
     """Report a federated evaluation: the metrics of the global model named by an
     EvaluateTask on the client's own held-out data.
+    """
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.HeartbeatRequest, _coordinator_pb2.HeartbeatReply]  # type: ignore[assignment]
+    """While it holds a task (downloading, training, uploading, evaluating), a client
+    calls this every JoinReply.heartbeat_seconds: a selected client that falls
+    silent is released, so its round closes without it.
     """
 
 class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
@@ -123,6 +133,17 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_coordinator_pb2.EvaluationReply, _abc.Awaitable[_coordinator_pb2.EvaluationReply]]:
         """Report a federated evaluation: the metrics of the global model named by an
         EvaluateTask on the client's own held-out data.
+        """
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _coordinator_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.HeartbeatReply, _abc.Awaitable[_coordinator_pb2.HeartbeatReply]]:
+        """While it holds a task (downloading, training, uploading, evaluating), a client
+        calls this every JoinReply.heartbeat_seconds: a selected client that falls
+        silent is released, so its round closes without it.
         """
 
 def add_CoordinatorServicer_to_server(servicer: CoordinatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
