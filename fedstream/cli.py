@@ -1,4 +1,5 @@
-"""The `fedstream` command: `server`, `client` and `demo`.
+"""The `fedstream` command: `server`, `client`, `demo`, and `certs` and `token` that make
+credentials.
 
 Every flag can also come from a TOML file (`--config FILE`, one table per command) and
 from `FEDSTREAM_<COMMAND>_<FLAG>` environment variables; a flag beats the environment,
@@ -12,20 +13,29 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedstream.certs import CertsConfig, TokenConfig
 from fedstream.client.config import ClientConfig
-from fedstream.common.config import ConfigError, add_arguments, load_config
+from fedstream.common.config import ConfigError, add_arguments, field_docs, load_config
 from fedstream.common.errors import FedstreamError
 from fedstream.common.logs import setup_logging
 from fedstream.demo import DemoConfig
 from fedstream.server.config import ServerConfig
 
-Config = ServerConfig | ClientConfig | DemoConfig
+Config = ServerConfig | ClientConfig | DemoConfig | CertsConfig | TokenConfig
 
 COMMANDS: dict[str, tuple[type[Config], str]] = {
     "server": (ServerConfig, "run the coordinator daemon"),
     "client": (ClientConfig, "run a client process against a coordinator"),
     "demo": (DemoConfig, "run a local cluster: one server and N clients as processes"),
+    "certs": (CertsConfig, "make a development CA, a server and client certificates"),
+    "token": (
+        TokenConfig,
+        "make a client token: the token on stdout, the --tokens file line on stderr",
+    ),
 }
+
+POSITIONAL = {"token": "name"}
+"""Commands whose one field is a positional argument (`fedstream token NAME`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
+        if name in POSITIONAL:
+            field = POSITIONAL[name]
+            sub.add_argument(field, metavar=field.upper(), help=field_docs(cls)[field])
+            continue
         sub.add_argument(
             "--config", type=Path, metavar="FILE", help=f"TOML file with a [{name}] table"
         )
@@ -66,6 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             setup_logging(config.log_level, config.name)
             return client_main(config)
+        if isinstance(config, CertsConfig):
+            from fedstream.certs import certs_main
+
+            return certs_main(config)
+        if isinstance(config, TokenConfig):
+            from fedstream.certs import token_main
+
+            return token_main(config)
         from fedstream.demo import main as demo_main
 
         return demo_main(config)

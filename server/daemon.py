@@ -16,7 +16,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedstream.common.checkpoint import write_json_atomic
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.service import SERVICE_NAME
-from fedstream.server.config import ServerConfig
+from fedstream.common.tls import server_credentials
+from fedstream.server.config import ServerConfig, is_loopback
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.servicer import CoordinatorServicer
@@ -67,16 +68,40 @@ class CoordinatorDaemon:
         self.address = ""
 
     async def start(self) -> str:
-        """Listen, mark the service SERVING, and record the bound address in the run dir."""
-        port = self.server.add_insecure_port(self.config.address)
-        self.address = f"{self.config.address.rpartition(':')[0]}:{port}"
+        """Listen (TLS when configured), mark the service SERVING, and record the bound
+        address in the run dir."""
+        config = self.config
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.client_ca)
+            port = self.server.add_secure_port(config.address, credentials)
+        else:
+            port = self.server.add_insecure_port(config.address)
+            if not is_loopback(config.address):
+                log.warning(
+                    "serving PLAINTEXT on %s (--insecure): anyone on the network can read the "
+                    "model and join; give --tls-cert and --tls-key for TLS",
+                    config.address,
+                )
+        self.address = f"{config.address.rpartition(':')[0]}:{port}"
         await self.server.start()
         write_json_atomic(
-            self.config.run_dir / "coordinator.json",
-            {"address": self.address, "pid": os.getpid(), "run_id": self.coordinator.run_id},
+            config.run_dir / "coordinator.json",
+            {
+                "address": self.address,
+                "pid": os.getpid(),
+                "run_id": self.coordinator.run_id,
+                "tls": config.tls,
+                "mutual_tls": config.client_ca is not None,
+            },
         )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("coordinator listening on %s (run %s)", self.address, self.coordinator.run_id)
+        security = "mutual TLS" if config.client_ca else "TLS" if config.tls else "plaintext"
+        log.info(
+            "coordinator listening on %s, %s (run %s)",
+            self.address,
+            security,
+            self.coordinator.run_id,
+        )
         return self.address
 
     async def run(self) -> None:
