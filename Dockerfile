@@ -22,11 +22,13 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu \
         -c constraints.txt . \
     && python -c "import fedstream.cli, torch; assert not torch.version.cuda, torch.version.cuda"
 
-# Run unprivileged. /runs is where the compose file mounts its named volume; creating it
-# here makes a fresh volume belong to this user.
+# Run unprivileged. /runs and /certs are where the compose file mounts its named volumes;
+# creating them here makes a fresh volume belong to this user (so `fedstream certs` can
+# write the certificates, and the keys it makes 0600 stay readable to the server and
+# clients, which run as the same user).
 RUN useradd --create-home --uid 1000 fedstream \
-    && mkdir /runs \
-    && chown fedstream:fedstream /runs
+    && mkdir /runs /certs \
+    && chown fedstream:fedstream /runs /certs
 USER fedstream
 WORKDIR /home/fedstream
 

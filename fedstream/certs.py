@@ -67,6 +67,9 @@ class CertsConfig:
     all put in the server certificate."""
     clients: str = ""
     """Comma-separated client names: one certificate each, its common name the name."""
+    keep_existing: bool = False
+    """When every file is there already, keep them and succeed (a cluster started again
+    on the same volume); a partial set is still refused."""
 
     def validate(self) -> None:
         _names(self.server_name, "server_name", ip=True)
@@ -189,14 +192,17 @@ def write_issued(issued: Issued, out: Path, stem: str) -> None:
 
 def make_certs(config: CertsConfig) -> list[Path]:
     """Write the CA, the server's and each client's certificate and key into
-    `config.out`; the files written, in that order."""
+    `config.out`; the files written, in that order (none when `keep_existing` kept
+    them all)."""
     server_names = _names(config.server_name, "server_name", ip=True)
     clients = _names(config.clients, "clients", ip=False) if config.clients else []
     stems = ["ca", "server", *clients]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    existing = [out / f"{s}{ext}" for s in stems for ext in (".pem", ".key")]
-    present = [str(p) for p in existing if p.exists()]
+    files = [out / f"{s}{ext}" for s in stems for ext in (".pem", ".key")]
+    present = [str(p) for p in files if p.exists()]
+    if config.keep_existing and len(present) == len(files):
+        return []
     if present:
         raise ConfigError(f"out: would overwrite {', '.join(present)}")
     ca = make_ca()
@@ -204,11 +210,14 @@ def make_certs(config: CertsConfig) -> list[Path]:
     write_issued(issue(ca, server_names[0], server_names, server=True), out, "server")
     for client in clients:
         write_issued(issue(ca, client, [client], server=False), out, client)
-    return existing
+    return files
 
 
 def certs_main(config: CertsConfig) -> int:
-    for path in make_certs(config):
+    written = make_certs(config)
+    if not written:
+        print(f"{config.out}: every file is there already; kept", file=sys.stderr)
+    for path in written:
         print(path)
     return 0
 

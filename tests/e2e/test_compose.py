@@ -2,9 +2,11 @@
 
 No test here needs a Docker daemon. The cluster test reads each service's `command` and
 runs it as a local process through the same CLI, changing only what must differ outside
-containers: addresses (the service name `server` becomes 127.0.0.1 on a free port) and
-volume paths (a named volume becomes a folder under tmp_path). So a command that the
-containers would reject fails here too.
+containers: addresses (the service name `server` becomes 127.0.0.1 on a free port, so
+the server certificate is made for 127.0.0.1 as well) and volume paths (a named volume
+becomes a folder under tmp_path). So a command that the containers would reject fails
+here too: the one-shot `certs` service runs first, then the server and clients with the
+certificates it made, over mutual TLS.
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def volume_mounts(service: dict[str, Any]) -> dict[str, str]:
     return mounts
 
 
+def all_mounts(all_services: dict[str, dict[str, Any]], root: Path) -> dict[str, Path]:
+    """Mount target -> a folder under `root` for its volume, over every service (each
+    target holds the same volume wherever it is mounted)."""
+    volumes: dict[str, str] = {}
+    for name, service in all_services.items():
+        for target, source in volume_mounts(service).items():
+            assert volumes.setdefault(target, source) == source, (name, target)
+    return {target: root / source for target, source in volumes.items()}
+
+
 def client_services(all_services: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     return {
         name: command(service)
@@ -78,7 +90,8 @@ def client_services(all_services: dict[str, dict[str, Any]]) -> dict[str, list[s
 def localize(
     args: list[str], address: str, service_names: set[str], mounts: dict[str, Path]
 ) -> list[str]:
-    """A container's argv made runnable here: addresses and volume paths rewritten."""
+    """A container's argv made runnable here: addresses and volume paths rewritten, and
+    the server certificate made for the host of `address` too."""
     out = []
     for i, arg in enumerate(args):
         previous = args[i - 1] if i else ""
@@ -86,6 +99,8 @@ def localize(
         service_address = previous == "--server" and arg.rpartition(":")[0] in service_names
         if container_address or service_address:
             arg = address
+        elif previous == "--server-name":
+            arg = f"{arg},{address.rpartition(':')[0]}"
         else:
             for target, local in mounts.items():
                 prefix = target.rstrip("/")
@@ -113,9 +128,30 @@ def test_compose_config_is_valid() -> None:
 
 
 def test_compose_cluster_is_consistent() -> None:
-    """Clients reach the server's port, cover every partition once, and run its task."""
+    """Clients reach the server's port, cover every partition once, and run its task;
+    everyone speaks mutual TLS with the certificates the `certs` service makes first."""
     all_services = services()
+    certs_args = command(all_services["certs"])
+    assert certs_args[0] == "certs"
+    certs_dir = flag(certs_args, "--out").rstrip("/")
+    made = {"ca", "server", *flag(certs_args, "--clients").split(",")}
+    server_names = flag(certs_args, "--server-name").split(",")
+    # the host clients dial and the one the healthcheck dials
+    assert "server" in server_names and "localhost" in server_names, server_names
+    assert "localhost:" in all_services["server"]["healthcheck"]["test"][-1]
+
+    def certificate(args: list[str], option: str) -> str:
+        """The stem of the file `option` names, which must be one `certs` makes."""
+        path = flag(args, option)
+        directory, _, file = path.rpartition("/")
+        stem, _, ext = file.rpartition(".")
+        assert directory == certs_dir and stem in made and ext in ("pem", "key"), path
+        return stem
+
     server_args = command(all_services["server"])
+    assert certificate(server_args, "--tls-cert") == certificate(server_args, "--tls-key")
+    assert certificate(server_args, "--tls-cert") == "server"
+    assert certificate(server_args, "--client-ca") == "ca"
     assert server_args[0] == "server"
     port = flag(server_args, "--address").rpartition(":")[2]
     clients = client_services(all_services)
@@ -130,6 +166,13 @@ def test_compose_cluster_is_consistent() -> None:
         assert flag(args, "--task") == flag(server_args, "--task"), name
         assert "server" in all_services[name]["depends_on"], name
         assert all_services[name]["image"] == all_services["server"]["image"], name
+        assert certificate(args, "--ca") == "ca", name
+        # the certificate's common name is the identity: the client's own
+        assert certificate(args, "--cert") == certificate(args, "--key") == flag(args, "--name")
+    for name in ("server", *clients):
+        after = all_services[name]["depends_on"]["certs"]
+        assert after["condition"] == "service_completed_successfully", name
+        assert certs_dir in volume_mounts(all_services[name]), name
     run_dir = flag(server_args, "--run-dir")
     assert any(
         run_dir.startswith(target.rstrip("/") + "/")
@@ -142,12 +185,13 @@ def test_compose_cluster_runs_as_local_processes(procs, free_port, wait_for, tmp
     all_services = services()
     address = f"127.0.0.1:{free_port()}"
     server_service = all_services["server"]
-    mounts = {
-        target: tmp_path / "volumes" / source
-        for target, source in volume_mounts(server_service).items()
-    }
+    mounts = all_mounts(all_services, tmp_path / "volumes")
     for path in mounts.values():
         path.mkdir(parents=True)
+
+    certs = procs("certs", *localize(command(all_services["certs"]), address, set(), mounts))
+    assert procs.wait_all(60, [certs]) == {"certs": 0}
+
     server_args = localize(command(server_service), address, set(all_services), mounts)
     run_dir = Path(flag(server_args, "--run-dir"))
     rounds = int(flag(server_args, "--rounds"))
@@ -158,10 +202,12 @@ def test_compose_cluster_runs_as_local_processes(procs, free_port, wait_for, tmp
     assert check[:2] == ["CMD", "python"], check
     container_port = command(server_service)[command(server_service).index("--address") + 1]
     container_port = container_port.rpartition(":")[2]
-    healthcheck = [
-        sys.executable,
-        *[arg.replace(f"localhost:{container_port}", address) for arg in check[2:]],
-    ]
+    healthcheck = [sys.executable]
+    for arg in check[2:]:
+        arg = arg.replace(f"localhost:{container_port}", address)
+        for target, local in mounts.items():
+            arg = arg.replace(target.rstrip("/") + "/", f"{local}/")
+        healthcheck.append(arg)
 
     def healthy() -> bool:
         return subprocess.run(healthcheck, capture_output=True, timeout=30).returncode == 0
@@ -177,6 +223,7 @@ def test_compose_cluster_runs_as_local_processes(procs, free_port, wait_for, tmp
 
     codes = procs.wait_all(CLUSTER_TIMEOUT, [server, *clients])
     assert codes == {p.name: 0 for p in [server, *clients]}
+    assert "mutual TLS" in server.log()
 
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(1, rounds + 1))
