@@ -1,7 +1,9 @@
 """Several machines as Linux network namespaces: a coordinator host and two client hosts.
 
 Each client host is joined to the coordinator host by its own veth link on a private /30
-that exists only inside namespaces this test creates and removes. Needs root and iproute2.
+that exists only inside namespaces this test creates and removes. The hosts talk mutual
+TLS, with certificates made by `fedstream certs` for the coordinator host's addresses.
+Needs root and iproute2.
 """
 
 from __future__ import annotations
@@ -83,11 +85,19 @@ def hosts() -> Iterator[tuple[Host, list[Host]]]:
 def test_clients_on_other_hosts_train_with_the_coordinator(hosts, procs):
     server_host, client_hosts = hosts
     fedstream = [sys.executable, "-m", "fedstream"]
+    # the coordinator host is 10.231.<i>.1 on client i's link: its certificate names both
+    names = ",".join(f"10.231.{i}.1" for i in range(len(client_hosts)))
+    clients = ",".join(f"host-{i}" for i in range(len(client_hosts)))
+    certs = procs("certs", "certs", "--out", "certs", "--server-name", names, "--clients", clients)
+    assert procs.wait_all(60, [certs]) == {"certs": 0}
     server = procs.start(
         "server",
         server_host.argv(
             *fedstream, "server",
             "--address", "0.0.0.0:50051",
+            "--tls-cert", "certs/server.pem",
+            "--tls-key", "certs/server.key",
+            "--client-ca", "certs/ca.pem",
             "--run-dir", "run",
             "--rounds", "2",
             "--min-clients", "2",
@@ -102,6 +112,9 @@ def test_clients_on_other_hosts_train_with_the_coordinator(hosts, procs):
             host.argv(
                 *fedstream, "client",
                 "--server", f"10.231.{i}.1:50051",
+                "--ca", "certs/ca.pem",
+                "--cert", f"certs/host-{i}.pem",
+                "--key", f"certs/host-{i}.key",
                 "--task", "digits",
                 "--partition", str(i),
                 "--num-partitions", "2",
@@ -112,6 +125,7 @@ def test_clients_on_other_hosts_train_with_the_coordinator(hosts, procs):
         )  # fmt: skip
     codes = procs.wait_all(240)
     assert set(codes.values()) == {0}
+    assert "mutual TLS" in server.log()
     lines = (procs.workdir / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["updates"] for line in lines] == [2, 2]
     log = server.log()
