@@ -1,6 +1,6 @@
 """The client's side of the wire: channels, session, model download and update upload.
 
-Control calls (Join, Poll) and bulk calls (Download, Upload) run on two separate
+Control calls (Join, Poll, Heartbeat) and bulk calls (Download, Upload) run on two separate
 channels, each with its own HTTP/2 connection, so a long-poll never queues behind
 tensor bytes.
 """
@@ -13,6 +13,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -26,12 +28,14 @@ from fedstream.common.progress import TransferProgress
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import bearer_metadata, stub
 from fedstream.common.tensor_codec import Manifest
+from fedstream.common.tls import client_credentials
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 80 << 20
 POLL_DEADLINE = 120.0
 CONTROL_DEADLINE = 30.0
+HEARTBEAT_DEADLINE = 5.0
 
 RETRYABLE = frozenset(
     {
@@ -80,6 +84,10 @@ class Backoff:
         self._sleep(delay)
         return delay
 
+    def sleep_for(self, delay: float) -> None:
+        """Wait `delay` (drawn by `next_delay`, say to log it first) with the sleep given."""
+        self._sleep(delay)
+
     def reset(self) -> None:
         self.attempt = 0
 
@@ -97,6 +105,8 @@ class Session:
     run_id: str
     chunk_bytes: int
     """Bytes per upload chunk and asked for per download chunk on this session."""
+    heartbeat_seconds: float = 0.0
+    """How often to call Heartbeat while holding a task (0: never)."""
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -140,33 +150,52 @@ def _resumable(exc: BaseException, watchdog: StallWatchdog) -> bool:
     return watchdog.stalled or (code in RETRYABLE and code != grpc.StatusCode.CANCELLED)
 
 
-def _channel(target: str, isolated_name: str) -> grpc.Channel:
-    return grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.use_local_subchannel_pool", 1),
-            ("grpc.primary_user_agent", f"fedstream-{isolated_name}"),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-        ],
-    )
+def _channel(
+    target: str, isolated_name: str, credentials: grpc.ChannelCredentials | None
+) -> grpc.Channel:
+    """A channel of its own (own subchannel pool, so its own HTTP/2 connection); TLS with
+    `credentials`, plaintext without."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.primary_user_agent", f"fedstream-{isolated_name}"),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 class Connection:
-    """Stubs over one control and one bulk channel to the coordinator."""
+    """Stubs over one control and one bulk channel to the coordinator.
 
-    def __init__(self, target: str, chunk_bytes: int, stall_timeout: float) -> None:
+    With `ca`, both channels speak TLS and the coordinator's certificate must chain to
+    `ca`; with `cert` and `key` as well, this client presents its own (mutual TLS).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        chunk_bytes: int,
+        stall_timeout: float,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
+    ) -> None:
         self.target = target
         self.chunk_bytes = chunk_bytes
         self.stall_timeout = stall_timeout
-        self.control = _channel(target, "control")
-        self.bulk = _channel(target, "bulk")
+        self.ca = ca
+        credentials = client_credentials(ca, cert, key) if ca is not None else None
+        self.control = _channel(target, "control", credentials)
+        self.bulk = _channel(target, "bulk", credentials)
         self._join = stub(self.control, "Join")
         self._poll = stub(self.control, "Poll")
+        self._heartbeat = stub(self.control, "Heartbeat")
         self._report_evaluation = stub(self.control, "ReportEvaluation")
         self._download = stub(self.bulk, "Download")
         self._upload = stub(self.bulk, "Upload")
@@ -175,14 +204,30 @@ class Connection:
         self.control.close()
         self.bulk.close()
 
-    def join(self, request: pb.JoinRequest) -> Session:
-        reply: pb.JoinReply = self._join(request, timeout=CONTROL_DEADLINE)
+    def join(self, request: pb.JoinRequest, token: str = "") -> Session:
+        """A new session; `token` (the client's own credential, when it has one) is
+        presented on this call only: later calls present the session's token."""
+        reply: pb.JoinReply = self._join(
+            request,
+            metadata=bearer_metadata(token) if token else None,
+            timeout=CONTROL_DEADLINE,
+        )
         chunk_bytes = negotiated_chunk_bytes(self.chunk_bytes, reply.max_chunk_bytes)
-        return Session(reply.client_id, reply.token, reply.run_id, chunk_bytes)
+        return Session(
+            reply.client_id, reply.token, reply.run_id, chunk_bytes, reply.heartbeat_seconds
+        )
 
     def poll(self, session: Session) -> pb.PollReply:
         reply: pb.PollReply = self._poll(
             pb.PollRequest(), metadata=session.metadata, timeout=POLL_DEADLINE
+        )
+        return reply
+
+    def heartbeat(self, session: Session, round_number: int) -> pb.HeartbeatReply:
+        reply: pb.HeartbeatReply = self._heartbeat(
+            pb.HeartbeatRequest(round=round_number),
+            metadata=session.metadata,
+            timeout=HEARTBEAT_DEADLINE,
         )
         return reply
 
@@ -282,3 +327,56 @@ class Connection:
         if manifest.total_bytes >= 64 << 20:
             log.info("upload for round %d: %s", header.round, progress.summary())
         return reply
+
+
+class Heartbeat:
+    """While open, calls Heartbeat(round) every `session.heartbeat_seconds` from a daemon
+    thread, so the coordinator does not release this client from a round it is working on.
+
+    A beat that fails is only logged: the task carries on, and the coordinator's own
+    refusal of the upload or report is what counts. Nothing runs when the coordinator
+    asks for no heartbeat (an interval of 0).
+    """
+
+    def __init__(self, connection: Connection, session: Session, round_number: int) -> None:
+        self.connection = connection
+        self.session = session
+        self.round = round_number
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self.session.heartbeat_seconds > 0:
+            self._thread = threading.Thread(target=self._beat, daemon=True, name="heartbeat")
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # Not joined: a beat in flight ends within its short deadline, and the task's end
+        # need not wait for it.
+        self._stop.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _beat(self) -> None:
+        told_closed = False
+        while not self._stop.wait(self.session.heartbeat_seconds):
+            try:
+                reply = self.connection.heartbeat(self.session, self.round)
+            except grpc.RpcError as exc:
+                log.debug(
+                    "heartbeat for round %d failed (%s)",
+                    self.round,
+                    exc.code().name,  # type: ignore[attr-defined]
+                )
+                continue
+            if not reply.phase_open and not told_closed:
+                log.info("round %d: the coordinator has closed this phase", self.round)
+                told_closed = True

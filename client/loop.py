@@ -7,7 +7,11 @@
 
 A coordinator that cannot be reached is retried with exponential backoff and jitter; one
 that restarted (our session token is unknown to it) is re-joined; a run that stays
-unreachable for `give_up_after` seconds ends the client with a non-zero exit.
+unreachable for `give_up_after` seconds ends the client with a non-zero exit. A Join
+refused for what the client is (its model, its name, its credentials) ends it with
+EXIT_REFUSED; one refused for now (the name's old session still lives, the coordinator
+is full) is retried. A refused update or report is followed by a growing pause before the
+next poll, so a client the coordinator keeps turning away does not retrain in a loop.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import grpc
 import torch
 
 from fedstream.client.config import ClientConfig
-from fedstream.client.connection import RETRYABLE, Backoff, Connection, Session
+from fedstream.client.connection import RETRYABLE, Backoff, Connection, Heartbeat, Session
 from fedstream.client.held_model import HeldModel
 from fedstream.client.uplink import Deltas, UplinkEncoder
 from fedstream.common.codecs import UplinkCodec
@@ -42,6 +46,20 @@ EXIT_DONE = 0
 EXIT_UNREACHABLE = 1
 EXIT_REFUSED = 2
 
+REFUSED_AT_JOIN = {
+    grpc.StatusCode.FAILED_PRECONDITION: "this client's model or task is not the coordinator's",
+    grpc.StatusCode.INVALID_ARGUMENT: "the join request is not valid",
+    grpc.StatusCode.PERMISSION_DENIED: "this client may not join under its name",
+    grpc.StatusCode.UNAUTHENTICATED: "the coordinator does not accept this client's credentials",
+}
+"""Join statuses that no retry turns into a session, as the client is configured."""
+
+DEFERRED_AT_JOIN = {
+    grpc.StatusCode.ALREADY_EXISTS: "a live session holds this name; it may expire",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "the coordinator is full (--max-clients)",
+}
+"""Join statuses that may turn into a session later: retried with backoff."""
+
 
 class Refused(Exception):
     """The coordinator will never accept this client as configured (wrong task, say)."""
@@ -57,12 +75,21 @@ class FederatedClient:
             {name: state[name] for name in exchanged_names(task, self.model)}
         )
         self.uplink = UplinkEncoder()
-        self.connection = Connection(config.server, config.chunk_bytes, config.stall_timeout)
+        self.connection = Connection(
+            config.server,
+            config.chunk_bytes,
+            config.stall_timeout,
+            ca=config.ca,
+            cert=config.cert,
+            key=config.key,
+        )
         self.session: Session | None = None
         self.held: HeldModel | None = None
         """The global model last downloaded (on disk), reused while its version is current."""
         self.held_version = -1
         self.backoff = Backoff(cap=config.max_backoff)
+        self.refusals = Backoff(cap=config.max_backoff)
+        """Paces polling after refused updates and reports; reset by an accepted update."""
         self.last_contact = time.monotonic()
 
     def run(self) -> int:
@@ -70,8 +97,8 @@ class FederatedClient:
             while True:
                 try:
                     if self.session is None:
-                        self._join()
-                    assert self.session is not None
+                        self._join()  # leaves no session when turned away for now
+                        continue
                     reply = self.connection.poll(self.session)
                     self._contacted()
                     action = reply.WhichOneof("action")
@@ -102,15 +129,31 @@ class FederatedClient:
             task=self.config.task,
             partition=self.config.partition,
             num_partitions=self.config.num_partitions,
+            model_digest=self.layout.digest(),
         )
         try:
-            session = self.connection.join(request)
+            session = self.connection.join(request, token=self.config.token)
         except grpc.RpcError as exc:
-            if exc.code() in (  # type: ignore[attr-defined]
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.INVALID_ARGUMENT,
-            ):
-                raise Refused(f"coordinator refused to join: {exc.details()}") from exc  # type: ignore[attr-defined]
+            code = exc.code()  # type: ignore[attr-defined]
+            details = exc.details()  # type: ignore[attr-defined]
+            if code in REFUSED_AT_JOIN:
+                raise Refused(
+                    f"coordinator refused to join as {self.config.name} "
+                    f"({code.name}: {REFUSED_AT_JOIN[code]}): {details}"
+                ) from exc
+            if code in DEFERRED_AT_JOIN:
+                # The coordinator answered: not a silence that counts towards giving up.
+                self.last_contact = time.monotonic()
+                delay = self.backoff.next_delay()
+                log.warning(
+                    "coordinator turned the join away for now (%s: %s): %s; retrying in %.1fs",
+                    code.name,
+                    DEFERRED_AT_JOIN[code],
+                    details,
+                    delay,
+                )
+                self.backoff.sleep_for(delay)
+                return
             raise
         if self.session is not None and session.run_id != self.session.run_id:
             self._forget_model()
@@ -143,6 +186,16 @@ class FederatedClient:
         self._load_held()
 
     def _train_round(self, task: pb.TrainTask) -> None:
+        assert self.session is not None
+        with Heartbeat(self.connection, self.session, task.round):
+            accepted = self._train(task)
+        if accepted:
+            self.refusals.reset()
+        else:
+            self._pause_after_refusal()
+
+    def _train(self, task: pb.TrainTask) -> bool:
+        """Train (or compute the gradient) and push the update; whether it was accepted."""
         self._pull(task.model_version)
         config = config_from_proto(task.config)
         try:
@@ -169,10 +222,18 @@ class FederatedClient:
             num_examples=result.num_examples,
             metrics=result.metrics,
         )
-        self._upload(header, task, self._gradients if gradient else self._deltas)
+        return self._upload(header, task, self._gradients if gradient else self._deltas)
 
     def _evaluate_round(self, task: pb.EvaluateTask) -> None:
         """Evaluate global version `task.model_version` on our own held-out data; report."""
+        assert self.session is not None
+        with Heartbeat(self.connection, self.session, task.round):
+            accepted = self._evaluate(task)
+        if not accepted:
+            self._pause_after_refusal()
+
+    def _evaluate(self, task: pb.EvaluateTask) -> bool:
+        """Evaluate and report; whether the report was accepted."""
         assert self.session is not None
         self._pull(task.model_version)
         result = self.task.evaluate_local(self.model)
@@ -180,7 +241,19 @@ class FederatedClient:
         if result is not None:
             report.num_examples = result.num_examples
             report.metrics.update(result.metrics)
-        reply = self.connection.report_evaluation(self.session, report)
+        try:
+            reply = self.connection.report_evaluation(self.session, report)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            if code in RETRYABLE or code == grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            log.warning(
+                "round %d: report refused (%s): %s",
+                task.round,
+                code.name,
+                exc.details(),  # type: ignore[attr-defined]
+            )
+            return False
         self._contacted()
         log.info(
             "round %d: evaluated model v%d on %d held-out examples (%s): %s",
@@ -190,14 +263,16 @@ class FederatedClient:
             ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items()) or "no metrics",
             reply.detail,
         )
+        return reply.accepted
 
     def _upload(
         self,
         header: pb.UpdateHeader,
         task: pb.TrainTask,
         pieces: Deltas,
-    ) -> None:
-        """Push the update, retrying transient failures until the round's deadline."""
+    ) -> bool:
+        """Push the update, retrying transient failures until the round's deadline; whether
+        the coordinator accepted it."""
         assert self.session is not None and self.held is not None
         update = self.uplink.encode(self.layout, pieces)
         deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
@@ -209,15 +284,10 @@ class FederatedClient:
                 )
                 self._contacted()
                 update.commit()
-                log.info(
-                    "round %d: update %s (%s)",
-                    task.round,
-                    "accepted" if reply.accepted else "not needed",
-                    reply.detail,
-                )
-                return
             except grpc.RpcError as exc:
                 code = exc.code()  # type: ignore[attr-defined]
+                if code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise  # the session is gone: join again
                 if code not in RETRYABLE or time.monotonic() + backoff.base > deadline:
                     log.warning(
                         "round %d: update refused (%s): %s",
@@ -225,9 +295,25 @@ class FederatedClient:
                         code.name,
                         exc.details(),  # type: ignore[attr-defined]
                     )
-                    return
+                    return False
                 log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
                 backoff.sleep()
+                continue
+            log.log(
+                logging.INFO if reply.accepted else logging.WARNING,
+                "round %d: update %s (%s)",
+                task.round,
+                "accepted" if reply.accepted else "not accepted",
+                reply.detail,
+            )
+            return reply.accepted
+
+    def _pause_after_refusal(self) -> None:
+        """Wait before polling again, longer each time in a row the coordinator refuses
+        what this client sends, rather than retrain and resend at once."""
+        delay = self.refusals.next_delay()
+        log.info("polling again in %.1fs", delay)
+        self.refusals.sleep_for(delay)
 
     def _load_held(self) -> None:
         assert self.held is not None
@@ -277,15 +363,21 @@ class FederatedClient:
             return True
         if code not in RETRYABLE:
             log.warning("call failed (%s): %s; polling again", code.name, details)
-            time.sleep(self.backoff.next_delay())
+            self.backoff.sleep()
             return True
+        reason = code.name
+        if self.config.ca is not None and code == grpc.StatusCode.UNAVAILABLE:
+            reason = (
+                f"{code.name}; TLS is on with --ca {self.config.ca}, so the TLS handshake "
+                f"may have failed: {details}"
+            )
         silent = time.monotonic() - self.last_contact
         if silent > self.config.give_up_after:
-            log.error("coordinator unreachable for %.0fs; giving up", silent)
+            log.error("coordinator unreachable for %.0fs (%s); giving up", silent, reason)
             return False
         delay = self.backoff.next_delay()
-        log.warning("coordinator unreachable (%s); retrying in %.1fs", code.name, delay)
-        time.sleep(delay)
+        log.warning("coordinator unreachable (%s); retrying in %.1fs", reason, delay)
+        self.backoff.sleep_for(delay)
         return True
 
 

@@ -9,17 +9,7 @@ import pytest
 
 from fedstream.client.connection import Backoff
 
-
-class UpperBound(random.Random):
-    """Draws the top of every range it is asked for, and records the ranges."""
-
-    def __init__(self) -> None:
-        super().__init__(0)
-        self.ranges: list[tuple[float, float]] = []
-
-    def uniform(self, a: float, b: float) -> float:
-        self.ranges.append((a, b))
-        return b
+from .fakes import UpperBound
 
 
 def test_ceilings_double_from_base_up_to_the_cap() -> None:

@@ -1,156 +1,32 @@
-"""The client's Connection against an in-process fake channel: no socket is opened, yet
-every request and reply crosses as the bytes it would be on the wire, through the same
-serializers and deserializers that common/service.py gives the real stubs."""
+"""The client's Connection against an in-process fake channel (tests/client/fakes.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
 from fedstream.client import connection
-from fedstream.client.connection import Connection, Session, negotiated_chunk_bytes
-from fedstream.common.framing import frame_data
+from fedstream.client.connection import Connection, Heartbeat, Session, negotiated_chunk_bytes
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest, iter_chunks, tensor_bytes
+from fedstream.common.tensor_codec import Manifest
+
+from .fakes import (
+    FakeChannel,
+    FakeRpcError,
+    download_answer,
+    join_reply,
+    model,
+    replies,
+    stream_bytes,
+    upload_answer,
+    wait_for,
+)
 
 MIB = 1 << 20
-
-Answer = Callable[[list[bytes]], list[bytes]]
-"""What the fake coordinator replies (wire bytes) to one call's requests (wire bytes)."""
-
-
-@dataclass
-class Sent:
-    method: str
-    wire: list[bytes]
-    metadata: Any
-
-
-class ReplyStream:
-    """A server-streaming call's replies, cancellable as a grpc call is."""
-
-    def __init__(self, items: Iterable[Any]) -> None:
-        self._items = iter(items)
-        self.cancelled = False
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._items
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class WireCall:
-    def __init__(
-        self,
-        channel: FakeChannel,
-        path: str,
-        serializer: Callable[[Any], bytes],
-        deserializer: Callable[[bytes], Any],
-        request_streaming: bool,
-        response_streaming: bool,
-    ) -> None:
-        self.channel = channel
-        self.method = path.rsplit("/", 1)[1]
-        self.serializer = serializer
-        self.deserializer = deserializer
-        self.request_streaming = request_streaming
-        self.response_streaming = response_streaming
-
-    def __call__(self, request: Any, timeout: float | None = None, metadata: Any = None) -> Any:
-        requests = list(request) if self.request_streaming else [request]
-        wire = [self.serializer(r) for r in requests]
-        self.channel.sent.append(Sent(self.method, wire, metadata))
-        replies = [self.deserializer(raw) for raw in self.channel.answers[self.method](wire)]
-        return ReplyStream(replies) if self.response_streaming else replies[0]
-
-
-class FakeChannel:
-    """Stands in for a grpc channel: calls are answered by `answers[method]` in process."""
-
-    def __init__(self, answers: dict[str, Answer]) -> None:
-        self.answers = answers
-        self.sent: list[Sent] = []
-
-    def unary_unary(
-        self, path: str, request_serializer: Any, response_deserializer: Any
-    ) -> WireCall:
-        return WireCall(self, path, request_serializer, response_deserializer, False, False)
-
-    def unary_stream(
-        self, path: str, request_serializer: Any, response_deserializer: Any
-    ) -> WireCall:
-        return WireCall(self, path, request_serializer, response_deserializer, False, True)
-
-    def stream_unary(
-        self, path: str, request_serializer: Any, response_deserializer: Any
-    ) -> WireCall:
-        return WireCall(self, path, request_serializer, response_deserializer, True, False)
-
-    def stream_stream(
-        self, path: str, request_serializer: Any, response_deserializer: Any
-    ) -> WireCall:
-        return WireCall(self, path, request_serializer, response_deserializer, True, True)
-
-    def close(self) -> None:
-        pass
-
-
-def model() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1)
-    return {
-        "w": torch.randn(40, 50, generator=generator),
-        "h": torch.randn(300, generator=generator).to(torch.bfloat16),
-    }
-
-
-def stream_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    return b"".join(tensor_bytes(t).tobytes() for t in tensors.values())
-
-
-def join_answer(max_chunk_bytes: int) -> Answer:
-    reply = pb.JoinReply(
-        client_id="c-1", token="tok", run_id="run", max_chunk_bytes=max_chunk_bytes
-    )
-    return lambda wire: [reply.SerializeToString()]
-
-
-def download_answer(tensors: dict[str, torch.Tensor], version: int) -> Answer:
-    """Serve `tensors` as the coordinator would: a header, then data chunks of the size
-    the request asks for."""
-
-    def answer(wire: list[bytes]) -> list[bytes]:
-        request = pb.DownloadRequest.FromString(wire[0])
-        header = pb.ModelHeader(
-            model_version=version,
-            manifest=Manifest.from_tensors(tensors).to_proto(),
-            offset=request.offset,
-        )
-        chunks = iter_chunks(list(tensors.values()), request.chunk_bytes, request.offset)
-        return [pb.ModelChunk(header=header).SerializeToString(), *map(frame_data, chunks)]
-
-    return answer
-
-
-def upload_answer(wire: list[bytes]) -> list[bytes]:
-    return [pb.UploadReply(accepted=True, detail="booked").SerializeToString()]
-
-
-@pytest.fixture
-def fake_channels(monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeChannel]:
-    """The control and bulk channels a Connection opens, by name, answering nothing yet."""
-    channels: dict[str, FakeChannel] = {}
-
-    def open_channel(target: str, name: str) -> FakeChannel:
-        channels[name] = FakeChannel({})
-        return channels[name]
-
-    monkeypatch.setattr(connection, "_channel", open_channel)
-    return channels
 
 
 @pytest.mark.parametrize(
@@ -173,7 +49,7 @@ def test_join_keeps_the_negotiated_chunk_size_on_the_session(
     fake_channels: dict[str, FakeChannel], server_max: int, expected: int
 ) -> None:
     conn = Connection("coordinator:1", MIB, stall_timeout=30.0)
-    fake_channels["control"].answers["Join"] = join_answer(server_max)
+    fake_channels["control"].answers["Join"] = replies(join_reply(server_max))
     session = conn.join(pb.JoinRequest(name="a", task="tiny"))
     assert (session.client_id, session.token, session.run_id) == ("c-1", "tok", "run")
     assert session.chunk_bytes == expected
@@ -245,3 +121,107 @@ def test_poll_presents_the_session_and_asks_nothing_else(
     [sent] = fake_channels["control"].sent
     assert sent.wire == [b""]  # an empty PollRequest
     assert sent.metadata == (("authorization", "Bearer tok"),)
+
+
+def test_join_presents_the_clients_token_on_join_only(
+    fake_channels: dict[str, FakeChannel],
+) -> None:
+    conn = Connection("coordinator:1", MIB, stall_timeout=30.0)
+    control = fake_channels["control"]
+    control.answers["Join"] = replies(join_reply(heartbeat_seconds=2.5))
+    control.answers["Poll"] = replies(pb.PollReply(done=pb.Done()))
+
+    session = conn.join(pb.JoinRequest(name="a", model_digest="ab" * 32), token="s3cret")
+    conn.poll(session)
+    anonymous = conn.join(pb.JoinRequest(name="a"))
+
+    first, poll, second = control.sent
+    assert first.metadata == (("authorization", "Bearer s3cret"),)
+    assert pb.JoinRequest.FromString(first.wire[0]).model_digest == "ab" * 32
+    assert poll.metadata == (("authorization", "Bearer tok"),)  # the session's, not ours
+    assert second.metadata is None
+    assert session.heartbeat_seconds == 2.5 and anonymous.heartbeat_seconds == 2.5
+
+
+def test_without_a_ca_both_channels_are_plaintext(
+    fake_channels: dict[str, FakeChannel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_tls(*args: Any) -> Any:
+        raise AssertionError("client_credentials called without a CA")
+
+    monkeypatch.setattr(connection, "client_credentials", no_tls)
+    Connection("coordinator:1", MIB, stall_timeout=30.0)
+    assert fake_channels["control"].credentials is None
+    assert fake_channels["bulk"].credentials is None
+
+
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+def test_with_a_ca_both_channels_use_the_tls_credentials(
+    fake_channels: dict[str, FakeChannel],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    mutual: bool,
+) -> None:
+    asked: list[tuple[Path, Path | None, Path | None]] = []
+    credentials = object()
+
+    def record(ca: Path, cert: Path | None, key: Path | None) -> Any:
+        asked.append((ca, cert, key))
+        return credentials
+
+    monkeypatch.setattr(connection, "client_credentials", record)
+    ca, cert, key = tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "c.key"
+    if mutual:
+        Connection("coordinator:1", MIB, 30.0, ca=ca, cert=cert, key=key)
+    else:
+        Connection("coordinator:1", MIB, 30.0, ca=ca)
+    assert asked == [(ca, cert, key) if mutual else (ca, None, None)]
+    assert fake_channels["control"].credentials is credentials
+    assert fake_channels["bulk"].credentials is credentials
+
+
+def test_heartbeat_beats_while_open_and_stops_on_close(
+    fake_channels: dict[str, FakeChannel],
+) -> None:
+    conn = Connection("coordinator:1", MIB, stall_timeout=30.0)
+    control = fake_channels["control"]
+    control.answers["Heartbeat"] = replies(pb.HeartbeatReply(phase_open=True))
+    session = Session("c-1", "tok", "run", chunk_bytes=MIB, heartbeat_seconds=0.01)
+
+    with Heartbeat(conn, session, round_number=7) as heartbeat:
+        wait_for(lambda: len(control.calls("Heartbeat")) >= 3, 10.0, "three heartbeats")
+        assert heartbeat.running
+    wait_for(lambda: not heartbeat.running, 10.0, "the heartbeat thread to end")
+
+    beats = control.calls("Heartbeat")
+    assert {pb.HeartbeatRequest.FromString(b.wire[0]).round for b in beats} == {7}
+    assert all(b.metadata == (("authorization", "Bearer tok"),) for b in beats)
+    assert fake_channels["bulk"].sent == []  # liveness never queues behind bulk bytes
+
+
+def test_failed_heartbeats_do_not_stop_the_beat(
+    fake_channels: dict[str, FakeChannel],
+) -> None:
+    conn = Connection("coordinator:1", MIB, stall_timeout=30.0)
+    control = fake_channels["control"]
+    control.answers["Heartbeat"] = replies(
+        FakeRpcError(grpc.StatusCode.UNAVAILABLE),
+        FakeRpcError(grpc.StatusCode.PERMISSION_DENIED),
+        pb.HeartbeatReply(phase_open=False),
+    )
+    session = Session("c-1", "tok", "run", chunk_bytes=MIB, heartbeat_seconds=0.01)
+
+    with Heartbeat(conn, session, round_number=2) as heartbeat:
+        wait_for(lambda: len(control.calls("Heartbeat")) >= 4, 10.0, "beats after failures")
+        assert heartbeat.running
+    wait_for(lambda: not heartbeat.running, 10.0, "the heartbeat thread to end")
+
+
+def test_no_heartbeat_when_the_coordinator_asks_for_none(
+    fake_channels: dict[str, FakeChannel],
+) -> None:
+    conn = Connection("coordinator:1", MIB, stall_timeout=30.0)
+    session = Session("c-1", "tok", "run", chunk_bytes=MIB, heartbeat_seconds=0.0)
+    with Heartbeat(conn, session, round_number=1) as heartbeat:
+        assert not heartbeat.running
+    assert fake_channels["control"].sent == []
