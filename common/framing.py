@@ -26,10 +26,16 @@ H = TypeVar("H", bound=Message)
 
 
 @dataclass(frozen=True)
-class MalformedChunk:
-    """A chunk that could not be decoded; the RPC handler turns it into a status."""
+class MalformedMessage:
+    """A received message that could not be decoded, in place of the message: the RPC
+    handler turns it into a status (INVALID_ARGUMENT) instead of grpc answering UNKNOWN
+    for an exception raised inside its deserializer."""
 
     reason: str
+
+
+class MalformedChunk(MalformedMessage):
+    """A chunk of a bulk stream that could not be decoded."""
 
 
 def encode_varint(value: int) -> bytes:

@@ -1,9 +1,13 @@
-"""One logging format for every fedstream process."""
+"""One logging format for every fedstream process, and rate-limited logging of what
+hostile peers can repeat at will."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 
 def setup_logging(level: str, role: str) -> None:
@@ -15,3 +19,45 @@ def setup_logging(level: str, role: str) -> None:
         stream=sys.stderr,
         force=True,
     )
+
+
+class RateLimitedLog:
+    """Logs at most one record per key per `interval` seconds, counting the rest.
+
+    For what a peer can repeat at will (refused requests, a full disk under every
+    upload): the first record of a burst is logged at once, the rest of the burst is
+    counted, and the next record logged for that key says how many were left out.
+    At most `max_keys` keys are remembered (those logged longest ago go first), so
+    a flood of distinct keys cannot grow memory.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        interval: float = 60.0,
+        max_keys: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.interval = interval
+        self.max_keys = max_keys
+        self._clock = clock
+        self._keys: OrderedDict[Hashable, tuple[float, int]] = OrderedDict()
+        """key -> (when its last record was logged, records left out since)."""
+
+    def log(self, level: int, key: Hashable, msg: str, *args: object) -> bool:
+        """Log `msg % args` at `level` unless `key` logged within `interval`; True if logged."""
+        now = self._clock()
+        last = self._keys.get(key)
+        if last is not None and now - last[0] < self.interval:
+            self._keys[key] = (last[0], last[1] + 1)
+            return False
+        suppressed = last[1] if last is not None else 0
+        self._keys[key] = (now, 0)
+        self._keys.move_to_end(key)
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+        if suppressed:
+            msg = f"{msg} (and {suppressed} like it in the {self.interval:g}s before, not logged)"
+        self.logger.log(level, msg, *args)
+        return True

@@ -15,9 +15,9 @@ from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
-from fedstream.common.framing import ChunkParser, serialize_chunk
+from fedstream.common.framing import ChunkParser, MalformedMessage, serialize_chunk
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
@@ -42,7 +42,8 @@ class Method:
 
     A framed message serialises with `serialize_chunk` (pre-framed bytes pass through) and
     deserialises with a `ChunkParser` (a header message, a zero-copy data view, or a
-    `MalformedChunk`); every other message goes through the protobuf library.
+    `MalformedChunk`); every other message goes through the protobuf library, and a
+    request that does not decode reaches the handler as a `MalformedMessage`.
     """
 
     name: str
@@ -60,15 +61,38 @@ def _message_class(descriptor: Descriptor) -> type[Message]:
     return cls
 
 
-def _codec(message: type[Message]) -> tuple[Serializer, Deserializer]:
+class MessageParser:
+    """The server's deserializer for a plain request message: the message, or a
+    `MalformedMessage` for bytes that do not decode as one. It never raises: an exception
+    inside grpc's deserializer reaches the client as UNKNOWN, with no word of what was
+    wrong."""
+
+    def __init__(self, message: type[Message]) -> None:
+        self.message = message
+
+    def __call__(self, raw: bytes) -> Message | MalformedMessage:
+        try:
+            return self.message.FromString(raw)
+        except DecodeError as exc:
+            name = self.message.DESCRIPTOR.name
+            return MalformedMessage(f"undecodable {name} message of {len(raw)} bytes: {exc}")
+
+
+def _codec(message: type[Message], received_by_server: bool) -> tuple[Serializer, Deserializer]:
     if message in FRAMED:
         return serialize_chunk, ChunkParser(message)
+    if received_by_server:
+        return message.SerializeToString, MessageParser(message)
+    # A client's grpc turns an exception raised here into an RpcError (INTERNAL), which
+    # its retry logic handles by status code like any other.
     return message.SerializeToString, message.FromString
 
 
 def _method(descriptor: MethodDescriptor) -> Method:
-    request_serializer, request_deserializer = _codec(_message_class(descriptor.input_type))
-    response_serializer, response_deserializer = _codec(_message_class(descriptor.output_type))
+    request = _message_class(descriptor.input_type)
+    request_serializer, request_deserializer = _codec(request, received_by_server=True)
+    response = _message_class(descriptor.output_type)
+    response_serializer, response_deserializer = _codec(response, received_by_server=False)
     return Method(
         name=descriptor.name,
         path=f"/{SERVICE_NAME}/{descriptor.name}",

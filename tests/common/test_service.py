@@ -1,16 +1,18 @@
 """The service table both sides use: every RPC with its cardinality and wire codec, and
-the bearer credentials. No socket is opened: handlers and stubs are inspected directly."""
+the bearer credentials. Handlers and stubs are inspected directly; one test serves junk
+over real gRPC on loopback."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 
-from fedstream.common.framing import MalformedChunk, frame_data
+from fedstream.common.framing import MalformedChunk, MalformedMessage, frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import (
     BEARER_PREFIX,
@@ -123,6 +125,59 @@ def test_plain_messages_round_trip_through_protobuf(
         raw = method.response_serializer(response_message)
         assert raw == response_message.SerializeToString()
         assert method.response_deserializer(raw) == response_message
+
+
+JUNK = [b"\xff\xff\xff", b"\x08", b"\x0a\x05ab"]
+"""An invalid wire type, a varint cut short, a length past the end."""
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("raw", JUNK, ids=["wire-type", "short-varint", "short-length"])
+def test_a_server_deserializer_never_raises_on_junk(name: str, raw: bytes) -> None:
+    parsed = METHODS[name].request_deserializer(raw)
+    assert isinstance(parsed, MalformedMessage)
+    assert parsed.reason
+
+
+def test_a_malformed_plain_request_names_its_message_type() -> None:
+    parsed = METHODS["Join"].request_deserializer(b"\xff")
+    assert isinstance(parsed, MalformedMessage) and not isinstance(parsed, MalformedChunk)
+    assert "undecodable JoinRequest message of 1 bytes" in parsed.reason
+
+
+def test_junk_to_a_plain_rpc_reaches_the_handler_over_grpc() -> None:
+    """grpc answers UNKNOWN for a deserializer that raises; ours hands the handler a value
+    it can refuse precisely."""
+    seen: list[Any] = []
+
+    def join(request: Any, context: grpc.ServicerContext) -> pb.JoinReply:
+        seen.append(request)
+        if isinstance(request, MalformedMessage):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return pb.JoinReply()
+
+    behaviours: dict[str, Callable[..., Any]] = {name: behaviour(name) for name in METHODS}
+    behaviours["Join"] = join
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((method_handlers(behaviours),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            raw_join = channel.unary_unary(
+                METHODS["Join"].path,
+                request_serializer=lambda raw: raw,
+                response_deserializer=pb.JoinReply.FromString,
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                raw_join(b"\xff\xff\xff", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "undecodable JoinRequest" in (refused.value.details() or "")
+            good = pb.JoinRequest(name="c", task="t")
+            assert raw_join(good.SerializeToString(), timeout=10) == pb.JoinReply()
+    finally:
+        server.stop(None)
+    assert isinstance(seen[0], MalformedMessage) and seen[1] == good
 
 
 @dataclass
