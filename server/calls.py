@@ -22,6 +22,12 @@ class JoinClaim:
     task: str
     partition: int
     num_partitions: int
+    model_digest: str
+    """`Manifest.digest()` of the client's exchanged tensors."""
+    peer_name: str | None = None
+    """The common name of the client's certificate (mutual TLS)."""
+    token: str | None = None
+    """The client token presented with the Join (--tokens)."""
 
     def check(self) -> None:
         """InvalidUpdate unless the name and the partition are usable."""
@@ -38,6 +44,7 @@ class Joined:
     client: ClientRecord
     run_id: str
     max_chunk_bytes: int
+    heartbeat_seconds: float
 
 
 @dataclass(frozen=True)

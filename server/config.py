@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fedstream.common.codecs import CODEC_NAMES
 from fedstream.common.config import CHOICES, DEFAULT_HELP, ConfigError
+from fedstream.common.round_config import Scalar, parse_scalar
 from fedstream.server.strategies import STRATEGIES, class_defaults
 from fedstream.server.strategies.fedsgd import OPTIMIZERS
 
@@ -147,6 +148,13 @@ class RoundsConfig:
     """FedProx proximal coefficient sent to clients in the round config (0: off)."""
     done_grace: float = 30.0
     """Seconds to keep serving after the last round so every client hears it is done."""
+
+    def published(self) -> dict[str, Scalar]:
+        """The settings every round sends its clients (before the strategy's own)."""
+        settings = {key: parse_scalar(value) for key, value in self.round_config.items()}
+        if self.proximal_mu > 0:
+            settings["proximal_mu"] = self.proximal_mu
+        return settings
 
     def validate(self) -> None:
         if self.rounds < 1:

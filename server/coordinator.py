@@ -23,10 +23,8 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fedstream.common.memory import peak_rss_bytes
-from fedstream.common.round_config import Scalar, parse_scalar
 from fedstream.server.calls import (
     EvaluationClaim,
     JoinClaim,
@@ -40,9 +38,14 @@ from fedstream.server.calls import (
 )
 from fedstream.server.clock import Changes, Clock, MonotonicClock
 from fedstream.server.config import ServerConfig
-from fedstream.server.errors import TaskMismatch, UploadInProgress, WrongRound
+from fedstream.server.errors import (
+    NotSelected,
+    UploadInProgress,
+    WrongRound,
+)
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.intake import UploadIntake
+from fedstream.server.membership import Membership
 from fedstream.server.phases import (
     Aggregating,
     Done,
@@ -52,13 +55,17 @@ from fedstream.server.phases import (
     Waiting,
     select_clients,
 )
-from fedstream.server.registry import ClientRecord, ClientRegistry
+from fedstream.server.registry import ClientRecord
 from fedstream.server.run_store import RunStore
 from fedstream.server.strategies import Strategy
 from fedstream.server.updates import EvaluationReport
 from fedstream.tasks import Task, exchanged_names
 
 log = logging.getLogger(__name__)
+
+HARD_END = 2
+"""A round (or an evaluation) ends at the latest this many timeouts after it opened,
+uploads still arriving or not."""
 
 
 class Coordinator:
@@ -75,19 +82,14 @@ class Coordinator:
         self.strategy = strategy
         self.store = store
         self.clock = clock or MonotonicClock()
-        self.registry = ClientRegistry(self.clock.now)
         module = task.build_model()
         self.model = GlobalModel(module, exchanged_names(task, module))
+        self.members = Membership(config, self.model.manifest.digest(), self.clock.now)
         self.run_id = uuid.uuid4().hex
         self.phase: Phase = Waiting(config.min_clients)
         self.completed = 0
         self.intake = UploadIntake(config, self.model.manifest, config.spool_path)
-        self.base_round_config: dict[str, Scalar] = {
-            **{k: parse_scalar(v) for k, v in config.round_config.items()},
-            **self.intake.uplink.round_config(),
-        }
-        if config.proximal_mu > 0:
-            self.base_round_config["proximal_mu"] = config.proximal_mu
+        self.base_round_config = {**config.published(), **self.intake.uplink.round_config()}
         self.changes = Changes(self.clock)
 
     @property
@@ -103,11 +105,6 @@ class Coordinator:
     def evaluation(self) -> OpenEvaluation | None:
         return self.phase if isinstance(self.phase, OpenEvaluation) else None
 
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """The records of the completed rounds (metrics.jsonl)."""
-        return self.store.history
-
     # ---- life cycle -------------------------------------------------------------------
 
     def restore(self) -> None:
@@ -121,13 +118,8 @@ class Coordinator:
         self.model.version = resumed.round
         self.strategy.load_state_tensors(resumed.strategy_state)
         self.completed = resumed.round
-        log.info(
-            "resumed %s at round %d of %d: %s",
-            self.store.run_dir,
-            resumed.round,
-            self.config.rounds,
-            self._summary(),
-        )
+        where = f"{self.store.run_dir} at round {resumed.round} of {self.config.rounds}"
+        log.info("resumed %s: %s", where, self._summary())
 
     async def run(self) -> None:
         """Run rounds until the configured number have completed."""
@@ -160,7 +152,7 @@ class Coordinator:
         """After the run: give every live client up to `grace` seconds to hear it is done."""
         deadline = self.clock.now() + grace
         while self.clock.now() < deadline:
-            waiting = [r for r in self.registry.live(self.config.client_timeout) if not r.told_done]
+            waiting = [r for r in self.members.live() if not r.told_done]
             if not waiting:
                 return
             await self.changes.wait(deadline - self.clock.now())
@@ -171,15 +163,12 @@ class Coordinator:
     # ---- calls from clients ------------------------------------------------------------
 
     def join(self, claim: JoinClaim) -> Joined:
-        claim.check()
-        if claim.task != self.config.task:
-            raise TaskMismatch(
-                f"client runs task {claim.task!r}; this coordinator runs {self.config.task!r}"
-            )
-        record = self.registry.join(claim.name, claim.partition, claim.num_partitions)
+        record = self.members.join(claim)
         log.info("client %s joined (partition %d)", record.name, record.partition)
         self.changes.notify()
-        return Joined(record, self.run_id, self.config.max_chunk_bytes)
+        return Joined(
+            record, self.run_id, self.config.max_chunk_bytes, self.config.heartbeat_seconds
+        )
 
     async def poll(self, client: ClientRecord) -> Work:
         """Work for `client`, waiting up to the poll timeout for some to appear."""
@@ -199,6 +188,8 @@ class Coordinator:
         phase = self.phase
         if not isinstance(phase, OpenRound | OpenEvaluation) or not phase.accepting:
             raise WrongRound("no round is open for download")
+        if client.name not in phase.selected:
+            raise NotSelected(f"client {client.name} is not selected for round {phase.number}")
         chunk = min(chunk_bytes or self.config.chunk_bytes, self.config.max_chunk_bytes)
         kind = "round" if isinstance(phase, OpenRound) else "evaluation of round"
         return self.model.download(
@@ -294,7 +285,7 @@ class Coordinator:
         return NoWork()
 
     def _live(self) -> list[str]:
-        return [r.name for r in self.registry.live(self.config.client_timeout)]
+        return [r.name for r in self.members.live()]
 
     async def _wait_for_clients(self) -> None:
         """Between rounds: until at least min_clients are live."""
@@ -344,24 +335,32 @@ class Coordinator:
             return len(open_round.reported) >= max(1, needed)
 
     async def _until_reported(self, phase: OpenRound | OpenEvaluation, what: str) -> None:
-        """Until every client selected for `phase` has reported, or its deadline has passed
-        (for a round, once no upload is still arriving); then it stops accepting."""
-        while not phase.reported >= phase.selected:
+        """Until every client selected for `phase` has reported or is gone, or its
+        deadline has passed (for a round, once no upload is still arriving), and at the
+        latest at its hard end; then it stops accepting."""
+        timeout = phase.deadline - self.clock.now()
+        hard_end = phase.deadline + (HARD_END - 1) * timeout
+        while True:
             now = self.clock.now()
-            if now >= phase.deadline and not (isinstance(phase, OpenRound) and phase.uploading):
+            arriving = isinstance(phase, OpenRound) and phase.uploading
+            owed = [name for name in phase.selected - phase.reported if self.members.alive(name)]
+            if not owed and not arriving:
+                break
+            if now >= hard_end or (now >= phase.deadline and not arriving):
                 log.warning(
-                    "round %d: %s deadline reached with %d of %d %s",
+                    "round %d: %s %s with %d of %d %s",
                     phase.number,
                     "evaluation" if isinstance(phase, OpenEvaluation) else "round",
+                    "hard end reached" if now >= hard_end else "deadline reached",
                     len(phase.reported),
                     len(phase.selected),
                     what,
                 )
                 break
-            await self.changes.wait(max(0.05, phase.deadline - now))
+            next_check = phase.deadline if now < phase.deadline else hard_end
+            await self.changes.wait(max(0.05, min(next_check - now, self.config.heartbeat_seconds)))
         phase.accepting = False
-        for record in self.registry.all():
-            record.busy = False  # the phase they held a task for is over
+        self.members.release_tasks()
 
     async def _commit(self, open_round: OpenRound) -> None:
         """Aggregate the round into the next global model, checkpoint it with its record,

@@ -33,3 +33,15 @@ class InvalidUpdate(FedstreamError):
 
 class OffsetOutOfRange(FedstreamError):
     """A download resume offset beyond the end of the model's byte stream."""
+
+
+class IdentityMismatch(FedstreamError):
+    """A Join under a name other than the identity the client authenticated as."""
+
+
+class AlreadyJoined(FedstreamError):
+    """A Join under the name of a live session, without authenticating as that name."""
+
+
+class TooManyClients(FedstreamError):
+    """A Join while the coordinator holds --max-clients live sessions."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -22,20 +23,38 @@ class ClientRecord:
     last_seen: float
     told_done: bool = False
     busy: bool = field(default=False)
-    """Holding a task for the open round (training clients do not poll)."""
+    """Holding a task for the open phase (such a client heartbeats instead of polling)."""
 
 
 class ClientRegistry:
     """Clients by name and by session token.
 
-    A client that joins again under the same name (a restarted process, or one re-joining
-    after the coordinator restarted) replaces its old session: its old token stops working.
+    A session that joins again under the same name replaces the old one, whose token stops
+    working; whether it may is the coordinator's decision (`server/identity.py`). A client
+    holding a task is live while it heartbeats (seen within `task_timeout`), any other
+    while it polls (seen within the timeout `live` is given).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, task_timeout: float = math.inf
+    ) -> None:
         self._clock = clock
+        self.task_timeout = task_timeout
         self._by_name: dict[str, ClientRecord] = {}
         self._by_token: dict[str, ClientRecord] = {}
+
+    def get(self, name: str) -> ClientRecord | None:
+        return self._by_name.get(name)
+
+    def is_live(self, record: ClientRecord, timeout: float) -> bool:
+        silent = self._clock() - record.last_seen
+        return silent <= (self.task_timeout if record.busy else timeout)
+
+    def forget_gone(self, timeout: float) -> None:
+        """Drop the sessions that are not live: their tokens stop working."""
+        for record in [r for r in self._by_name.values() if not self.is_live(r, timeout)]:
+            del self._by_name[record.name]
+            self._by_token.pop(record.token, None)
 
     def join(self, name: str, partition: int, num_partitions: int) -> ClientRecord:
         old = self._by_name.pop(name, None)
@@ -56,12 +75,13 @@ class ClientRegistry:
         return record
 
     def live(self, timeout: float) -> list[ClientRecord]:
-        """Clients seen within `timeout` seconds or busy with a task, sorted by name."""
-        now = self._clock()
+        """Live clients (`is_live`), sorted by name."""
         return sorted(
-            (r for r in self._by_name.values() if r.busy or now - r.last_seen <= timeout),
-            key=lambda r: r.name,
+            (r for r in self._by_name.values() if self.is_live(r, timeout)), key=lambda r: r.name
         )
+
+    def seen(self, record: ClientRecord) -> None:
+        record.last_seen = self._clock()
 
     def all(self) -> list[ClientRecord]:
         return sorted(self._by_name.values(), key=lambda r: r.name)

@@ -26,6 +26,7 @@ from fedstream.common.framing import MalformedChunk, frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import to_proto as config_to_proto
 from fedstream.common.service import bearer_token, method_handlers
+from fedstream.common.tls import peer_identity
 from fedstream.server.calls import (
     EvaluateWork,
     EvaluationClaim,
@@ -38,10 +39,13 @@ from fedstream.server.calls import (
 )
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.errors import (
+    AlreadyJoined,
+    IdentityMismatch,
     InvalidUpdate,
     NotSelected,
     OffsetOutOfRange,
     TaskMismatch,
+    TooManyClients,
     TransferStalled,
     UnknownClient,
     UploadInProgress,
@@ -53,6 +57,9 @@ log = logging.getLogger(__name__)
 
 STATUS_OF: dict[type[FedstreamError], grpc.StatusCode] = {
     UnknownClient: grpc.StatusCode.UNAUTHENTICATED,
+    IdentityMismatch: grpc.StatusCode.PERMISSION_DENIED,
+    AlreadyJoined: grpc.StatusCode.ALREADY_EXISTS,
+    TooManyClients: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TaskMismatch: grpc.StatusCode.FAILED_PRECONDITION,
     WrongRound: grpc.StatusCode.FAILED_PRECONDITION,
     NotSelected: grpc.StatusCode.PERMISSION_DENIED,
@@ -118,13 +125,21 @@ class CoordinatorServicer:
         self.max_chunk_bytes = max_chunk_bytes
 
     def _client(self, context: grpc.aio.ServicerContext) -> ClientRecord:
-        return self.coordinator.registry.authenticate(bearer_token(context.invocation_metadata()))
+        return self.coordinator.members.authenticate(bearer_token(context.invocation_metadata()))
 
     async def join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinReply:
-        claim = JoinClaim(request.name, request.task, request.partition, request.num_partitions)
         try:
+            claim = JoinClaim(
+                request.name,
+                request.task,
+                request.partition,
+                request.num_partitions,
+                request.model_digest,
+                peer_name=peer_identity(context.auth_context()),
+                token=bearer_token(context.invocation_metadata()),
+            )
             joined = self.coordinator.join(claim)
         except FedstreamError as exc:
             await _reject(context, "Join", exc)
@@ -133,6 +148,7 @@ class CoordinatorServicer:
             token=joined.client.token,
             run_id=joined.run_id,
             max_chunk_bytes=joined.max_chunk_bytes,
+            heartbeat_seconds=joined.heartbeat_seconds,
         )
 
     async def poll(

@@ -20,6 +20,7 @@ bounded by the model's largest tensor.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import warnings
@@ -32,7 +33,7 @@ import torch
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.codecs.base import Raw
 from fedstream.common.codecs.zstd import ZstdError
-from fedstream.common.errors import NonFiniteValues, WireError
+from fedstream.common.errors import LimitExceeded, NonFiniteValues, WireError
 from fedstream.common.tensor_codec import Manifest, TensorEntry, tensor_bytes
 from fedstream.server.updates import DeltaBlock
 
@@ -111,27 +112,53 @@ class FiniteScan:
         self._carry = bytes(part[whole:])
 
 
+class SpoolFull(LimitExceeded):
+    """The spool directory's filesystem is out of space or quota: the upload is refused
+    (RESOURCE_EXHAUSTED); the operator has to make room."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _full(exc: OSError, directory: Path) -> SpoolFull:
+    return SpoolFull(f"spool directory {directory} is full ({os.strerror(exc.errno or 0)})")
+
+
 class SpoolFiles:
     """Anonymous files in one directory, each handed to one upload after another.
 
     A file keeps its pages between uploads, so the next update of the same size is
-    written into memory the kernel already holds for it. Files are kept for as many
-    uploads as have run at once, and vanish with the process.
+    written into memory the kernel already holds for it. At most `max_idle` files are
+    kept between uploads (as many as may spool at once); one given back beyond that is
+    closed, and its space returned. Files vanish with the process.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_idle: int = 16) -> None:
         self.directory = directory
+        self.max_idle = max_idle
         self._free: list[BinaryIO] = []
 
     def take(self) -> BinaryIO:
         if self._free:
             return self._free.pop()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        return tempfile.TemporaryFile(prefix="upload-", dir=self.directory, buffering=0)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            return tempfile.TemporaryFile(prefix="upload-", dir=self.directory, buffering=0)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise _full(exc, self.directory) from None
+            raise
 
     def give_back(self, f: BinaryIO) -> None:
+        if len(self._free) >= self.max_idle:
+            f.close()
+            return
         f.seek(0)
         self._free.append(f)
+
+    def idle(self) -> int:
+        """Files kept for the next uploads."""
+        return len(self._free)
 
 
 class UploadSpool:
@@ -164,7 +191,7 @@ class UploadSpool:
 
     def write(self, chunk: memoryview) -> None:
         """Append `chunk`; WireError past the manifest's size, NonFiniteValues when a raw
-        update's chunk holds a NaN or an infinity."""
+        update's chunk holds a NaN or an infinity, SpoolFull when the disk is."""
         if self._file is None or not self._writing:
             raise WireError("spool is closed")
         if self.bytes_written + len(chunk) > self.max_bytes:
@@ -175,8 +202,13 @@ class UploadSpool:
         if self._scan is not None:
             self._scan.feed(chunk)
         rest = chunk
-        while rest:  # an unbuffered file may take part of a write
-            rest = rest[self._file.write(rest) :]
+        try:
+            while rest:  # an unbuffered file may take part of a write
+                rest = rest[self._file.write(rest) :]
+        except OSError as exc:
+            if exc.errno in _FULL:
+                raise _full(exc, self._files.directory) from None
+            raise
         self.bytes_written += len(chunk)
 
     def finish(self) -> None:

@@ -15,9 +15,11 @@ import torch
 
 from fedstream.client.config import ClientConfig
 from fedstream.client.loop import FederatedClient
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.tensor_codec import Manifest
 from fedstream.server.config import ServerConfig
 from fedstream.server.daemon import CoordinatorDaemon
-from fedstream.tasks import ConfigScalar, EvalResult, Task, TrainResult
+from fedstream.tasks import ConfigScalar, EvalResult, Task, TrainResult, exchanged_names
 
 
 class TinyModel(torch.nn.Module):
@@ -85,6 +87,23 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def layout_digest(task: Task) -> str:
+    """The model digest a client running `task` sends with its Join."""
+    model = task.build_model()
+    state = model.state_dict()
+    return Manifest.from_tensors({n: state[n] for n in exchanged_names(task, model)}).digest()
+
+
+TINY_DIGEST = layout_digest(TinyTask({}, 0))
+
+
+def tiny_join(name: str, partition: int, digest: str = TINY_DIGEST) -> pb.JoinRequest:
+    """A raw Join of a TinyTask client (what a FederatedClient sends, model digest included)."""
+    return pb.JoinRequest(
+        name=name, task="tiny", partition=partition, num_partitions=8, model_digest=digest
+    )
 
 
 def tiny_task(partition: int = 0, seed: int = 0) -> TinyTask:

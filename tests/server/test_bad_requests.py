@@ -30,6 +30,7 @@ from .conftest import (
     TinyModel,
     client_config,
     start_client,
+    tiny_join,
     wait_for,
     wide_task,
 )
@@ -105,7 +106,7 @@ class Arena:
     token: str
 
     def join(self, name: str, partition: int) -> str:
-        request = pb.JoinRequest(name=name, task="tiny", partition=partition, num_partitions=8)
+        request = tiny_join(name, partition)
         reply: pb.JoinReply = self.peer._join(request, timeout=5)
         return reply.token
 
@@ -157,7 +158,7 @@ def not_selected(arena: Arena) -> pb.UploadReply:
     the client's own Connection, as a real client would."""
     outsider = Connection(arena.running.address, 1 << 20, 30.0)
     try:
-        eve = outsider.join(pb.JoinRequest(name="eve", task="tiny", partition=3, num_partitions=8))
+        eve = outsider.join(tiny_join("eve", 3))
     finally:
         outsider.close()
     return arena.peer.upload(update(good()), eve.token)

@@ -14,7 +14,7 @@ from fedstream.common.framing import frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.tensor_codec import Manifest
 
-from .conftest import TinyModel, start_client
+from .conftest import TinyModel, start_client, tiny_join
 from .test_bad_requests import RawPeer, expect
 
 
@@ -88,9 +88,7 @@ def test_topk_error_feedback_sends_the_residual_later(coordinator) -> None:
 def test_wrong_codec_and_oversize_parts_are_refused_before_spooling(coordinator) -> None:
     running = coordinator(rounds=1, min_clients=2, uplink_codec="int8")
     peer = RawPeer(running.address)
-    token = peer._join(
-        pb.JoinRequest(name="mallory", task="tiny", partition=2, num_partitions=8), timeout=5
-    ).token
+    token = peer._join(tiny_join("mallory", 2), timeout=5).token
     honest = start_client(running.address, 0)
     metadata = (("authorization", f"Bearer {token}"),)
     assert peer._poll(pb.PollRequest(), metadata=metadata, timeout=30).train.round == 1
@@ -135,5 +133,5 @@ def test_wrong_codec_and_oversize_parts_are_refused_before_spooling(coordinator)
     running.wait_done(30)
     peer.channel.close()
     # only the overflowing stream got as far as the spool; the manifests never did
-    assert running.coordinator.history[-1]["rejected_uploads"] == 1
-    assert running.coordinator.history[-1]["updates"] == 2
+    assert running.coordinator.store.history[-1]["rejected_uploads"] == 1
+    assert running.coordinator.store.history[-1]["updates"] == 2

@@ -38,7 +38,7 @@ from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.strategies import FedAvg, Strategy
 from fedstream.server.updates import VerifiedUpdate
 
-from .conftest import TinyModel, tiny_task
+from .conftest import TINY_DIGEST, TinyModel, tiny_task
 from .fake_clock import FakeClock
 
 REAL_DEADLINE_S = 10.0
@@ -75,7 +75,7 @@ class Harness:
         self.clients: dict[str, ClientRecord] = {}
 
     def join(self, name: str, partition: int) -> ClientRecord:
-        joined = self.coordinator.join(JoinClaim(name, "tiny", partition, 8))
+        joined = self.coordinator.join(JoinClaim(name, "tiny", partition, 8, TINY_DIGEST))
         self.clients[name] = joined.client
         return joined.client
 
@@ -160,7 +160,7 @@ def test_round_closes_when_every_selected_client_has_reported(tmp_path: Path) ->
         final, _ = load_checkpoint(h.checkpoint(1))
         for name, tensor in expected_fedavg([0, 1]).items():
             torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6)
-        (record,) = h.coordinator.history
+        (record,) = h.coordinator.store.history
         assert record["updates"] == 2 and record["attempt"] == 1
         assert record["train_loss"] == pytest.approx(20 / 30)
 
@@ -177,7 +177,7 @@ def test_round_closes_at_its_deadline_with_enough_reports(tmp_path: Path) -> Non
         assert isinstance(h.coordinator.phase, OpenRound)  # not yet
         h.clock.advance(1.0)
         await asyncio.wait_for(running, REAL_DEADLINE_S)
-        (record,) = h.coordinator.history
+        (record,) = h.coordinator.store.history
         assert record["updates"] == 1 and record["clients_selected"] == 2
         assert record["duration_s"] == pytest.approx(30.0)
         final, _ = load_checkpoint(h.checkpoint(1))
@@ -204,7 +204,7 @@ def test_round_with_too_few_reports_runs_again_with_its_updates_released(
             assert isinstance(await h.poll(name), TrainWork)
             await h.upload(name, partition)
         await asyncio.wait_for(running, REAL_DEADLINE_S)
-        (record,) = h.coordinator.history
+        (record,) = h.coordinator.store.history
         assert record["attempt"] == 2 and record["updates"] == 2
         final, _ = load_checkpoint(h.checkpoint(1))
         torch.testing.assert_close(final["w"], expected_fedavg([0, 1])["w"], rtol=0, atol=1e-6)
@@ -229,7 +229,7 @@ def test_refused_updates_change_nothing_and_the_round_carries_on(tmp_path: Path)
         assert not open_round.reported and not open_round.uploading
         await h.upload(chosen, partition)
         await asyncio.wait_for(running, REAL_DEADLINE_S)
-        (record,) = h.coordinator.history
+        (record,) = h.coordinator.store.history
         assert record["updates"] == 1 and record["rejected_uploads"] == 1
         final, _ = load_checkpoint(h.checkpoint(1))
         expected = expected_fedavg([partition])
@@ -260,7 +260,7 @@ def test_evaluation_opens_after_the_checkpoint_and_adds_to_the_record(tmp_path: 
         ).accepted  # booked once
         h.clock.advance(60.0)  # b never reports
         await asyncio.wait_for(running, REAL_DEADLINE_S)
-        (record,) = h.coordinator.history
+        (record,) = h.coordinator.store.history
         assert record["fed_eval_clients"] == 1 and record["fed_eval_loss"] == 0.5
         logged = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
         assert logged["fed_eval_loss"] == 0.5 and logged["updates"] == 2

@@ -93,12 +93,25 @@ def test_live_honours_the_timeout(registry: ClientRegistry, clock: Clock) -> Non
     assert registry.live(timeout=10.0) == []
 
 
-def test_a_busy_client_is_live_however_long_silent(registry: ClientRegistry, clock: Clock) -> None:
+def test_a_busy_client_is_live_while_it_heartbeats(clock: Clock) -> None:
+    registry = ClientRegistry(clock=clock, task_timeout=30.0)
     training = registry.join("training", 0, 8)
     idle = registry.join("idle", 1, 8)
     training.busy = True
-    clock.advance(3600.0)
+    clock.advance(25.0)
+    registry.authenticate(training.token)  # a heartbeat
+    clock.advance(29.0)
     assert registry.live(timeout=10.0) == [training]
-    training.busy = False
+    clock.advance(2.0)  # silent for 31 s while holding a task: released
     assert registry.live(timeout=10.0) == []
     assert registry.all() == [idle, training]
+
+
+def test_sessions_that_are_gone_are_forgotten(registry: ClientRegistry, clock: Clock) -> None:
+    gone = registry.join("gone", 0, 8)
+    clock.advance(20.0)
+    here = registry.join("here", 1, 8)
+    registry.forget_gone(timeout=10.0)
+    assert registry.all() == [here] and registry.get("gone") is None
+    with pytest.raises(UnknownClient):
+        registry.authenticate(gone.token)

@@ -16,7 +16,16 @@ from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.tensor_codec import Manifest
 
-from .conftest import ClientThread, TinyModel, WideTask, client_config, start_client, wait_for
+from .conftest import (
+    ClientThread,
+    TinyModel,
+    WideTask,
+    client_config,
+    layout_digest,
+    start_client,
+    tiny_join,
+    wait_for,
+)
 
 
 def fedavg_of_tiny(model: TinyModel, partitions: list[int], rounds: int) -> dict[str, torch.Tensor]:
@@ -85,7 +94,7 @@ def test_round_config_reaches_the_task(coordinator):
 def test_silent_client_costs_its_update_not_the_round(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=2, round_timeout=3.0)
     silent = Connection(running.address, 1 << 20, 30.0)
-    session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
+    session = silent.join(tiny_join("silent", 1))
     honest = start_client(running.address, 0)
     reply = silent.poll(session)
     assert reply.WhichOneof("action") == "train"  # selected, then never answers
@@ -100,7 +109,7 @@ def test_silent_client_costs_its_update_not_the_round(coordinator, tmp_path):
 def test_round_without_enough_updates_is_run_again(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=1, min_reports=1, round_timeout=1.5)
     silent = Connection(running.address, 1 << 20, 30.0)
-    session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
+    session = silent.join(tiny_join("silent", 1))
     first = silent.poll(session)
     assert first.train.round == 1
     # nothing is uploaded: after the deadline round 1 starts again with a fresh selection
@@ -130,7 +139,7 @@ def test_health_service_reports_serving(coordinator):
 def test_health_service_reports_not_serving_once_the_run_is_done(coordinator):
     running = coordinator(rounds=1, min_clients=2, round_timeout=2.0, done_grace=30.0)
     silent = Connection(running.address, 1 << 20, 30.0)
-    session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
+    session = silent.join(tiny_join("silent", 1))
     honest = start_client(running.address, 0)
     wait_for(
         lambda: silent.poll(session).WhichOneof("action") == "train",  # and never uploads
@@ -189,7 +198,7 @@ def test_resume_refuses_a_different_run(coordinator, tmp_path):
 def test_client_holding_the_model_version_skips_the_download(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=2, min_reports=2, round_timeout=2.0)
     silent = Connection(running.address, 1 << 20, 30.0)
-    session = silent.join(pb.JoinRequest(name="late", task="tiny", partition=1, num_partitions=8))
+    session = silent.join(tiny_join("late", 1))
     client = start_client(running.address, 0)
     wait_for(lambda: attempt(running) >= 2, 30, "round 1 to be re-run")
     # attempt 2 trains the same model version: the client reuses its copy
@@ -212,7 +221,7 @@ def test_closing_a_round_ends_a_stalled_download(coordinator, tmp_path):
     task.load_data(0, 8)
     running = coordinator(task=task, rounds=1, min_clients=2, round_timeout=3.0, chunk_bytes=1024)
     slow = Connection(running.address, 1024, 60.0)
-    session = slow.join(pb.JoinRequest(name="slow", task="tiny", partition=1, num_partitions=8))
+    session = slow.join(tiny_join("slow", 1, layout_digest(WideTask({}, 0))))
     wide = WideTask({}, 0)
     wide.load_data(0, 8)
     honest = ClientThread(client_config(running.address, 0), wide)

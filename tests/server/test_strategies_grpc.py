@@ -17,7 +17,7 @@ from fedstream.common.tensor_codec import Manifest
 from fedstream.server.coordinator import select_clients
 from fedstream.server.strategies import STRATEGIES
 
-from .conftest import TinyModel, start_client, wait_for
+from .conftest import TinyModel, start_client, tiny_join, wait_for
 
 SERVICE = "/fedstream.v1.Coordinator"
 TINY_LAYOUT = Manifest.from_tensors(
@@ -159,7 +159,7 @@ def expect(code: grpc.StatusCode, fragment: str, call, *args, **kwargs) -> None:
 def test_evaluation_rounds_record_the_example_weighted_client_metrics(coordinator, tmp_path):
     running = coordinator(rounds=2, min_clients=3, eval_every=2, eval_timeout=20.0)
     peer = Connection(running.address, 1 << 20, 30.0)
-    session = peer.join(pb.JoinRequest(name="mallory", task="tiny", partition=2, num_partitions=8))
+    session = peer.join(tiny_join("mallory", 2))
     reporter = Reporter(running.address)
     sc = grpc.StatusCode
     expect(sc.FAILED_PRECONDITION, "no evaluation", reporter, session.token, round=1)
@@ -217,7 +217,7 @@ def test_evaluation_rounds_record_the_example_weighted_client_metrics(coordinato
         session.token,
         **{**good, "num_examples": 1 << 50},
     )
-    outsider = peer.join(pb.JoinRequest(name="eve", task="tiny", partition=3, num_partitions=8))
+    outsider = peer.join(tiny_join("eve", 3))
     expect(sc.PERMISSION_DENIED, "not selected", reporter, outsider.token, **good)
     assert reporter(session.token, **good).accepted  # the last report closes the evaluation
     expect(sc.FAILED_PRECONDITION, "no evaluation", reporter, session.token, **good)
@@ -241,7 +241,7 @@ def test_evaluation_rounds_record_the_example_weighted_client_metrics(coordinato
 def test_evaluation_closes_at_its_deadline_without_reports(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=2, eval_every=1, eval_timeout=1.0)
     silent = Connection(running.address, 1 << 20, 30.0)
-    session = silent.join(pb.JoinRequest(name="silent", task="tiny", partition=1, num_partitions=8))
+    session = silent.join(tiny_join("silent", 1))
     honest = start_client(running.address, 0)
     task = poll_for_work(silent, session).train
     held = downloaded(silent.download(session, task.model_version, TINY_LAYOUT))
