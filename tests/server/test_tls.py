@@ -97,6 +97,25 @@ def test_mutual_tls_admits_a_signed_client_and_refuses_one_without_a_certificate
     assert record["tls"] is True and record["mutual_tls"] is True
 
 
+def test_under_mutual_tls_a_client_joins_only_as_its_certificates_name(coordinator, pki):
+    running = coordinator(
+        tls_cert=pki / "server.pem", tls_key=pki / "server.key", client_ca=pki / "ca.pem"
+    )
+    signed = client_credentials(pki / "ca.pem", pki / "client-0.pem", pki / "client-0.key")
+    with pytest.raises(grpc.RpcError) as info:
+        join(running, signed, "client-1")
+    assert info.value.code() == sc.PERMISSION_DENIED, info.value.details()
+    assert "client-0" in info.value.details()
+
+
+def test_plaintext_off_loopback_is_served_with_a_warning(coordinator, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="fedstream")
+    coordinator(address="0.0.0.0:0", insecure=True)
+    assert "PLAINTEXT" in caplog.text
+    record = json.loads((tmp_path / "run" / "coordinator.json").read_text())
+    assert record["tls"] is False and record["mutual_tls"] is False
+
+
 def test_peer_identity_is_the_client_certificates_common_name(pki):
     """The identity a servicer reads from its context's auth_context(), over mTLS; None
     when the same server is reached with TLS alone."""
