@@ -220,7 +220,12 @@ class Coordinator:
         label = f"r{open_round.number}-{client.name}"
         try:
             async with self.intake.receive(
-                label, client.name, claim.num_examples, claim.metrics, manifest, chunks
+                label,
+                client.name,
+                claim.num_examples,
+                claim.metrics,
+                manifest,
+                open_round.while_open(chunks),
             ) as update:
                 open_round.check_accepting()
                 await asyncio.to_thread(self.strategy.accept, update)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +129,12 @@ class OpenRound(OpenPhase):
         """WrongRound once the round has closed (an update verified too late)."""
         if not self.accepting:
             raise WrongRound(f"round {self.number} closed while the update arrived")
+
+    async def while_open(self, chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
+        """An upload's chunks, cut with WrongRound as soon as the round closes."""
+        async for chunk in chunks:
+            self.check_accepting()
+            yield chunk
 
     def book(self, update: VerifiedUpdate) -> None:
         """Count a verified update the strategy has accepted."""
