@@ -11,22 +11,40 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import InvalidManifest
+from fedstream.common.logs import RateLimitedLog
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.tensor_codec import Manifest, ManifestLimits
 from fedstream.server.config import UplinkConfig
-from fedstream.server.spool import SpoolFiles, UploadSpool
+from fedstream.server.spool import SpoolFiles, SpoolFull, UploadSpool
+from fedstream.server.transfer import RateFloor, release_refused
 from fedstream.server.updates import VerifiedUpdate
+
+log = logging.getLogger(__name__)
+_disk_full = RateLimitedLog(log, interval=60.0)
+"""A full spool disk refuses every upload; the operator needs to hear it once a minute."""
 
 
 class UploadIntake:
     """Takes uploads of updates to the global model `model`, in the run's uplink codec."""
 
-    def __init__(self, config: UplinkConfig, model: Manifest, spool_dir: Path) -> None:
+    def __init__(
+        self,
+        config: UplinkConfig,
+        model: Manifest,
+        spool_dir: Path,
+        *,
+        min_rate: float = 0.0,
+        window: float = 30.0,
+        max_uploads: int = 16,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         uplink = UplinkCodec.parse(config.uplink_codec, config.topk_fraction)
         self.uplink = UplinkCodec(uplink.codec, zstd=True) if config.uplink_zstd else uplink
         self.model = model
@@ -41,8 +59,14 @@ class UploadIntake:
         self.readback = asyncio.Lock()
         """Held while an update is read back (verified, then handed on): concurrent
         read-backs would each hold a block buffer and compete for the same cores."""
+        self.min_rate = min_rate
+        self.window = window
+        """Each upload's progress floor (`RateFloor`), from when it takes a slot."""
+        self.clock = clock
+        self.slots = asyncio.Semaphore(max_uploads)
+        """Uploads spooling at once; the others wait for a slot, their bytes left unread."""
         self._writer = concurrent.futures.ThreadPoolExecutor(2, "spool-writer")
-        self._files = SpoolFiles(spool_dir)
+        self._files = SpoolFiles(spool_dir, max_idle=max_uploads)
 
     def check_manifest(self, proto: pb.Manifest) -> Manifest:
         """The upload's manifest, bounded and checked against the run's layout."""
@@ -69,9 +93,18 @@ class UploadIntake:
         The body decides what becomes of the update (a strategy takes it, the round books
         it); when the body raises, or anything before it does, the spool is given back.
         """
-        spool = UploadSpool(self._files, label, manifest, self.uplink, self.model)
         try:
-            await self._spool(spool, chunks)
+            async with self.slots:
+                spool = UploadSpool(self._files, label, manifest, self.uplink, self.model)
+                await self._spool(spool, chunks)
+        except SpoolFull as exc:
+            _disk_full.log(logging.ERROR, "spool", "uploads refused: %s", exc)
+            release_refused()
+            raise
+        except BaseException:
+            release_refused()
+            raise
+        try:
             async with self.readback:
                 await asyncio.to_thread(spool.verify_finite)
                 yield VerifiedUpdate(
@@ -82,9 +115,12 @@ class UploadIntake:
             raise
 
     async def _spool(self, spool: UploadSpool, chunks: AsyncIterator[memoryview]) -> None:
+        """Write the chunks to `spool`; the spool is discarded when anything fails."""
+        floor = RateFloor(self.min_rate, self.window, self.clock)
         writing: concurrent.futures.Future[None] | None = None
         try:
             async for chunk in chunks:
+                floor.add(len(chunk))
                 if writing is not None:
                     await asyncio.wrap_future(writing)
                 # A thread writes each chunk while the next one arrives: the write system
@@ -93,9 +129,12 @@ class UploadIntake:
             if writing is not None:
                 await asyncio.wrap_future(writing)
             spool.finish()
-        finally:
+        except BaseException:
             if writing is not None:
                 concurrent.futures.wait([writing])  # never close the spool under a write
+            spool.discard()
+            raise
 
     def close(self) -> None:
         self._writer.shutdown()
+        self._files.close()

@@ -160,6 +160,12 @@ class SpoolFiles:
         """Files kept for the next uploads."""
         return len(self._free)
 
+    def close(self) -> None:
+        """Close the idle files (those of uploads still running close as they come back)."""
+        while self._free:
+            self._free.pop().close()
+        self.max_idle = 0
+
 
 class UploadSpool:
     """One client's update for one round, on disk, in the codec it arrived in.

@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 from fedstream.server.errors import TransferStalled
 
-SAMPLES_PER_WINDOW = 32
-"""Progress samples kept per window: the measured span is at most 1/32 longer than the
-window (in the transfer's favour), and the memory per transfer stays constant."""
+BUCKETS_PER_WINDOW = 32
+"""Bytes are counted in buckets of a 32nd of the window: the bucket the window's start
+falls in counts whole (in the transfer's favour, by at most a 32nd of a window's bytes),
+and the memory per transfer stays constant."""
 
 
 class RateFloor:
@@ -42,17 +43,21 @@ class RateFloor:
         """Bytes moved so far."""
         self._clock = clock
         self._start = clock()
-        self._step = window / SAMPLES_PER_WINDOW
-        # (time, bytes moved before that time), oldest first; the first is the newest
-        # sample at least a window old once the transfer is older than a window.
-        self._samples: collections.deque[tuple[float, int]] = collections.deque([(self._start, 0)])
+        self._step = window / BUCKETS_PER_WINDOW
+        self._buckets: collections.deque[list[float]] = collections.deque()
+        """[start time, bytes] of each bucket that may overlap the last window, oldest first."""
+        self._recent = 0
+        """Bytes in `_buckets`."""
 
     def add(self, nbytes: int) -> None:
         """Count `nbytes` moved now; TransferStalled when the transfer is below the floor."""
         now = self._clock()
-        if now - self._samples[-1][0] >= self._step:
-            self._samples.append((now, self.total))
+        if self._buckets and now - self._buckets[-1][0] < self._step:
+            self._buckets[-1][1] += nbytes
+        else:
+            self._buckets.append([now, nbytes])
         self.total += nbytes
+        self._recent += nbytes
         self._judge(now)
 
     def check(self) -> None:
@@ -60,19 +65,16 @@ class RateFloor:
         self._judge(self._clock())
 
     def _judge(self, now: float) -> None:
-        if self.min_rate <= 0 or now - self._start < self.window:
-            return
         horizon = now - self.window
-        while len(self._samples) > 1 and self._samples[1][0] <= horizon:
-            self._samples.popleft()
-        since, before = self._samples[0]
-        span = now - since
-        moved = self.total - before
-        rate = moved / span
+        while self._buckets and self._buckets[0][0] + self._step <= horizon:
+            self._recent -= int(self._buckets.popleft()[1])
+        if self.min_rate <= 0 or horizon < self._start:
+            return
+        rate = self._recent / self.window
         if rate < self.min_rate:
             raise TransferStalled(
-                f"transfer too slow: {moved} bytes in the last {span:.1f}s ({rate:.0f} B/s), "
-                f"below the floor of {self.min_rate:.0f} B/s over {self.window:g}s"
+                f"transfer too slow: {self._recent} bytes in the last {self.window:g}s "
+                f"({rate:.0f} B/s), below the floor of {self.min_rate:.0f} B/s"
             )
 
 
