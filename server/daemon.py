@@ -59,9 +59,7 @@ class CoordinatorDaemon:
         self.coordinator = Coordinator(config, task, strategy, store)
         self.coordinator.restore()
         self.server = grpc.aio.server(options=grpc_options(config.max_chunk_bytes))
-        servicer = CoordinatorServicer(
-            self.coordinator, config.stall_timeout, config.max_chunk_bytes
-        )
+        servicer = CoordinatorServicer(self.coordinator, config)
         self.server.add_generic_rpc_handlers((servicer.handler(),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

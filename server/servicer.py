@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from fedstream.common.errors import (
     FedstreamError,
@@ -22,7 +23,8 @@ from fedstream.common.errors import (
     NonFiniteValues,
     WireError,
 )
-from fedstream.common.framing import MalformedChunk, frame_data
+from fedstream.common.framing import MalformedChunk, MalformedMessage, frame_data
+from fedstream.common.logs import RateLimitedLog
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import to_proto as config_to_proto
 from fedstream.common.service import bearer_token, method_handlers
@@ -37,6 +39,7 @@ from fedstream.server.calls import (
     UpdateClaim,
     Work,
 )
+from fedstream.server.config import TransportConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.errors import (
     AlreadyJoined,
@@ -52,8 +55,12 @@ from fedstream.server.errors import (
     WrongRound,
 )
 from fedstream.server.registry import ClientRecord
+from fedstream.server.transfer import RateFloor, release_refused
 
 log = logging.getLogger(__name__)
+
+REFUSAL_LOG_INTERVAL_S = 10.0
+M = TypeVar("M", bound=Message)
 
 STATUS_OF: dict[type[FedstreamError], grpc.StatusCode] = {
     UnknownClient: grpc.StatusCode.UNAUTHENTICATED,
@@ -81,13 +88,29 @@ def status_of(error: FedstreamError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+refusals = RateLimitedLog(log, interval=REFUSAL_LOG_INTERVAL_S)
+"""A peer can repeat a refused request at will: one line per burst of each kind."""
+
+
 async def _reject(
     context: grpc.aio.ServicerContext, method: str, error: FedstreamError
 ) -> NoReturn:
     code = status_of(error)
-    log.warning("%s rejected (%s): %s", method, code.name, error)
+    host = (context.peer() or "").rpartition(":")[0]
+    key = (method, code, type(error), host)
+    refusals.log(
+        logging.WARNING, key, "%s from %s rejected (%s): %s", method, host, code.name, error
+    )
+    release_refused()
     await context.abort(code, str(error))
     raise AssertionError("unreachable: abort raises")
+
+
+def _decoded(request: M | MalformedMessage) -> M:
+    """The request, or WireError (INVALID_ARGUMENT) for bytes that did not decode."""
+    if isinstance(request, MalformedMessage):
+        raise WireError(request.reason)
+    return request
 
 
 def poll_reply(work: Work) -> pb.PollReply:
@@ -117,20 +140,21 @@ def _receipt(receipt: Receipt) -> dict[str, Any]:
 
 
 class CoordinatorServicer:
-    def __init__(
-        self, coordinator: Coordinator, stall_timeout: float, max_chunk_bytes: int
-    ) -> None:
+    def __init__(self, coordinator: Coordinator, config: TransportConfig) -> None:
         self.coordinator = coordinator
-        self.stall_timeout = stall_timeout
-        self.max_chunk_bytes = max_chunk_bytes
+        self.stall_timeout = config.stall_timeout
+        self.max_chunk_bytes = config.max_chunk_bytes
+        self.min_transfer_rate = config.min_transfer_rate
+        self.transfer_window = config.transfer_window
 
     def _client(self, context: grpc.aio.ServicerContext) -> ClientRecord:
         return self.coordinator.members.authenticate(bearer_token(context.invocation_metadata()))
 
     async def join(
-        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
+        self, message: pb.JoinRequest | MalformedMessage, context: grpc.aio.ServicerContext
     ) -> pb.JoinReply:
         try:
+            request = _decoded(message)
             claim = JoinClaim(
                 request.name,
                 request.task,
@@ -152,17 +176,19 @@ class CoordinatorServicer:
         )
 
     async def poll(
-        self, request: pb.PollRequest, context: grpc.aio.ServicerContext
+        self, message: pb.PollRequest | MalformedMessage, context: grpc.aio.ServicerContext
     ) -> pb.PollReply:
         try:
+            _decoded(message)
             return poll_reply(await self.coordinator.poll(self._client(context)))
         except FedstreamError as exc:
             await _reject(context, "Poll", exc)
 
     async def download(
-        self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext
+        self, message: pb.DownloadRequest | MalformedMessage, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelChunk | bytes]:
         try:
+            request = _decoded(message)
             client = self._client(context)
             stream = self.coordinator.open_download(
                 client, request.model_version, request.offset, request.chunk_bytes
@@ -172,16 +198,16 @@ class CoordinatorServicer:
         header = pb.ModelHeader(
             model_version=stream.version, manifest=stream.manifest.to_proto(), offset=stream.offset
         )
-        sent = 0
+        floor = RateFloor(self.min_transfer_rate, self.transfer_window)
         try:
             yield pb.ModelChunk(header=header)
             for chunk in stream.chunks:
                 yield frame_data(chunk)
-                sent += len(chunk)
+                floor.add(len(chunk))
         except FedstreamError as exc:
             await _reject(context, "Download", exc)
         finally:
-            self.coordinator.count_download(sent)
+            self.coordinator.count_download(floor.total)
 
     async def upload(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -210,9 +236,10 @@ class CoordinatorServicer:
             await _reject(context, "Upload", exc)
 
     async def report_evaluation(
-        self, request: pb.EvaluationReport, context: grpc.aio.ServicerContext
+        self, message: pb.EvaluationReport | MalformedMessage, context: grpc.aio.ServicerContext
     ) -> pb.EvaluationReply:
         try:
+            request = _decoded(message)
             claim = EvaluationClaim(
                 request.round, request.model_version, request.num_examples, request.metrics
             )
@@ -222,9 +249,10 @@ class CoordinatorServicer:
             await _reject(context, "ReportEvaluation", exc)
 
     async def heartbeat(
-        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+        self, message: pb.HeartbeatRequest | MalformedMessage, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatReply:
         try:
+            request = _decoded(message)
             open_ = self.coordinator.heartbeat(self._client(context), request.round)
         except FedstreamError as exc:
             await _reject(context, "Heartbeat", exc)
