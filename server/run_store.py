@@ -5,6 +5,8 @@
                                                   history and the strategy's state
     RUN_DIR/metrics.jsonl                         one JSON object per round
     RUN_DIR/metrics.png                           the metrics per round
+    RUN_DIR/coordinator.lock                      held (flock) by the one coordinator
+                                                  running the directory; holds its pid
 
 The checkpoint is the single source of truth: it is written atomically, and on resume
 metrics.jsonl is rewritten from the history it carries, so a crash at any point leaves a
@@ -19,14 +21,22 @@ and of the directory) happens in a background thread while the next round runs, 
 only then are older checkpoints deleted; the next `save` first waits for it. So at most
 one checkpoint is ever not yet on disk, and a power cut can cost at most that one: the
 resume finds it unreadable and carries on from the one before, which is still there.
+A resume likewise passes over a checkpoint whose model is not finite or not the model's
+layout, saying why.
+
+Metrics are strict JSON, readable by any parser: a value that is not a finite number
+(NaN, an infinity: a diverged loss) is written as null, in metrics.jsonl and in the
+checkpoint's history alike.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -40,7 +50,8 @@ import torch
 
 from fedstream.common.checkpoint import load_checkpoint, save_checkpoint, sync_to_disk
 from fedstream.common.config import ConfigError
-from fedstream.common.errors import InvalidCheckpoint
+from fedstream.common.errors import FedstreamError, InvalidCheckpoint, InvalidManifest
+from fedstream.common.tensor_codec import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,52 @@ _NAME = re.compile(r"round_(\d{5,})\.safetensors")
 
 PLOT_INTERVAL_S = 30.0
 """Seconds between redraws of metrics.png while rounds run; the last round is always drawn."""
+
+
+class RunDirLocked(FedstreamError):
+    """Another coordinator is running the run directory: two would overwrite each
+    other's checkpoints and metrics."""
+
+
+def strict_json(obj: Any) -> str:
+    """`obj` as strict JSON: every float that is not finite becomes null."""
+    return json.dumps(_finite(obj), allow_nan=False)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _lock(run_dir: Path) -> Any:
+    """The run directory's lock file, locked for this process; RunDirLocked naming the
+    holder's pid when another coordinator holds it. The lock is the open file's (flock):
+    it goes with the process however it ends, and a second open of the file conflicts
+    even within one process."""
+    path = run_dir / "coordinator.lock"
+    f = open(path, "a+")  # noqa: SIM115 (held open until close())
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunDirLocked(
+            f"run directory {run_dir} is in use by another coordinator (pid {holder}); "
+            "stop it first, or use another --run-dir"
+        ) from None
+    except BaseException:
+        f.close()
+        raise
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 @dataclass
@@ -71,6 +128,9 @@ class Resumed:
 
 
 class RunStore:
+    """The run directory of one coordinator: RunDirLocked when another one holds it,
+    until `close`."""
+
     def __init__(self, run_dir: Path, identity: RunIdentity, keep: int = 3) -> None:
         self.run_dir = run_dir
         self.identity = identity
@@ -83,6 +143,7 @@ class RunStore:
         self.metrics_path = run_dir / "metrics.jsonl"
         self.plot_path = run_dir / "metrics.png"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock(run_dir)
         self._syncer = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-sync")
         self._syncing: concurrent.futures.Future[None] | None = None
 
@@ -113,7 +174,7 @@ class RunStore:
             "task_opt": json.dumps(self.identity.task_opt, sort_keys=True),
             "seed": str(self.identity.seed),
             "strategy": self.identity.strategy,
-            "history": json.dumps(history),
+            "history": strict_json(history),
         }
         path = self.checkpoint_path(round_number)
         self.wait_on_disk()
@@ -162,24 +223,52 @@ class RunStore:
             syncing.result()
 
     def close(self) -> None:
-        self.wait_on_disk()
-        self._syncer.shutdown()
+        """Wait for the disk, then let another coordinator have the directory."""
+        try:
+            self.wait_on_disk()
+            self._syncer.shutdown()
+        finally:
+            self._lock.close()
 
-    def resume(self) -> Resumed | None:
-        """The newest checkpoint, checked against this run's identity; None when there is none."""
+    def resume(self, expected: Manifest | None = None) -> Resumed | None:
+        """The newest usable checkpoint, checked against this run's identity; None when
+        there is none.
+
+        A checkpoint is passed over for the one before it, with a warning saying why,
+        when it cannot be read (only the newest can be short of the disk: module
+        docstring) or, given the `expected` layout of the model, when its model tensors
+        are not that layout or not finite. InvalidCheckpoint naming each path and why
+        when none is usable; ConfigError when the newest readable one is another run's.
+        """
         found = self.checkpoints()
         if not found:
             return None
-        round_number, path = found[-1]
-        try:
-            tensors, metadata = load_checkpoint(path)
-        except InvalidCheckpoint as exc:
-            if len(found) < 2:
-                raise
-            # Only the newest checkpoint can be short of the disk (module docstring).
-            log.warning("%s; resuming from the checkpoint before it", exc)
-            round_number, path = found[-2]
-            tensors, metadata = load_checkpoint(path)
+        refused: list[str] = []
+        for round_number, path in reversed(found):
+            try:
+                tensors, metadata = load_checkpoint(path)
+                self._check_identity(path, metadata)
+                model = {k: v for k, v in tensors.items() if not k.startswith(STRATEGY_PREFIX)}
+                if expected is not None:
+                    _check_model(path, model, expected)
+            except InvalidCheckpoint as exc:
+                log.warning("%s; trying the checkpoint before it", exc)
+                refused.append(str(exc))
+                continue
+            state = {
+                k[len(STRATEGY_PREFIX) :]: v
+                for k, v in tensors.items()
+                if k.startswith(STRATEGY_PREFIX)
+            }
+            history = self._with_logged_additions(json.loads(metadata["history"]))
+            self.rewrite_metrics(history)
+            self.history = history
+            return Resumed(round_number, model, state, history)
+        raise InvalidCheckpoint(
+            f"no usable checkpoint in {self.checkpoint_dir}: " + "; ".join(refused)
+        )
+
+    def _check_identity(self, path: Path, metadata: Mapping[str, str]) -> None:
         if metadata.get("format") != CHECKPOINT_FORMAT:
             raise ConfigError(f"{path} is not a fedstream round checkpoint")
         theirs = RunIdentity(
@@ -193,16 +282,6 @@ class RunStore:
                 f"run directory {self.run_dir} holds a different run ({theirs}); "
                 f"this one is {self.identity}: use another --run-dir"
             )
-        model = {k: v for k, v in tensors.items() if not k.startswith(STRATEGY_PREFIX)}
-        state = {
-            k[len(STRATEGY_PREFIX) :]: v
-            for k, v in tensors.items()
-            if k.startswith(STRATEGY_PREFIX)
-        }
-        history = self._with_logged_additions(json.loads(metadata["history"]))
-        self.rewrite_metrics(history)
-        self.history = history
-        return Resumed(round_number, model, state, history)
 
     def _with_logged_additions(self, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`history` with what `add_to_record` logged to metrics.jsonl after the checkpoint
@@ -224,11 +303,11 @@ class RunStore:
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
 
     def rewrite_metrics(self, history: list[dict[str, Any]]) -> None:
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+        tmp.write_text("".join(strict_json(r) + "\n" for r in history))
         tmp.replace(self.metrics_path)
 
     def plot(self, force: bool = True) -> None:
@@ -254,3 +333,22 @@ class RunStore:
         )
         if done.returncode != 0:
             log.warning("plotting metrics failed: %s", done.stderr.strip()[-500:])
+
+
+def _check_model(path: Path, model: Mapping[str, torch.Tensor], expected: Manifest) -> None:
+    """InvalidCheckpoint when `model` is not the `expected` layout or holds a value that
+    is not finite."""
+    try:
+        expected.require_same_layout(Manifest.from_tensors(model))
+    except InvalidManifest as exc:
+        raise InvalidCheckpoint(f"{path} does not hold this model: {exc}") from None
+    for name, tensor in model.items():
+        if tensor.is_floating_point() and tensor.numel() and not _all_finite(tensor):
+            raise InvalidCheckpoint(f"{path}: model tensor {name!r} holds NaN or infinite values")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """NaN propagates into the minimum and maximum, and an infinity is one of them: two
+    scalars instead of a mask as large as the tensor."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
