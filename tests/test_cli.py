@@ -61,6 +61,17 @@ OPTIONS: dict[str, set[str]] = {
         "--proximal-mu",
         "--eval-every",
         "--eval-timeout",
+        "--min-transfer-rate",
+        "--transfer-window",
+        "--max-uploads",
+        "--heartbeat-seconds",
+        "--tls-cert",
+        "--tls-key",
+        "--client-ca",
+        "--tokens",
+        "--insecure",
+        "--no-insecure",
+        "--max-clients",
     },
     "client": {
         "--config",
@@ -77,6 +88,10 @@ OPTIONS: dict[str, set[str]] = {
         "--stall-timeout",
         "--max-backoff",
         "--give-up-after",
+        "--ca",
+        "--cert",
+        "--key",
+        "--token",
         "--log-level",
     },
     "demo": {
@@ -90,6 +105,15 @@ OPTIONS: dict[str, set[str]] = {
         "--seed",
         "--timeout",
     },
+    "certs": {
+        "--config",
+        "--out",
+        "--server-name",
+        "--clients",
+        "--keep-existing",
+        "--no-keep-existing",
+    },
+    "token": set(),
 }
 
 HELP_SUFFIX = re.compile(r"\s*\((default: .*|repeatable)\)$")
@@ -143,7 +167,7 @@ def test_every_config_field_is_documented(command: str) -> None:
     assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
 
 
-SERVER_GROUPS = ["server", "transport", "rounds", "uplink", "strategy", "evaluation"]
+SERVER_GROUPS = ["server", "transport", "security", "rounds", "uplink", "strategy", "evaluation"]
 """`fedstream server --help`'s headings: the run's own flags, then one per component."""
 
 
@@ -161,8 +185,9 @@ def test_server_help_groups_the_flags_by_component() -> None:
     assert groups["options"] == {"-h", "--help", "--config"}
     for component, fields in components(ServerConfig):
         flags = {"--" + f.name.replace("_", "-") for f in fields}
-        if "--uplink-zstd" in flags:
-            flags.add("--no-uplink-zstd")
+        for flag in ("--uplink-zstd", "--insecure"):
+            if flag in flags:
+                flags.add("--no-" + flag[2:])
         assert groups[component_title(component)] == flags, component.__name__
     text = parser.format_help()
     for component, _ in components(ServerConfig):
@@ -170,7 +195,7 @@ def test_server_help_groups_the_flags_by_component() -> None:
         assert heading in text
         first_words = " ".join((component.__doc__ or "").split()[:4])
         assert first_words in " ".join(text.split(heading)[1].split()[:20]), component.__name__
-    assert text.index("\ntransport:\n") < text.index("\n  --address") < text.index("\nrounds:\n")
+    assert text.index("\ntransport:\n") < text.index("\n  --address") < text.index("\nsecurity:\n")
 
 
 @pytest.mark.parametrize("command", ["client", "demo"])
@@ -253,6 +278,11 @@ def reference_tables() -> str:
             ]
             for action in actions:
                 help_text = action.help or ""
+                if not action.option_strings:  # a positional argument
+                    cell = HELP_SUFFIX.sub("", help_text).replace("|", "\\|")
+                    name = action.metavar or action.dest.upper()
+                    rows.append(f"| `{name}` | | (required) | {cell} |")
+                    continue
                 if help_text.endswith(" (repeatable)"):
                     meaning, default = help_text.removesuffix(" (repeatable)"), ""
                 else:
