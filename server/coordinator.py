@@ -109,7 +109,7 @@ class Coordinator:
 
     def restore(self) -> None:
         """Continue from the run directory's newest checkpoint, or write round 0's."""
-        resumed = self.store.resume()
+        resumed = self.store.resume(self.model.manifest)
         if resumed is None:
             self.store.save(0, self.model.tensors, self.strategy.state_tensors(), [])
             log.info("new run in %s: %s", self.store.run_dir, self._summary())
