@@ -2,8 +2,9 @@
 
     waiting     until at least min_clients have joined
     round r     select clients, publish the round; they pull model version r-1, train and
-                push deltas; the round closes when every selected client has reported, or
-                at the deadline (uploads still moving bytes are waited for)
+                push deltas; the round closes when every selected client has reported or
+                is gone (silent for three heartbeats), or at the deadline (uploads still
+                moving bytes are waited for), and at the latest at twice its timeout
                 -> with enough updates: aggregate into version r, checkpoint, metrics;
                    without: the round is run again with a fresh selection
     evaluating  every `eval_every` rounds, after round r is checkpointed: the clients the
@@ -38,11 +39,7 @@ from fedstream.server.calls import (
 )
 from fedstream.server.clock import Changes, Clock, MonotonicClock
 from fedstream.server.config import ServerConfig
-from fedstream.server.errors import (
-    NotSelected,
-    UploadInProgress,
-    WrongRound,
-)
+from fedstream.server.errors import NotSelected, UploadInProgress, WrongRound
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.intake import UploadIntake
 from fedstream.server.membership import Membership
