@@ -97,11 +97,11 @@ class UploadIntake:
             async with self.slots:
                 spool = UploadSpool(self._files, label, manifest, self.uplink, self.model)
                 await self._spool(spool, chunks)
-        except SpoolFull as exc:
-            _disk_full.log(logging.ERROR, "spool", "uploads refused: %s", exc)
-            release_refused()
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, SpoolFull):
+                _disk_full.log(logging.ERROR, "spool", "uploads refused: %s", exc)
+            # Also for a cancelled upload, which never reaches the servicer's refusals:
+            # grpc still holds its last chunk (see release_refused).
             release_refused()
             raise
         try:

@@ -4,7 +4,7 @@ number of large messages it refuses (DESIGN.md, "Trust boundary").
 Measured in a real coordinator process over real gRPC: its resident set (/proc/PID/status)
 before and after 100 refused messages of 60 MiB each. Without the fix each one stayed
 resident (grpc.aio's request receiver holds the last message in a reference cycle that
-only the cyclic collector frees): +6 GB.
+only the cyclic collector frees): +3.0 GB after 100, +4.2 GB at the peak.
 """
 
 from __future__ import annotations
