@@ -85,7 +85,14 @@ class Coordinator:
         self.run_id = uuid.uuid4().hex
         self.phase: Phase = Waiting(config.min_clients)
         self.completed = 0
-        self.intake = UploadIntake(config, self.model.manifest, config.spool_path)
+        self.intake = UploadIntake(
+            config,
+            self.model.manifest,
+            config.spool_path,
+            min_rate=config.min_transfer_rate,
+            window=config.transfer_window,
+            max_uploads=config.max_uploads,
+        )
         self.base_round_config = {**config.published(), **self.intake.uplink.round_config()}
         self.changes = Changes(self.clock)
 
