@@ -138,11 +138,9 @@ class Coordinator:
                 self.strategy.abort_round()
                 open_round.release_updates()
                 log.warning(
-                    "round %d: %d of %d selected clients reported, fewer than needed; "
-                    "running it again",
+                    "round %d: %s reported, fewer than needed; running it again",
                     number,
-                    len(open_round.reported),
-                    len(open_round.selected),
+                    open_round.progress(),
                 )
                 attempt += 1
             await self._commit(open_round)
@@ -244,12 +242,11 @@ class Coordinator:
             self.changes.notify()
         client.busy = False
         log.info(
-            "round %d: update from %s (%d examples, %d/%d reported)",
+            "round %d: update from %s (%d examples, %s reported)",
             open_round.number,
             client.name,
             claim.num_examples,
-            len(open_round.reported),
-            len(open_round.selected),
+            open_round.progress(),
         )
         return Receipt(True, f"booked for round {open_round.number}")
 
@@ -323,6 +320,7 @@ class Coordinator:
             config=self.strategy.configure_round(number, self.base_round_config),
             started=now,
             deadline=now + self.config.round_timeout,
+            hard_end=now + HARD_END * self.config.round_timeout,
         )
         self.strategy.begin_round(self.model.tensors)
         self._enter(open_round)
@@ -344,31 +342,18 @@ class Coordinator:
             return len(open_round.reported) >= max(1, needed)
 
     async def _until_reported(self, phase: OpenRound | OpenEvaluation, what: str) -> None:
-        """Until every client selected for `phase` has reported or is gone, or its
-        deadline has passed (for a round, once no upload is still arriving), and at the
-        latest at its hard end; then it stops accepting."""
-        timeout = phase.deadline - self.clock.now()
-        hard_end = phase.deadline + (HARD_END - 1) * timeout
-        while True:
-            now = self.clock.now()
-            arriving = isinstance(phase, OpenRound) and phase.uploading
-            owed = [name for name in phase.selected - phase.reported if self.members.alive(name)]
-            if not owed and not arriving:
-                break
-            if now >= hard_end or (now >= phase.deadline and not arriving):
-                log.warning(
-                    "round %d: %s %s with %d of %d %s",
-                    phase.number,
-                    "evaluation" if isinstance(phase, OpenEvaluation) else "round",
-                    "hard end reached" if now >= hard_end else "deadline reached",
-                    len(phase.reported),
-                    len(phase.selected),
-                    what,
-                )
-                break
-            next_check = phase.deadline if now < phase.deadline else hard_end
-            await self.changes.wait(max(0.05, min(next_check - now, self.config.heartbeat_seconds)))
-        phase.accepting = False
+        every = self.config.heartbeat_seconds
+        reached = await phase.until_reported(self.clock, self.changes, self.members.alive, every)
+        if reached is not None:
+            kind = "evaluation" if isinstance(phase, OpenEvaluation) else "round"
+            log.warning(
+                "round %d: %s %s reached with %s %s",
+                phase.number,
+                kind,
+                reached,
+                phase.progress(),
+                what,
+            )
         self.members.release_tasks()
 
     async def _commit(self, open_round: OpenRound) -> None:
@@ -406,10 +391,12 @@ class Coordinator:
         """Clients evaluate the checkpointed model version `trained.number` on their own
         held-out data; the strategy's aggregate of their reports joins the round's record."""
         live = frozenset(self._live())
+        now = self.clock.now()
         evaluation = OpenEvaluation(
             number=trained.number,
             selected=self.strategy.configure_evaluation(trained.number, trained.selected & live),
-            deadline=self.clock.now() + self.config.eval_timeout,
+            deadline=now + self.config.eval_timeout,
+            hard_end=now + HARD_END * self.config.eval_timeout,
         )
         self._enter(evaluation)
         await self._until_reported(evaluation, "reports")

@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedstream.common.round_config import Scalar
 from fedstream.server.calls import EvaluateWork, TrainWork
+from fedstream.server.clock import Changes, Clock
 from fedstream.server.errors import InvalidUpdate, NotSelected, WrongRound
 
 if TYPE_CHECKING:
@@ -74,8 +75,40 @@ class OpenPhase:
     number: int
     selected: frozenset[str]
     deadline: float
+    hard_end: float = math.inf
+    """When the phase ends whatever is still arriving."""
     accepting: bool = True
     reported: set[str] = field(default_factory=set)
+
+    def arriving(self) -> bool:
+        """Whether a report is on its way (an upload streaming): waited for past the
+        deadline, up to the hard end."""
+        return False
+
+    async def until_reported(
+        self, clock: Clock, changes: Changes, alive: Callable[[str], bool], every: float
+    ) -> str | None:
+        """Until every selected client has reported or is gone (`alive` says, checked at
+        least `every` seconds), or the deadline has passed with nothing arriving, or the
+        hard end; then the phase stops accepting. Which end it reached, None when all
+        reported."""
+        reached: str | None = None
+        while True:
+            now = clock.now()
+            owed = [name for name in self.selected - self.reported if alive(name)]
+            if not owed and not self.arriving():
+                break
+            if now >= self.hard_end or (now >= self.deadline and not self.arriving()):
+                reached = "hard end" if now >= self.hard_end else "deadline"
+                break
+            next_end = self.deadline if now < self.deadline else self.hard_end
+            await changes.wait(max(0.05, min(next_end - now, every)))
+        self.accepting = False
+        return reached
+
+    def progress(self) -> str:
+        """`reported/selected`, for the log."""
+        return f"{len(self.reported)}/{len(self.selected)}"
 
     def owes(self, client: str) -> bool:
         """Whether `client` is selected for this phase and has not yet reported."""
@@ -120,6 +153,9 @@ class OpenRound(OpenPhase):
         if not 1 <= header.num_examples <= MAX_EXAMPLES:
             raise InvalidUpdate(f"num_examples {header.num_examples} is outside 1..{MAX_EXAMPLES}")
         check_metrics(header.metrics)
+
+    def arriving(self) -> bool:
+        return bool(self.uploading)
 
     def work(self, model_version: int, now: float) -> TrainWork:
         """What a selected client that owes its update is told to do."""
