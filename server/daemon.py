@@ -27,11 +27,22 @@ from fedstream.tasks import Task, load_task
 log = logging.getLogger(__name__)
 
 MANIFEST_HEADROOM = 64 << 20
-"""Room for a header message (its manifest) beyond the largest data chunk."""
+"""Room for a header message (its manifest) beyond the largest data chunk, where the
+manifest is not known."""
 
 
-def grpc_options(max_chunk_bytes: int) -> list[tuple[str, int]]:
-    limit = max_chunk_bytes + MANIFEST_HEADROOM
+def header_room(coordinator: Coordinator) -> int:
+    """Room for the largest header message this run can send or receive: the bigger of
+    the model's and the upload's manifest, four times over, plus 1 MiB for the rest.
+
+    grpc refuses a longer message itself (RESOURCE_EXHAUSTED) as its length prefix
+    arrives, without buffering it, so a peer's oversized message costs no memory."""
+    manifests = (coordinator.model.manifest, coordinator.intake.layout)
+    return (1 << 20) + 4 * max(m.to_proto().ByteSize() for m in manifests)
+
+
+def grpc_options(max_chunk_bytes: int, headroom: int = MANIFEST_HEADROOM) -> list[tuple[str, int]]:
+    limit = max_chunk_bytes + headroom
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
@@ -58,7 +69,8 @@ class CoordinatorDaemon:
         store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
         self.coordinator = Coordinator(config, task, strategy, store)
         self.coordinator.restore()
-        self.server = grpc.aio.server(options=grpc_options(config.max_chunk_bytes))
+        options = grpc_options(config.max_chunk_bytes, header_room(self.coordinator))
+        self.server = grpc.aio.server(options=options)
         servicer = CoordinatorServicer(self.coordinator, config)
         self.server.add_generic_rpc_handlers((servicer.handler(),))
         self.health = health.aio.HealthServicer()

@@ -2,7 +2,9 @@
 number of large messages it refuses (DESIGN.md, "Trust boundary").
 
 Measured in a real coordinator process over real gRPC: its resident set (/proc/PID/status)
-before and after 100 refused messages of 60 MiB each. Without the fix each one stayed
+before the first and after 100 refused messages: data chunks of 60 MiB (over the
+coordinator's message bound, refused by grpc as their length arrives) and undecodable
+messages of 15 MiB (within it, refused by the servicer). Without the fix each one stayed
 resident (grpc.aio's request receiver holds the last message in a reference cycle that
 only the cyclic collector frees): +3.0 GB after 100, +4.2 GB at the peak.
 """
@@ -103,9 +105,7 @@ class Uploader:
 
 
 def measure(server: Any, send: Callable[[], grpc.StatusCode]) -> int:
-    """Growth of the server's RSS over REFUSALS refusals, once it has settled."""
-    for _ in range(3):  # grpc's and the allocator's first-use costs are not growth
-        send()
+    """Growth of the server's RSS over REFUSALS refusals, from before the first."""
     before = rss_bytes(server.pid)
     codes = {send() for _ in range(REFUSALS)}
     assert len(codes) == 1, codes  # every one refused the same way
@@ -152,10 +152,11 @@ def test_refused_oversized_data_chunks_leave_no_memory_behind(
 def test_refused_undecodable_headers_leave_no_memory_behind(
     coordinator: tuple[Any, str],
 ) -> None:
-    """Refused by the servicer before any byte reaches the intake."""
+    """Refused by the servicer before any byte reaches the intake: within the message
+    bound (max_chunk_bytes and a header's room), so grpc hands it over whole."""
     server, address = coordinator
     client = Uploader(address)
-    junk = b"\xff" * MESSAGE_BYTES  # neither a data frame nor an UpdateChunk
+    junk = b"\xff" * (15 * MIB)  # neither a data frame nor an UpdateChunk
 
     growth = measure(server, lambda: client.refused([junk]))
 
