@@ -38,6 +38,13 @@ class Call:
     note: str = ""
     """How the call was made up, for the report of a failing example."""
 
+    def __repr__(self) -> str:
+        """Each message's length and first bytes: a failing example stays readable."""
+        shown = ", ".join(
+            f"<{len(m)} bytes: {m[:48]!r}{'...' if len(m) > 48 else ''}>" for m in self.messages
+        )
+        return f"Call({self.method}, [{shown}], credential={self.credential!r}, {self.note!r})"
+
 
 def good_update() -> dict[str, torch.Tensor]:
     """The update an honest TinyTask client sends, in the tiny model's layout."""
@@ -76,11 +83,18 @@ floats = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
 )
 utf8 = st.characters(codec="utf-8")
+very_long = st.tuples(st.sampled_from(["t", "é", "\n"]), st.integers(1 << 12, 1 << 14)).map(
+    lambda piece: piece[0] * piece[1]
+)
+"""4 to 16 Ki characters: past what a gRPC status message can carry (about 8 KiB of
+trailers) if a refusal echoes it whole."""
 names = st.one_of(
     st.sampled_from(["", "loss", "w", "h", "steps", "x" * 65, "é" * 40]),
     st.text(utf8, max_size=12),
     st.text(utf8, min_size=60, max_size=300),
+    very_long,
 )
+"""Empty, short, long and very long names."""
 metrics = st.one_of(
     st.dictionaries(names, floats, max_size=4),
     st.integers(60, 200).map(lambda n: {f"m{i}": 0.0 for i in range(n)}),
@@ -271,7 +285,7 @@ def upload_streams(draw: st.DrawFn, current: Current) -> tuple[tuple[bytes, ...]
 @st.composite
 def join_requests(draw: st.DrawFn) -> bytes:
     name = draw(st.one_of(st.sampled_from(["mallory", "client-0", "client-1", "x" * 129]), names))
-    task = draw(st.one_of(st.just("tiny"), st.just("tiny"), st.just("digits"), names))
+    task = draw(st.one_of(st.just("tiny"), st.just("tiny"), st.just("digits"), very_long, names))
     digest = draw(st.one_of(st.just(TINY_DIGEST), st.just(TINY_DIGEST), st.just("0" * 64), names))
     num = draw(st.one_of(st.integers(1, 8), st.integers(1, 8), u32))
     partition = draw(st.one_of(st.integers(0, max(0, num - 1)), u32))
@@ -360,3 +374,45 @@ def calls(current: Current) -> st.SearchStrategy[Call]:
         _unary("ReportEvaluation", evaluation_reports(current), "hostile fields"),
         _unary("Heartbeat", heartbeats(current), "hostile fields"),
     )
+
+
+def explicit_calls(current: Current) -> list[Call]:
+    """Calls every stage sends before the drawn ones: the shapes hypothesis found to go
+    wrong, so they are tried on every run, not only when the draw happens on them."""
+    long_task = pb.JoinRequest(
+        name="loss", task="t" * 20000, partition=0, num_partitions=8, model_digest=TINY_DIGEST
+    )
+    long_metric = pb.UpdateHeader(
+        round=current.round, model_version=current.model_version, num_examples=30
+    )
+    long_metric.metrics["m" * (1 << 14)] = 0.5
+    long_metric.manifest.CopyFrom(GOOD_MANIFEST)
+    long_tensor = pb.UpdateHeader(
+        round=current.round, model_version=current.model_version, num_examples=30
+    )
+    long_tensor.manifest.CopyFrom(GOOD_MANIFEST)
+    long_tensor.manifest.tensors[0].name = "w" * (1 << 14)
+    long_tensor.manifest.codec = "c" * (1 << 14)
+    report = pb.EvaluationReport(round=current.round, model_version=current.round, num_examples=5)
+    report.metrics["\n" * (1 << 14)] = 0.5
+    return [
+        Call("Join", (long_task.SerializeToString(),), "none", "task of 20000 characters"),
+        Call(
+            "Upload",
+            (pb.UpdateChunk(header=long_metric).SerializeToString(),),
+            "session",
+            "metric named by 16 Ki characters",
+        ),
+        Call(
+            "Upload",
+            (pb.UpdateChunk(header=long_tensor).SerializeToString(),),
+            "session",
+            "tensor and codec named by 16 Ki characters",
+        ),
+        Call(
+            "ReportEvaluation",
+            (report.SerializeToString(),),
+            "session",
+            "metric named by 16 Ki newlines",
+        ),
+    ]
