@@ -14,6 +14,7 @@ from fedstream.server.errors import InvalidUpdate
 from fedstream.server.registry import ClientRecord
 
 MAX_NAME = 128
+MAX_TASK = 256
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,15 @@ class JoinClaim:
     """The client token presented with the Join (--tokens)."""
 
     def check(self) -> None:
-        """InvalidUpdate unless the name and the partition are usable."""
-        if not self.name or len(self.name) > MAX_NAME:
-            raise InvalidUpdate(f"client name must be 1 to {MAX_NAME} characters")
-        if self.num_partitions < 1 or not 0 <= self.partition < self.num_partitions:
+        """InvalidUpdate unless the name, the task and the partition are usable. Names and
+        tasks reach logs and status messages: no control characters, bounded lengths."""
+        if not 0 < len(self.name) <= MAX_NAME or not self.name.isprintable():
+            raise InvalidUpdate(f"client name must be 1 to {MAX_NAME} printable characters")
+        if not 0 < len(self.task) <= MAX_TASK or not self.task.isprintable():
+            raise InvalidUpdate(f"task must be 1 to {MAX_TASK} printable characters")
+        if self.num_partitions < 1:
+            raise InvalidUpdate(f"num_partitions {self.num_partitions} must be at least 1")
+        if not 0 <= self.partition < self.num_partitions:
             raise InvalidUpdate(
                 f"partition {self.partition} is outside 0..{self.num_partitions - 1}"
             )

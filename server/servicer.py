@@ -60,6 +60,8 @@ from fedstream.server.transfer import RateFloor, release_refused
 log = logging.getLogger(__name__)
 
 REFUSAL_LOG_INTERVAL_S = 10.0
+MAX_DETAIL = 1024
+"""Characters of an error's message sent back in its status (the rest is cut)."""
 M = TypeVar("M", bound=Message)
 
 STATUS_OF: dict[type[FedstreamError], grpc.StatusCode] = {
@@ -96,6 +98,9 @@ async def _reject(
     context: grpc.aio.ServicerContext, method: str, error: FedstreamError
 ) -> NoReturn:
     code = status_of(error)
+    detail = str(error)
+    if len(detail) > MAX_DETAIL:  # a status message travels in a header of bounded size
+        detail = detail[:MAX_DETAIL] + "..."
     host = (context.peer() or "").rpartition(":")[0]
     key = (method, code, type(error), host)
     refusals.log(
