@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 from fedstream.certs import CertsConfig, TokenConfig
 from fedstream.client.config import ClientConfig
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=summary, description=summary)
         if name in POSITIONAL:
             field = POSITIONAL[name]
-            sub.add_argument(field, metavar=field.upper(), help=field_docs(cls)[field])
+            docs = field_docs(cast(type, cls))  # the class, not its (unhashable) instances
+            sub.add_argument(field, metavar=field.upper(), help=docs[field])
             continue
         sub.add_argument(
             "--config", type=Path, metavar="FILE", help=f"TOML file with a [{name}] table"
