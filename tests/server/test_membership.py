@@ -217,3 +217,30 @@ def test_a_round_ends_at_its_hard_limit_however_slowly_an_upload_arrives(
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert record["updates"] == 1
     assert record["duration_s"] <= 2 * 3.0 + 1.0  # the hard end: twice the round timeout
+
+
+def test_a_trickling_upload_is_cut_by_the_rate_floor(coordinator, tmp_path, peer) -> None:
+    running = coordinator(
+        rounds=1,
+        min_clients=2,
+        round_timeout=30.0,
+        min_transfer_rate=1000.0,  # bytes/s; the trickle moves 5
+        transfer_window=1.0,
+        stall_timeout=30.0,
+        heartbeat_seconds=1.0,  # and, cut, the trickler is released 3 s after its last call
+    )
+    slow = peer(running.address)
+    session = slow.join("slow")
+    honest = start_client(running.address, 0)
+    wait_for(lambda: slow.poll(session.token).WhichOneof("action") == "train", 30, "a train task")
+    state = TinyModel(0).state_dict()
+    deltas = {n: torch.zeros_like(t) for n, t in state.items() if t.is_floating_point()}
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        slow.upload_call(trickle(deltas, 1), metadata=bearer_metadata(session.token), timeout=60)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "below the floor" in info.value.details()
+    assert time.monotonic() - started < 5  # one window in, not at the round's end
+    assert honest.join(60) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert record["updates"] == 1 and record["duration_s"] < 20
