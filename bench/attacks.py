@@ -271,17 +271,7 @@ class Peer:
 def junk_status(channel: grpc.Channel, name: str, token: str) -> str:
     """The status RPC `name` answers undecodable request bytes with."""
     method = METHODS[name]
-    factory: Any
-    match method.request_streaming, method.response_streaming:
-        case False, False:
-            factory = channel.unary_unary
-        case False, True:
-            factory = channel.unary_stream
-        case True, False:
-            factory = channel.stream_unary
-        case _:
-            factory = channel.stream_stream
-    call = factory(method.path, request_serializer=lambda raw: raw, response_deserializer=bytes)
+    call = stub(channel, name, request_serializer=lambda raw: raw, response_deserializer=bytes)
     request: Any = iter([JUNK]) if method.request_streaming else JUNK
     meta = bearer_metadata(token)
     if method.response_streaming:

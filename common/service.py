@@ -140,8 +140,14 @@ def method_handlers(behaviours: Mapping[str, Callable[..., Any]]) -> grpc.Generi
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-def stub(channel: grpc.Channel, method: str) -> MultiCallable:
-    """The client's callable for RPC `method` on `channel` (KeyError for no such RPC)."""
+def stub(
+    channel: grpc.Channel,
+    method: str,
+    request_serializer: Serializer | None = None,
+    response_deserializer: Deserializer | None = None,
+) -> MultiCallable:
+    """The client's callable for RPC `method` on `channel` (KeyError for no such RPC), with
+    the method's own (de)serializers unless others are given (raw bytes, for tests)."""
     m = METHODS[method]
     match m.request_streaming, m.response_streaming:
         case False, False:
@@ -154,8 +160,8 @@ def stub(channel: grpc.Channel, method: str) -> MultiCallable:
             factory = channel.stream_stream
     return factory(
         m.path,
-        request_serializer=m.request_serializer,
-        response_deserializer=m.response_deserializer,
+        request_serializer=request_serializer or m.request_serializer,
+        response_deserializer=response_deserializer or m.response_deserializer,
     )
 
 

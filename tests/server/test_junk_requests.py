@@ -20,10 +20,7 @@ def test_junk_bytes_to_every_rpc_are_invalid_argument(coordinator, method: str) 
     with grpc.insecure_channel(running.address) as channel:
         token = stub(channel, "Join")(tiny_join("honest", 0), timeout=5).token
         spec = METHODS[method]
-        factory = channel.stream_unary if spec.request_streaming else channel.unary_unary
-        if spec.response_streaming:
-            factory = channel.unary_stream
-        call = factory(spec.path, request_serializer=lambda raw: raw)
+        call = stub(channel, method, request_serializer=lambda raw: raw)
         for junk in JUNK:
             request = iter([junk]) if spec.request_streaming else junk
             with pytest.raises(grpc.RpcError) as info:
