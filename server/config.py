@@ -219,6 +219,25 @@ class StrategyConfig:
     """Second-moment decay of fedadam and fedyogi, and of fedsgd's adam."""
     tau: float = 1e-3
     """Adaptivity of fedadam, fedyogi and fedadagrad (the epsilon of fedsgd's adam)."""
+    trim_fraction: float | None = field(
+        default=None, metadata={DEFAULT_HELP: class_defaults("default_trim_fraction")}
+    )
+    """trimmed-mean: fraction b of the updates dropped at each end, per coordinate
+    (floor(b*N) largest and smallest); below 0.5, so a value is left."""
+    krum_byzantine: int | None = field(
+        default=None, metadata={DEFAULT_HELP: class_defaults("default_byzantine")}
+    )
+    """krum: f, the Byzantine clients tolerated; a round with fewer than 2f+3 updates takes
+    their coordinate-wise median instead (logged)."""
+    krum_select: int | None = field(
+        default=None, metadata={DEFAULT_HELP: class_defaults("default_select")}
+    )
+    """krum: m, the updates of lowest score averaged (1 is Krum, more is Multi-Krum; at most
+    N-f are)."""
+    geomedian_iterations: int | None = field(
+        default=None, metadata={DEFAULT_HELP: class_defaults("default_iterations")}
+    )
+    """geomedian: Weiszfeld iterations (two passes over the round's spools each)."""
 
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -246,6 +265,19 @@ class StrategyConfig:
         if not 0 <= self.beta2 < 1:
             raise ConfigError(f"beta2 must be in [0, 1), got {self.beta2}")
         _positive("tau", self.tau)
+        if self.trim_fraction is not None and not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(
+                f"trim_fraction must be in [0, 0.5) so that a value is left, "
+                f"got {self.trim_fraction}"
+            )
+        if self.krum_byzantine is not None and self.krum_byzantine < 0:
+            raise ConfigError(f"krum_byzantine must be at least 0, got {self.krum_byzantine}")
+        if self.krum_select is not None and self.krum_select < 1:
+            raise ConfigError(f"krum_select must be at least 1, got {self.krum_select}")
+        if self.geomedian_iterations is not None and self.geomedian_iterations < 1:
+            raise ConfigError(
+                f"geomedian_iterations must be at least 1, got {self.geomedian_iterations}"
+            )
 
 
 @dataclass

@@ -19,7 +19,11 @@ from fedstream.server.strategies.fedavg import FedAvg
 from fedstream.server.strategies.fedavgm import FedAvgM
 from fedstream.server.strategies.fedsgd import FedSGD
 from fedstream.server.strategies.fedyogi import FedYogi
+from fedstream.server.strategies.geometric_median import GeometricMedian
+from fedstream.server.strategies.krum import Krum
 from fedstream.server.strategies.mean import Mean
+from fedstream.server.strategies.median import Median
+from fedstream.server.strategies.trimmed_mean import TrimmedMean
 
 __all__ = [
     "STRATEGIES",
@@ -31,9 +35,13 @@ __all__ = [
     "FedAvgM",
     "FedSGD",
     "FedYogi",
+    "GeometricMedian",
+    "Krum",
     "Mean",
+    "Median",
     "NamedStrategy",
     "Strategy",
+    "TrimmedMean",
     "build_strategy",
     "class_defaults",
 ]

@@ -20,7 +20,11 @@ from fedstream.server.strategies.fedavg import FedAvg
 from fedstream.server.strategies.fedavgm import FedAvgM
 from fedstream.server.strategies.fedsgd import FedSGD
 from fedstream.server.strategies.fedyogi import FedYogi
+from fedstream.server.strategies.geometric_median import GeometricMedian
+from fedstream.server.strategies.krum import Krum
 from fedstream.server.strategies.mean import Mean
+from fedstream.server.strategies.median import Median
+from fedstream.server.strategies.trimmed_mean import TrimmedMean
 
 if TYPE_CHECKING:
     # Only a type: server/config.py imports this package to list the strategies in --help.
@@ -60,6 +64,10 @@ STRATEGIES: dict[str, NamedStrategy] = {
     "fedadagrad": NamedStrategy(
         FedAdagrad, lambda c: FedAdagrad(c.server_lr, c.beta1, c.beta2, c.tau)
     ),
+    "median": NamedStrategy(Median, lambda c: Median()),
+    "trimmed-mean": NamedStrategy(TrimmedMean, lambda c: TrimmedMean(c.trim_fraction)),
+    "krum": NamedStrategy(Krum, lambda c: Krum(c.krum_byzantine, c.krum_select)),
+    "geomedian": NamedStrategy(GeometricMedian, lambda c: GeometricMedian(c.geomedian_iterations)),
 }
 """Strategy name (the `--strategy` flag) -> its class and its construction from the flags."""
 

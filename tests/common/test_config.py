@@ -429,7 +429,7 @@ BAD_VALUES: list[tuple[type, str, Any]] = [
     (RoundsConfig, "done_grace", -1.0),
     (UplinkConfig, "uplink_codec", "gzip"),
     (UplinkConfig, "topk_fraction", 0.0),
-    (StrategyConfig, "strategy", "krum"),
+    (StrategyConfig, "strategy", "no-such-strategy"),
     (StrategyConfig, "client_weight", {"a": "-1"}),
     (StrategyConfig, "server_lr", 0.0),
     (StrategyConfig, "server_momentum", 1.0),

@@ -200,7 +200,7 @@ def test_half_precision_models_sum_in_float32() -> None:
 
 def test_unknown_strategy_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown"):
-        build_strategy(ServerConfig(strategy="krum"))
+        build_strategy(ServerConfig(strategy="no-such-strategy"))
 
 
 @pytest.mark.parametrize("weight", ["0", "-1", "nan", "x"])

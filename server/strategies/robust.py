@@ -1,0 +1,74 @@
+"""What the robust strategies (median, trimmed mean, Krum, geometric median) share: the
+round's updates read in lockstep, one block of each at a time.
+
+They set `holds_updates`, so `aggregate` gets every verified update of the round with its
+spool still readable. `lockstep` walks all their `blocks()` together and hands back, for
+each block position, an N x L matrix (row k: client k's block) in the accumulator dtype:
+the coordinator's memory is the model, the output and N blocks, never N models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from fedstream.server.strategies.base import Strategy, accumulator_dtype
+from fedstream.server.updates import VerifiedUpdate
+
+
+def lockstep(updates: Sequence[VerifiedUpdate]) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """(tensor name, start, rows) for each block position of the updates, in manifest
+    order; rows[k] is update k's block, copied out of its (reused) buffer.
+
+    Raises ValueError when the updates' blocks do not line up (same tensor, start and
+    length at every position, and the same number of blocks).
+    """
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    streams = [update.blocks() for update in updates]
+    for first in streams[0]:
+        length = first.values.numel()
+        rows = torch.empty(len(updates), length, dtype=accumulator_dtype(first.values.dtype))
+        rows[0].copy_(first.values)
+        for k, stream in enumerate(streams[1:], start=1):
+            block = next(stream, None)
+            if block is None or (block.name, block.start, block.values.numel()) != (
+                first.name,
+                first.start,
+                length,
+            ):
+                raise ValueError(
+                    f"the update of {updates[k].client} does not line up with that of "
+                    f"{updates[0].client} at {first.name}[{first.start}:{first.start + length}]"
+                )
+            rows[k].copy_(block.values)
+        yield first.name, first.start, rows
+    for k, stream in enumerate(streams[1:], start=1):
+        if next(stream, None) is not None:
+            raise ValueError(f"the update of {updates[k].client} has more blocks than the others")
+
+
+def zeros_like_model(global_tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model-sized buffer of zeros in each tensor's accumulator dtype."""
+    return {
+        name: torch.zeros(t.shape, dtype=accumulator_dtype(t.dtype))
+        for name, t in global_tensors.items()
+    }
+
+
+def flat_slice(
+    tensors: Mapping[str, torch.Tensor], name: str, start: int, length: int
+) -> torch.Tensor:
+    """Elements start .. start + length of tensor `name`, flattened, as a view."""
+    return tensors[name].view(-1)[start : start + length]
+
+
+class HoldingStrategy(Strategy):
+    """A strategy that reads all of its round's updates at the end and is stateless
+    between rounds: nothing to prepare, nothing to fold as updates arrive."""
+
+    holds_updates = True
+
+    def begin_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
+        """Nothing to prepare: the round keeps the spools, `aggregate` reads them."""

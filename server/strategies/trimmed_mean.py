@@ -1,0 +1,67 @@
+"""Coordinate-wise trimmed mean.
+
+Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Towards
+Optimal Statistical Rates", ICML 2018.
+
+With client k's delta_k (k = 1..N) sorted coordinate by coordinate into
+x_(1) <= ... <= x_(N), and t = floor(b * N) for the trim fraction b:
+
+    w <- w + (1 / (N - 2t)) * sum_{j = t+1}^{N-t} x_(j)
+
+(per coordinate the t largest and the t smallest values are dropped, the rest averaged).
+b < 1/2 keeps at least one value for any N (2 floor(bN) <= 2bN < N); b = 0 is the mean.
+Unweighted by design: a client's claimed number of examples does not move the result.
+The round's spools are read block by block in lockstep (`robust.lockstep`): memory is the
+model, the aggregate (float32, float64 for float64 models) and N blocks.
+
+Not yet a pseudo-gradient for the server optimisers (FedAvgM, FedAdam): they fold each
+update as it arrives and would have to hold the round's spools instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+
+from fedstream.server.strategies.base import add_in_place
+from fedstream.server.strategies.robust import (
+    HoldingStrategy,
+    flat_slice,
+    lockstep,
+    zeros_like_model,
+)
+from fedstream.server.updates import VerifiedUpdate
+
+
+def trimmed_mean(rows: torch.Tensor, trim: int) -> torch.Tensor:
+    """The mean of each column of `rows` (N x L) without its `trim` largest and `trim`
+    smallest values."""
+    n = rows.shape[0]
+    return rows.sort(dim=0).values[trim : n - trim].mean(dim=0)
+
+
+class TrimmedMean(HoldingStrategy):
+    """w <- w + coordinate-wise b-trimmed mean of the deltas."""
+
+    default_trim_fraction: ClassVar[float] = 0.1
+    """Fraction b of the updates dropped at each end, per coordinate, when none is given."""
+
+    def __init__(self, trim_fraction: float | None = None) -> None:
+        self.trim_fraction = self.default_trim_fraction if trim_fraction is None else trim_fraction
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(
+                f"trim fraction must be in [0, 0.5) so that a value is left, "
+                f"got {self.trim_fraction}"
+            )
+
+    def aggregate(
+        self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
+    ) -> None:
+        trim = math.floor(self.trim_fraction * len(updates))
+        step = zeros_like_model(global_tensors)
+        for name, start, rows in lockstep(updates):
+            flat_slice(step, name, start, rows.shape[1]).copy_(trimmed_mean(rows, trim))
+        add_in_place(global_tensors, step)
