@@ -336,3 +336,17 @@ def test_a_median_round_through_the_coordinator(tmp_path: Path) -> None:
         torch.testing.assert_close(final["w"], start + 0.75, rtol=0, atol=1e-6)
 
     run(scenario)
+
+
+@pytest.mark.parametrize("n", [5, 6])
+def test_ties_everywhere_agree_with_the_references(n: int) -> None:
+    g = torch.Generator().manual_seed(7)
+    ups = [
+        {name: torch.randint(0, 3, t.shape, generator=g).to(t.dtype) for name, t in model().items()}
+        for _ in range(n)
+    ]
+    ups[1] = {name: t.clone() for name, t in ups[0].items()}  # two identical updates: tied scores
+    expect_step(Median(), ups, median_reference(ups))
+    expect_step(TrimmedMean(0.2), ups, trimmed_reference(ups, 0.2))
+    expect_step(Krum(1, 1), ups, krum_reference(ups, 1, 1))
+    expect_step(Krum(1, 2), ups, krum_reference(ups, 1, 2))
