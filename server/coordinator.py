@@ -151,11 +151,14 @@ class Coordinator:
         log.info("run complete: %d rounds", self.completed)
 
     async def wait_clients_told(self, grace: float) -> None:
-        """After the run: give every live client up to `grace` seconds to hear it is done."""
+        """After the run: give every live client, and at least min_clients of them, up to
+        `grace` seconds to hear it is done (a coordinator restarted on a finished run
+        waits for its clients to come back and hear it)."""
         deadline = self.clock.now() + grace
         while self.clock.now() < deadline:
-            waiting = [r for r in self.members.live() if not r.told_done]
-            if not waiting:
+            live = self.members.live()
+            told = sum(r.told_done for r in live)
+            if told == len(live) and told >= self.config.min_clients:
                 return
             await self.changes.wait(deadline - self.clock.now())
 

@@ -351,3 +351,26 @@ def test_fold_strategies_release_each_spool_as_soon_as_it_is_folded(tmp_path: Pa
         await asyncio.wait_for(running, REAL_DEADLINE_S)
 
     run(scenario)
+
+
+def test_restarted_on_a_finished_run_it_waits_for_its_clients_to_hear_it(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        first = Harness(tmp_path, min_clients=1)
+        running, _ = await first.start("a")
+        await first.upload("a", 0)
+        await asyncio.wait_for(running, REAL_DEADLINE_S)
+        first.coordinator.store.close()  # killed before "a" heard the run is done
+
+        again = Harness(tmp_path, min_clients=1)
+        assert again.coordinator.completed == 1
+        await asyncio.wait_for(again.coordinator.run(), REAL_DEADLINE_S)
+        told = asyncio.create_task(again.coordinator.wait_clients_told(30.0))
+        await asyncio.sleep(0)
+        assert not told.done()  # nobody has come back yet
+        again.join("a", 0)
+        assert isinstance(await again.poll("a"), RunDone)
+        await asyncio.wait_for(told, REAL_DEADLINE_S)
+
+    run(scenario)
