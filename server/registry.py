@@ -80,9 +80,6 @@ class ClientRegistry:
             (r for r in self._by_name.values() if self.is_live(r, timeout)), key=lambda r: r.name
         )
 
-    def seen(self, record: ClientRecord) -> None:
-        record.last_seen = self._clock()
-
     def all(self) -> list[ClientRecord]:
         return sorted(self._by_name.values(), key=lambda r: r.name)
 
