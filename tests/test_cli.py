@@ -76,6 +76,7 @@ OPTIONS: dict[str, set[str]] = {
         "--insecure",
         "--no-insecure",
         "--max-clients",
+        "--progress-file",
     },
     "client": {
         "--config",
@@ -97,6 +98,7 @@ OPTIONS: dict[str, set[str]] = {
         "--key",
         "--token",
         "--log-level",
+        "--progress-file",
     },
     "demo": {
         "--config",
