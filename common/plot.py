@@ -1,10 +1,11 @@
 """A PNG of per-round metrics, for run directories and reports.
 
-One panel per metric, train and eval of the same metric together (`train_loss` and
-`eval_loss` on the `loss` panel), then the bytes moved each round and the round's time,
-each on its own panel. Every round in the history is drawn, round 0 (the initial model's
-evaluation) included when there is one. The panels fill their grid: a last row with
-fewer panels than the others spreads them over its whole width, so no cell is empty.
+One panel per metric, train and eval of the same metric together (`train_loss`,
+`eval_loss` and `fed_eval_loss` on the `loss` panel), then the bytes moved each round
+and the round's time, each on its own panel. Every round in the history is drawn, round 0
+(the initial model's evaluation) included when there is one. The panels fill their grid:
+a last row with fewer panels than the others spreads them over its whole width, so no
+cell is empty.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PLOTTED_PREFIXES = ("train_", "eval_")
+PLOTTED_PREFIXES = ("train_", "eval_", "fed_eval_")
+"""A metric's series: clients' training, the coordinator's held-out evaluation, the
+clients' federated evaluation."""
+LEGENDS = {prefix.rstrip("_") for prefix in PLOTTED_PREFIXES}
+NOT_METRICS = frozenset({"fed_eval_clients", "fed_eval_examples"})
 MAX_COLUMNS = 3
 MIB = 1 << 20
 SERIES_STYLES: tuple[dict[str, Any], ...] = (
     {"marker": "o", "linestyle": "-"},
     {"marker": "s", "linestyle": "--", "markerfacecolor": "none"},
+    {"marker": "^", "linestyle": ":"},
 )
-"""Train and eval, down and up: told apart where their points coincide."""
+"""Train, eval and fed_eval, down and up: told apart where their points coincide."""
 
 
 @dataclass
@@ -49,7 +55,14 @@ def panels(history: Sequence[dict[str, Any]]) -> list[Panel]:
     """The panels `history` has data for, metrics first (by name), then bytes and time."""
     keys = {k for record in history for k, v in record.items() if _numeric(v)}
     found: list[Panel] = []
-    names = sorted({k.split("_", 1)[1] for k in keys if k.startswith(PLOTTED_PREFIXES)})
+    names = sorted(
+        {
+            key.removeprefix(prefix)
+            for key in keys - NOT_METRICS
+            for prefix in PLOTTED_PREFIXES
+            if key.startswith(prefix)
+        }
+    )
     for name in names:
         series = [
             (prefix.rstrip("_"), prefix + name, 1.0)
@@ -57,9 +70,7 @@ def panels(history: Sequence[dict[str, Any]]) -> list[Panel]:
             if prefix + name in keys
         ]
         found.append(Panel(name, name, series))
-    moved = [
-        (f"{way}", f"bytes_{way}", 1 / MIB) for way in ("down", "up") if f"bytes_{way}" in keys
-    ]
+    moved = [(way, f"bytes_{way}", 1 / MIB) for way in ("down", "up") if f"bytes_{way}" in keys]
     if moved:
         found.append(Panel("bytes per round", "MiB", moved, from_zero=True))
     if "duration_s" in keys:
@@ -107,7 +118,7 @@ def metrics_figure(history: Sequence[dict[str, Any]], title: str = "") -> Figure
         ax.grid(alpha=0.3)
         if panel.from_zero:
             ax.set_ylim(bottom=0)
-        if len(panel.series) > 1 or any(label in ("train", "eval") for label, _, _ in panel.series):
+        if len(panel.series) > 1 or any(label in LEGENDS for label, _, _ in panel.series):
             ax.legend()
     if title:
         figure.suptitle(title)

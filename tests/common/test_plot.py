@@ -26,6 +26,8 @@ def history(rounds: range, *, accuracy: bool = True) -> list[dict[str, Any]]:
                 "bytes_down": 3 * 8 * MIB,
                 "bytes_up": 3 * 8 * MIB,
                 "updates": 3,
+                "fed_eval_loss": 2.2 / (n + 1),
+                "fed_eval_clients": 3,  # a count, not a metric: no panel
             }
             if accuracy:
                 record["train_accuracy"] = 0.4 + n / 20
@@ -41,7 +43,7 @@ def test_the_figure_has_a_panel_per_metric_and_for_bytes_and_time() -> None:
     assert titles == ["accuracy", "loss", "bytes per round", "round time"]
     loss = figure.axes[1]
     lines = {line.get_label(): line for line in loss.get_lines()}
-    assert set(lines) == {"train", "eval"}
+    assert set(lines) == {"train", "eval", "fed_eval"}
     assert list(lines["eval"].get_xdata()) == [0, 1, 2, 3]  # round 0 included
     assert list(lines["train"].get_xdata()) == [1, 2, 3]
     moved = {line.get_label(): list(line.get_ydata()) for line in figure.axes[2].get_lines()}
