@@ -24,9 +24,9 @@ def bar_columns(elapsed: bool = True) -> list[TextColumn | BarColumn | TimeElaps
     """Label, bar, `12.0 MiB of 229.0 MiB (5%) at 80.1 MiB/s`, and the time elapsed since
     the bar's task was added (left out where that is not when the activity began)."""
     columns: list[TextColumn | BarColumn | TimeElapsedColumn] = [
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
-        TextColumn("{task.fields[amount]}"),
+        TextColumn("{task.fields[amount]}", markup=False),
     ]
     return [*columns, TimeElapsedColumn()] if elapsed else columns
 

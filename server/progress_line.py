@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
+
 from fedstream.common.progress import human_bytes
 from fedstream.common.progress_file import write_snapshot
 from fedstream.server.coordinator import Coordinator
@@ -128,8 +130,8 @@ class RoundLine:
             while True:
                 view = self.read()
                 text = view.text()
-                if live is not None:
-                    live.update(text, refresh=True)
+                if live is not None:  # as a Text, shown as it is (rich would colour numbers)
+                    live.update(Text(text), refresh=True)
                 elif text != self._last_logged and (
                     time.monotonic() - self._last_log_time >= LOG_INTERVAL_S
                 ):
@@ -141,7 +143,7 @@ class RoundLine:
         finally:
             final = self.read()  # the run's end, which the last tick may have missed
             if live is not None:
-                live.update(final.text(), refresh=True)
+                live.update(Text(final.text()), refresh=True)
                 live.stop()
             if self.file is not None:
                 write_snapshot(self.file, final.snapshot())

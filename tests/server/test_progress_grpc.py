@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pty
+import re
+import sys
+import threading
 
 from fedstream.common.progress_file import read_snapshot
 from fedstream.server.run_store import RunStore
@@ -31,3 +36,38 @@ def test_coordinator_and_client_keep_their_progress_files(
     assert last["done"] == last["total"] == record["bytes_up"]
     logged = [r.getMessage() for r in caplog.records if r.name == "fedstream.server.progress_line"]
     assert logged[0] == "waiting for clients: 0 of 1 joined"
+
+
+def test_on_a_terminal_the_coordinator_redraws_its_line_in_place(
+    coordinator, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(RunStore, "plot", lambda self, force=True: None)
+    master, slave = pty.openpty()
+    shown = bytearray()
+    reader = threading.Thread(target=drain, args=(master, shown), daemon=True)
+    reader.start()
+    with os.fdopen(slave, "w", encoding="utf-8") as terminal:
+        monkeypatch.setattr(sys, "stderr", terminal)  # the daemon's stderr is a terminal
+        running = coordinator(rounds=1, min_clients=1)
+        client = start_client(running.address, 0)
+        assert client.join(60) == 0
+        running.wait_done(30)
+    reader.join(10)
+    raw = shown.decode("utf-8", "replace")
+    assert "\r\x1b[2K" in raw  # back to the line's start and erase it: redrawn in place
+    lines = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw).replace("\r", "\n").split("\n")
+    assert "waiting for clients: 0 of 1 joined" in lines
+    assert [line for line in lines if line.strip()][-1] == "done: 1 of 1 rounds"
+
+
+def drain(fd: int, into: bytearray) -> None:
+    """Read the terminal's output until every writer has closed it."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        into += data
+    os.close(fd)
