@@ -62,12 +62,12 @@ def _krum(m: int) -> tuple[str, ...]:
 
 STRATEGIES: dict[str, Callable[[int], tuple[str, ...]]] = {
     "fedavg": lambda m: (),
-    "fedavg --no-safeguards": lambda m: ("--no-safeguards",),
+    "fedavg-no-safeguards": lambda m: ("--no-safeguards",),
     "median": lambda m: ("--strategy", "median"),
     "trimmed-mean": _trimmed_mean,
     "krum": _krum,
     "geomedian": lambda m: ("--strategy", "geomedian"),
-    "fedavg + DP": lambda m: (
+    "fedavg-dp": lambda m: (
         "--dp-clip",
         f"{DP_CLIP:g}",
         "--dp-noise-multiplier",
@@ -121,12 +121,16 @@ def plan(
     rounds: int,
     seed: int,
 ) -> dict[str, tuple[str, ClusterRun]]:
-    """Every run to make, by results key: each strategy's honest run, then each attack."""
+    """Every run to make, by results key, most telling first (a run cut short still leaves a
+    report): the honest reference, each attack, then the other strategies' honest runs."""
     runs: dict[str, tuple[str, ClusterRun]] = {}
     round_config = ROUND_CONFIG
-    for label in strategies:
-        honest = ClusterRun(STRATEGIES[label](0), HONEST, 0, CLIENTS, rounds, seed, round_config)
-        runs[key(label, honest)] = (label, honest)
+    honest = {
+        label: ClusterRun(STRATEGIES[label](0), HONEST, 0, CLIENTS, rounds, seed, round_config)
+        for label in strategies
+    }
+    if "fedavg" in honest:
+        runs[key("fedavg", honest["fedavg"])] = ("fedavg", honest["fedavg"])
     for m in malicious:
         for attack in attacks:
             for label in strategies:
@@ -134,6 +138,8 @@ def plan(
                     STRATEGIES[label](m), attack, m, CLIENTS, rounds, seed, round_config
                 )
                 runs[key(label, run)] = (label, run)
+    for label, run in honest.items():
+        runs[key(label, run)] = (label, run)
     return runs
 
 
@@ -198,12 +204,19 @@ def main() -> int:
     parser.add_argument(
         "--fresh", action="store_true", help="rerun the selected runs found in results.json"
     )
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the report from results.json, run nothing"
+    )
     args = parser.parse_args()
     args.work_dir = args.work_dir.resolve()
     store = args.work_dir / "results.json"
     known = load(store)
     runs = plan(args.malicious, args.attacks, args.strategies, args.rounds, args.seed)
-    todo = [(k, label, run) for k, (label, run) in runs.items() if args.fresh or k not in known]
+    todo = [
+        (k, label, run)
+        for k, (label, run) in runs.items()
+        if not args.report_only and (args.fresh or k not in known)
+    ]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store}", flush=True)
     code = commit()
     lock = threading.Lock()

@@ -34,31 +34,35 @@ def bench_path(workdir: Path) -> str:
     return str(path)
 
 
-def run_attack(procs, free_port, attack: str, rounds: int, *server_flags: str) -> Path:
-    """A coordinator, two honest clients and one attacker, run to completion; the run dir."""
+def run_attack(
+    procs, free_port, attack: str, rounds: int, *server_flags: str, clients: int = 3
+) -> Path:
+    """A coordinator and `clients` clients, the last of them attacking, run to completion;
+    the run directory."""
     address = f"127.0.0.1:{free_port()}"
     env = {"PYTHONPATH": bench_path(procs.workdir)}
-    common = ["--task", TASK, "--num-partitions", "3", "--threads", "1", "--max-backoff", "1"]
+    common = ["--task", TASK, "--num-partitions", str(clients), "--threads", "1"]
     procs(
         "server",
         "server",
         "--address", address,
         "--run-dir", "run",
         "--rounds", str(rounds),
-        "--min-clients", "3",
+        "--min-clients", str(clients),
         "--task", TASK,
         "--done-grace", "10",
         "--threads", "1",
         *server_flags,
         env=env,
     )  # fmt: skip
-    for partition in range(3):
-        attacking = ["--task-opt", f"attack={attack}"] if partition == 2 else []
+    for partition in range(clients):
+        attacking = ["--task-opt", f"attack={attack}"] if partition == clients - 1 else []
         procs(
             f"client-{partition}",
             "client",
             "--server", address,
             "--partition", str(partition),
+            "--max-backoff", "1",
             *common,
             *attacking,
             env=env,
@@ -90,7 +94,8 @@ def test_safe_defaults_keep_digits_learning_under_attack(procs, free_port, attac
 
 
 def test_without_safeguards_the_overflow_wrecks_the_model(procs, free_port):
-    run = run_attack(procs, free_port, "overflow", 1, "--no-safeguards")
+    # One honest client and the attacker, one round: the fewest processes that show it.
+    run = run_attack(procs, free_port, "overflow", 1, "--no-safeguards", clients=2)
     accuracy = metrics(run)[-1]["eval_accuracy"]
     tensors = last_checkpoint(run)
     finite = all(torch.isfinite(t).all() for t in tensors.values())
