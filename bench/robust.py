@@ -75,6 +75,7 @@ STRATEGIES: dict[str, Callable[[int], tuple[str, ...]]] = {
     ),
 }
 """Column label -> the coordinator's flags given the number of attackers (0: honest)."""
+ROBUST = ("median", "trimmed-mean", "krum", "geomedian")
 
 
 def commit() -> str:
@@ -121,25 +122,26 @@ def plan(
     rounds: int,
     seed: int,
 ) -> dict[str, tuple[str, ClusterRun]]:
-    """Every run to make, by results key, most telling first (a run cut short still leaves a
-    report): the honest reference, each attack, then the other strategies' honest runs."""
+    """Every run to make, by results key, most telling first (a grid cut short still leaves
+    a report): the honest reference, the attacks with the fewest attackers, the robust
+    strategies' honest runs (their own cost on non-IID data), the other attacks, the rest."""
+
+    def honest(label: str) -> ClusterRun:
+        return ClusterRun(STRATEGIES[label](0), HONEST, 0, CLIENTS, rounds, seed, ROUND_CONFIG)
+
+    def attacked(label: str, attack: str, m: int) -> ClusterRun:
+        return ClusterRun(STRATEGIES[label](m), attack, m, CLIENTS, rounds, seed, ROUND_CONFIG)
+
+    robust = [label for label in strategies if label in ROBUST]
+    order = [(label, honest(label)) for label in strategies if label == "fedavg"]
+    for i, m in enumerate(sorted(malicious)):
+        order += [(label, attacked(label, a, m)) for a in attacks for label in strategies]
+        if i == 0:
+            order += [(label, honest(label)) for label in robust]
+    order += [(label, honest(label)) for label in strategies]
     runs: dict[str, tuple[str, ClusterRun]] = {}
-    round_config = ROUND_CONFIG
-    honest = {
-        label: ClusterRun(STRATEGIES[label](0), HONEST, 0, CLIENTS, rounds, seed, round_config)
-        for label in strategies
-    }
-    if "fedavg" in honest:
-        runs[key("fedavg", honest["fedavg"])] = ("fedavg", honest["fedavg"])
-    for m in malicious:
-        for attack in attacks:
-            for label in strategies:
-                run = ClusterRun(
-                    STRATEGIES[label](m), attack, m, CLIENTS, rounds, seed, round_config
-                )
-                runs[key(label, run)] = (label, run)
-    for label, run in honest.items():
-        runs[key(label, run)] = (label, run)
+    for label, run in order:
+        runs.setdefault(key(label, run), (label, run))
     return runs
 
 
