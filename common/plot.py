@@ -70,9 +70,12 @@ def panels(history: Sequence[dict[str, Any]]) -> list[Panel]:
             if prefix + name in keys
         ]
         found.append(Panel(name, name, series))
-    moved = [(way, f"bytes_{way}", 1 / MIB) for way in ("down", "up") if f"bytes_{way}" in keys]
-    if moved:
-        found.append(Panel("bytes per round", "MiB", moved, from_zero=True))
+    ways = [way for way in ("down", "up") if f"bytes_{way}" in keys]
+    if ways:
+        largest = max(r.get(f"bytes_{way}") or 0 for r in history for way in ways)
+        unit, size = ("MiB", MIB) if largest >= MIB else ("KiB", 1024)
+        moved = [(way, f"bytes_{way}", 1 / size) for way in ways]
+        found.append(Panel("bytes per round", unit, moved, from_zero=True))
     if "duration_s" in keys:
         found.append(Panel("round time", "seconds", [("duration", "duration_s", 1.0)], True))
     return found

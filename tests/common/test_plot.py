@@ -47,7 +47,8 @@ def test_the_figure_has_a_panel_per_metric_and_for_bytes_and_time() -> None:
     assert list(lines["eval"].get_xdata()) == [0, 1, 2, 3]  # round 0 included
     assert list(lines["train"].get_xdata()) == [1, 2, 3]
     moved = {line.get_label(): list(line.get_ydata()) for line in figure.axes[2].get_lines()}
-    assert moved == {"down": [24.0] * 3, "up": [24.0] * 3}  # in MiB
+    assert moved == {"down": [24.0] * 3, "up": [24.0] * 3}
+    assert figure.axes[2].get_ylabel() == "MiB"  # KiB for a model under a MiB
     assert list(figure.axes[3].get_lines()[0].get_ydata()) == [2.0, 3.0, 4.0]
     for ax in figure.axes:
         assert ax.get_lines() and all(len(line.get_xdata()) for line in ax.get_lines())
