@@ -11,6 +11,8 @@ import re
 import sys
 import threading
 
+from fedstream.client import loop
+from fedstream.common.progress import ProgressView
 from fedstream.common.progress_file import read_snapshot
 from fedstream.server.run_store import RunStore
 
@@ -42,6 +44,8 @@ def test_on_a_terminal_the_coordinator_redraws_its_line_in_place(
     coordinator, tmp_path, monkeypatch
 ):
     monkeypatch.setattr(RunStore, "plot", lambda self, force=True: None)
+    # The client runs in this process too: its bars would draw on the same terminal.
+    monkeypatch.setattr(loop, "progress_view", lambda logger, file=None: ProgressView([]))
     master, slave = pty.openpty()
     shown = bytearray()
     reader = threading.Thread(target=drain, args=(master, shown), daemon=True)
