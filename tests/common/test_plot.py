@@ -7,6 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib.lines import Line2D
+
 from fedstream.common.plot import grid, main, metrics_figure
 from fedstream.server.run_store import RunIdentity, RunStore
 
@@ -35,6 +38,14 @@ def history(rounds: range, *, accuracy: bool = True) -> list[dict[str, Any]]:
     return records
 
 
+def xs(line: Line2D) -> list[float]:
+    return list(np.asarray(line.get_xdata()).tolist())
+
+
+def ys(line: Line2D) -> list[float]:
+    return list(np.asarray(line.get_ydata()).tolist())
+
+
 def test_the_figure_has_a_panel_per_metric_and_for_bytes_and_time() -> None:
     figure = metrics_figure(history(range(0, 4)), "run 0123abcd · task digits")
 
@@ -44,14 +55,14 @@ def test_the_figure_has_a_panel_per_metric_and_for_bytes_and_time() -> None:
     loss = figure.axes[1]
     lines = {line.get_label(): line for line in loss.get_lines()}
     assert set(lines) == {"train", "eval", "fed_eval"}
-    assert list(lines["eval"].get_xdata()) == [0, 1, 2, 3]  # round 0 included
-    assert list(lines["train"].get_xdata()) == [1, 2, 3]
-    moved = {line.get_label(): list(line.get_ydata()) for line in figure.axes[2].get_lines()}
+    assert xs(lines["eval"]) == [0, 1, 2, 3]  # round 0 included
+    assert xs(lines["train"]) == [1, 2, 3]
+    moved = {line.get_label(): ys(line) for line in figure.axes[2].get_lines()}
     assert moved == {"down": [24.0] * 3, "up": [24.0] * 3}
     assert figure.axes[2].get_ylabel() == "MiB"  # KiB for a model under a MiB
-    assert list(figure.axes[3].get_lines()[0].get_ydata()) == [2.0, 3.0, 4.0]
+    assert ys(figure.axes[3].get_lines()[0]) == [2.0, 3.0, 4.0]
     for ax in figure.axes:
-        assert ax.get_lines() and all(len(line.get_xdata()) for line in ax.get_lines())
+        assert ax.get_lines() and all(xs(line) for line in ax.get_lines())
 
 
 def test_no_grid_cell_is_left_empty() -> None:
@@ -67,10 +78,11 @@ def test_no_grid_cell_is_left_empty() -> None:
     # Three panels without round 0 (loss, bytes, round time): one full row, from round 1.
     figure = metrics_figure(history(range(1, 3), accuracy=False), "t")
     assert len(figure.axes) == 3
-    assert figure.axes[0].get_lines()[0].get_xdata()[0] == 1
+    assert xs(figure.axes[0].get_lines()[0])[0] == 1
     # Four panels: the fourth spans the whole second row.
     figure = metrics_figure(history(range(0, 3)), "t")
     spec = figure.axes[3].get_subplotspec()
+    assert spec is not None
     assert spec.colspan.start == 0 and spec.colspan.stop == spec.get_gridspec().ncols
 
 
