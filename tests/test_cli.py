@@ -62,6 +62,7 @@ OPTIONS: dict[str, set[str]] = {
         "--krum-byzantine",
         "--krum-select",
         "--geomedian-iterations",
+        "--robust-optimizer",
         "--safeguards",
         "--no-safeguards",
         "--outlier-factor",
