@@ -76,6 +76,7 @@ OPTIONS: dict[str, set[str]] = {
         "--insecure",
         "--no-insecure",
         "--max-clients",
+        "--status-address",
     },
     "client": {
         "--config",
@@ -117,6 +118,7 @@ OPTIONS: dict[str, set[str]] = {
         "--keep-existing",
         "--no-keep-existing",
     },
+    "status": {"--watch", "--no-watch", "--interval", "--ca", "--cert", "--key"},
     "token": set(),
 }
 
@@ -171,7 +173,16 @@ def test_every_config_field_is_documented(command: str) -> None:
     assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
 
 
-SERVER_GROUPS = ["server", "transport", "security", "rounds", "uplink", "strategy", "evaluation"]
+SERVER_GROUPS = [
+    "server",
+    "transport",
+    "security",
+    "rounds",
+    "uplink",
+    "strategy",
+    "evaluation",
+    "status",
+]
 """`fedstream server --help`'s headings: the run's own flags, then one per component."""
 
 
