@@ -2,6 +2,9 @@
 
     python -m bench                                  the default grid
     python -m bench --params 100e6 --clients 4       one point
+    python -m bench --params 100e6 --clients 4 --poll-status both
+                                                     the point without, then with, its
+                                                     status page read every second
 
 For each point it prints, and writes to JSON (--out), seconds per round (median after
 the first), bytes on the wire per round, effective throughput, and the peak resident
@@ -89,8 +92,9 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
         if "skipped" in r:
             print(f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3}  skipped: {r['skipped']}")
             continue
+        polled = "*" if r.get("status_polls") else " "
         print(
-            f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3} {r['seconds_per_round']:>8.2f} "
+            f"{r['params'] / 1e6:>7.0f}M{polled}{r['clients']:>3} {r['seconds_per_round']:>8.2f} "
             f"{_gb(r['wire_bytes_per_round']):>8} {_gb(r['throughput_Bps']):>6} "
             f"{r['throughput_Bps'] / grpc_bps:>6.2f} {r['throughput_Bps'] / tcp_bps:>6.2f} "
             f"{r['coordinator_peak_rss_bytes'] / 2**20:>9.0f} "
@@ -100,7 +104,7 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
     print(
         "bare rnd: GB/s of the same round through bare grpcio with no other work; design:"
         " with the work DESIGN.md requires done by hand (bench/floors.py); /design:"
-        " fedstream's GB/s over it"
+        " fedstream's GB/s over it; *: the status page polled every second"
     )
 
 
@@ -124,6 +128,13 @@ def main() -> int:
     parser.add_argument("--chunk-mib", type=int, default=1, help="chunk size in MiB")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
+    parser.add_argument(
+        "--poll-status",
+        choices=("off", "on", "both"),
+        default="off",
+        help="read each point's status page (/status.json, /metrics) every second; "
+        "both: run each point without, then with",
+    )
     args = parser.parse_args()
     chunk = args.chunk_mib * MIB
     cpus = psutil.cpu_count() or 1
@@ -138,19 +149,22 @@ def main() -> int:
                 results.append({"params": params, "clients": clients, "skipped": reason})
                 print(f"P={params:,} N={clients}: skipped ({reason})", flush=True)
                 continue
-            print(f"P={params:,} N={clients}: {args.rounds} rounds ...", flush=True)
-            spec = PointSpec(params, clients, args.rounds, chunk)
-            result = run_point(spec, args.work_dir).as_dict()
-            result["vs_grpc"] = result["throughput_Bps"] / baselines["grpc_Bps"]
-            result["vs_tcp"] = result["throughput_Bps"] / baselines["tcp_Bps"]
-            if params <= FLOOR_MAX_PARAMS:
-                model_bytes = result["model_bytes"]
-                for work in ("bare", "design"):
-                    result[f"floor_{work}_Bps"] = round_throughput(
-                        work, model_bytes, clients, args.rounds, chunk
-                    )
-            results.append(result)
-            print(json.dumps(result), flush=True)
+            polls = {"off": [False], "on": [True], "both": [False, True]}[args.poll_status]
+            for poll in polls:
+                watched = " with its status page polled" if poll else ""
+                print(f"P={params:,} N={clients}: {args.rounds} rounds{watched} ...", flush=True)
+                spec = PointSpec(params, clients, args.rounds, chunk, poll_status=poll)
+                result = run_point(spec, args.work_dir).as_dict()
+                result["vs_grpc"] = result["throughput_Bps"] / baselines["grpc_Bps"]
+                result["vs_tcp"] = result["throughput_Bps"] / baselines["tcp_Bps"]
+                if params <= FLOOR_MAX_PARAMS and not poll:
+                    model_bytes = result["model_bytes"]
+                    for work in ("bare", "design"):
+                        result[f"floor_{work}_Bps"] = round_throughput(
+                            work, model_bytes, clients, args.rounds, chunk
+                        )
+                results.append(result)
+                print(json.dumps(result), flush=True)
     print()
     print_table(baselines, results)
     report = {
