@@ -62,6 +62,15 @@ OPTIONS: dict[str, set[str]] = {
         "--krum-byzantine",
         "--krum-select",
         "--geomedian-iterations",
+        "--safeguards",
+        "--no-safeguards",
+        "--outlier-factor",
+        "--max-update-norm",
+        "--max-examples",
+        "--claim-cap-factor",
+        "--dp-clip",
+        "--dp-noise-multiplier",
+        "--dp-delta",
         "--proximal-mu",
         "--eval-every",
         "--eval-timeout",
@@ -180,6 +189,8 @@ SERVER_GROUPS = [
     "rounds",
     "uplink",
     "strategy",
+    "safeguards",
+    "privacy",
     "evaluation",
     "status",
 ]
@@ -200,7 +211,7 @@ def test_server_help_groups_the_flags_by_component() -> None:
     assert groups["options"] == {"-h", "--help", "--config"}
     for component, fields in components(ServerConfig):
         flags = {"--" + f.name.replace("_", "-") for f in fields}
-        for flag in ("--uplink-zstd", "--insecure"):
+        for flag in ("--uplink-zstd", "--insecure", "--safeguards"):
             if flag in flags:
                 flags.add("--no-" + flag[2:])
         assert groups[component_title(component)] == flags, component.__name__
