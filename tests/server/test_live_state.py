@@ -1,5 +1,5 @@
 """The live state over real gRPC: client states, bytes this round and refused uploads by
-reason, as a coordinator's own status port serves them."""
+reason, as a coordinator's own status port serves them, behind its TLS settings."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import grpc
 import jsonschema
 import pytest
 
+from fedstream.certs import CertsConfig, make_certs
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.tls import client_ssl_context
 from fedstream.server.live_state import Rate, snake_case
 
 from .conftest import RunningCoordinator
@@ -77,3 +79,23 @@ def test_a_rate_is_read_over_a_second_at_least() -> None:
 def test_reasons_are_snake_case() -> None:
     assert snake_case("TransferStalled") == "transfer_stalled"
     assert snake_case("WireError") == "wire_error"
+
+
+def test_the_status_port_keeps_the_coordinators_mutual_tls(
+    coordinator: Callable[..., RunningCoordinator], tmp_path: Path
+) -> None:
+    pki = tmp_path / "certs"
+    make_certs(CertsConfig(out=pki, server_name="localhost,127.0.0.1", clients="site-a"))
+    running = coordinator(
+        tls_cert=pki / "server.pem", tls_key=pki / "server.key", client_ca=pki / "ca.pem"
+    )
+    url = json.loads((running.config.run_dir / "coordinator.json").read_text())["status_url"]
+    assert url.startswith("https://127.0.0.1:")
+    signed = client_ssl_context(pki / "ca.pem", pki / "site-a.pem", pki / "site-a.key")
+    with urllib.request.urlopen(url + "status.json", timeout=10, context=signed) as reply:
+        jsonschema.validate(json.loads(reply.read()), SCHEMA)
+    anonymous = client_ssl_context(pki / "ca.pem", None, None)
+    with pytest.raises(OSError):  # the handshake wants a client certificate
+        urllib.request.urlopen(url + "metrics", timeout=10, context=anonymous).read()
+    with pytest.raises(OSError):  # and nothing is served in plaintext
+        urllib.request.urlopen(url.replace("https", "http") + "metrics", timeout=10).read()
