@@ -166,6 +166,13 @@ def markdown(
         "the number of attackers, see bench/robust.py):\n",
         *[f"- {label}: `{flag}`" for label, flag in flags.items()],
         "",
+        "Every column but fedavg-no-safeguards has the coordinator's safe defaults on: an "
+        "update over 10 x the round's median L2 norm is left out before the strategy sees it, "
+        "a claim over 3 x the round's median claim weighs 3 x the median, and a non-finite "
+        "aggregate is never committed. The robust columns therefore measure each strategy "
+        "behind those defaults; where the outlier rule leaves 4 updates of 5, Krum (which "
+        "needs 2f + 3) takes their coordinate-wise median instead (logged by the "
+        "coordinator).\n",
         f"Measured on commit {', '.join(commits)}; {len(results)} runs, "
         f"{seconds / 60:.0f} min in this invocation.\n",
     ]
