@@ -380,6 +380,24 @@ class EvaluationConfig:
 
 
 @dataclass
+class StatusConfig:
+    """The status page, /status.json and Prometheus /metrics: an HTTP port of their own,
+    behind the same TLS settings as the coordinator."""
+
+    status_address: str = "127.0.0.1:0"
+    """HOST:PORT of the status page (port 0 picks a free one, written to
+    RUN_DIR/coordinator.json and the log; empty: no status page); an address other than
+    loopback needs TLS or --insecure, as --address does."""
+
+    def validate(self) -> None:
+        if not self.status_address:
+            return
+        host, sep, port = self.status_address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"status_address: expected HOST:PORT, got {self.status_address!r}")
+
+
+@dataclass
 class ServerConfig(
     TransportConfig,
     SecurityConfig,
@@ -389,6 +407,7 @@ class ServerConfig(
     SafeguardsConfig,
     PrivacyConfig,
     EvaluationConfig,
+    StatusConfig,
 ):
     """The run: its directory, task and seed, and how the coordinator process runs."""
 
@@ -431,6 +450,13 @@ class ServerConfig(
                 f"not {self.strategy}"
             )
         EvaluationConfig.validate(self)
+        StatusConfig.validate(self)
+        status = self.status_address
+        if status and not self.tls and not self.insecure and not is_loopback(status):
+            raise ConfigError(
+                f"status_address {status} is not loopback: give --tls-cert and --tls-key, "
+                "or --insecure to serve the status page in plaintext on the network"
+            )
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.threads < 0:
