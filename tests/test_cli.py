@@ -62,6 +62,7 @@ OPTIONS: dict[str, set[str]] = {
         "--krum-byzantine",
         "--krum-select",
         "--geomedian-iterations",
+        "--robust-optimizer",
         "--safeguards",
         "--no-safeguards",
         "--outlier-factor",
@@ -86,6 +87,7 @@ OPTIONS: dict[str, set[str]] = {
         "--no-insecure",
         "--max-clients",
         "--progress-file",
+        "--status-address",
     },
     "client": {
         "--config",
@@ -128,6 +130,7 @@ OPTIONS: dict[str, set[str]] = {
         "--keep-existing",
         "--no-keep-existing",
     },
+    "status": {"--watch", "--no-watch", "--interval", "--ca", "--cert", "--key"},
     "token": set(),
 }
 
@@ -192,6 +195,7 @@ SERVER_GROUPS = [
     "safeguards",
     "privacy",
     "evaluation",
+    "status",
 ]
 """`fedstream server --help`'s headings: the run's own flags, then one per component."""
 
