@@ -22,6 +22,7 @@ from fedstream.server.coordinator import Coordinator
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.servicer import CoordinatorServicer
 from fedstream.server.strategies import build_strategy
+from fedstream.server.strategies.private import with_privacy
 from fedstream.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class CoordinatorDaemon:
     def __init__(self, config: ServerConfig, task: Task | None = None) -> None:
         self.config = config
         task = task or load_task(config.task, config.task_opt, config.seed)
-        strategy = build_strategy(config)
+        strategy = with_privacy(build_strategy(config), config, config.fraction)
         identity = RunIdentity(config.task, dict(config.task_opt), config.seed, config.strategy)
         store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
         self.coordinator = Coordinator(config, task, strategy, store)
