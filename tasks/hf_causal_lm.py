@@ -49,7 +49,13 @@ from fedstream.tasks.training import (
 
 try:
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+    from transformers import (
+        AutoModelForCausalLM,
+        GPT2Config,
+        LlamaConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+    )
 except ImportError as exc:
     raise ImportError(
         f"hf-causal-lm needs transformers and peft: pip install 'fedstream[hf]' ({exc})"
@@ -90,7 +96,7 @@ class HFCausalLMTask(Task):
             self.block_size = self.int_option("block_size", 64)
             self.lora = bool(self.int_option("lora", 0))
             self.lora_rank = self.int_option("lora_rank", 4)
-            self.lora_alpha = self.float_option("lora_alpha", 2.0 * self.lora_rank)
+            self.lora_alpha = self.int_option("lora_alpha", 2 * self.lora_rank)
             self.lora_dropout = self.float_option("lora_dropout", 0.0)
             self.config = None if self.model_dir else self._config()
         except ValueError as exc:
@@ -139,7 +145,7 @@ class HFCausalLMTask(Task):
             )
         raise ValueError(f"arch must be gpt2 or llama, got {self.arch!r}")
 
-    def _base_model(self) -> nn.Module:
+    def _base_model(self) -> PreTrainedModel:
         """The model without adapters: from `model_dir`, or from the config under the seed."""
         if self.model_dir:
             try:
@@ -282,10 +288,10 @@ class HFCausalLMTask(Task):
             base = Path(self.model_dir).resolve()
         else:
             base = (directory / BASE_DIR).resolve()
-            self._base_model().save_pretrained(base)  # type: ignore[operator]
+            self._base_model().save_pretrained(base)
         for adapter in model.peft_config.values():
             adapter.base_model_name_or_path = str(base)
-        model.save_pretrained(directory)
+        model.save_pretrained(str(directory))
 
 
 def _names(option: str | None) -> list[str] | None:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from fedstream.common.checkpoint import load_checkpoint
-from fedstream.tasks import Task, load_task
+from fedstream.tasks import load_task
 
 from .conftest import ClientThread, client_config
 
@@ -29,13 +29,16 @@ pytest.importorskip("peft")
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from fedstream.tasks.hf_causal_lm import HFCausalLMTask  # noqa: E402
+
 ROUND = {"local_steps": "5", "batch_size": "8"}
 """Short rounds: the default model sizes (a few hundred thousand parameters) learn the
 byte statistics of the text within them."""
 
 
-def hf_task(options: dict[str, str], partition: int | None = None) -> Task:
+def hf_task(options: dict[str, str], partition: int | None = None) -> HFCausalLMTask:
     task = load_task("hf-causal-lm", options)
+    assert isinstance(task, HFCausalLMTask)
     if partition is not None:
         task.load_data(partition, 8)
     return task
@@ -53,7 +56,7 @@ def federate(coordinator, run_dir: Path, options: dict[str, str]) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def from_checkpoint(task: Task, run_dir: Path) -> torch.nn.Module:
+def from_checkpoint(task: HFCausalLMTask, run_dir: Path) -> torch.nn.Module:
     """The task's model with the run's last checkpoint loaded (the exchanged tensors)."""
     model = task.build_model()
     saved, _ = load_checkpoint(run_dir / "checkpoints" / "round_00003.safetensors")
@@ -64,10 +67,8 @@ def from_checkpoint(task: Task, run_dir: Path) -> torch.nn.Module:
     return model
 
 
-def loss(task: Task, model: torch.nn.Module) -> float:
-    result = task.evaluate(model)
-    assert result is not None
-    return result.metrics["loss"]
+def loss(task: HFCausalLMTask, model: torch.nn.Module) -> float:
+    return task.evaluate(model).metrics["loss"]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -15,8 +15,20 @@ from fedstream.tasks import TaskError, exchanged_names, load_task
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from fedstream.tasks.hf_causal_lm import HFCausalLMTask  # noqa: E402
+
 TINY = {"n_layer": "1", "n_embd": "32", "n_head": "2", "block_size": "16"}
 ROUND = {"local_steps": 2, "batch_size": 4}
+
+
+def hf(options: dict[str, str], seed: int = 0) -> HFCausalLMTask:
+    task = load_task("hf-causal-lm", options, seed)
+    assert isinstance(task, HFCausalLMTask)
+    return task
+
+
+def loss(task: HFCausalLMTask, model: torch.nn.Module) -> float:
+    return task.evaluate(model).metrics["loss"]
 
 
 def layout(options: dict[str, str]) -> Manifest:
@@ -45,14 +57,14 @@ def test_the_same_seed_builds_the_same_model_on_every_process() -> None:
 
 
 def test_a_model_directory_is_the_base_and_an_adapter_export_names_it(tmp_path: Path) -> None:
-    task = load_task("hf-causal-lm", {**TINY, "arch": "llama"}, seed=1)
+    task = hf({**TINY, "arch": "llama"}, seed=1)
     model = task.build_model()
     task.save_pretrained(model, tmp_path / "pretrained", merge_adapters=False)
     options = {"model_dir": str(tmp_path / "pretrained"), "block_size": "16"}
-    loaded = load_task("hf-causal-lm", options)
-    assert loaded.evaluate(loaded.build_model()).metrics == task.evaluate(model).metrics
+    loaded = hf(options)
+    assert loss(loaded, loaded.build_model()) == loss(task, model)
 
-    adapted = load_task("hf-causal-lm", {**options, "lora": "1", "lora_targets": "q_proj"})
+    adapted = hf({**options, "lora": "1", "lora_targets": "q_proj"})
     peft_model = adapted.build_model()
     assert {n.split(".")[-4] for n in exchanged_names(adapted, peft_model)} == {"q_proj"}
     adapted.save_pretrained(peft_model, tmp_path / "adapter", merge_adapters=False)
@@ -64,13 +76,13 @@ def test_a_model_directory_is_the_base_and_an_adapter_export_names_it(tmp_path: 
 def test_a_sites_own_text_file_trains_and_holds_out_its_tail(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    task = load_task("hf-causal-lm", {**TINY, "text": str(text)})
+    task = hf({**TINY, "text": str(text)})
     task.load_data(5, 7)  # the partition does not choose anything of a site's own file
     model = task.build_model()
-    before = task.evaluate(model).metrics["loss"]
+    before = loss(task, model)
     for round_ in range(3):
         task.train(model, {**ROUND, "round": round_, "lr": 1e-2})
-    assert task.evaluate(model).metrics["loss"] < before
+    assert loss(task, model) < before
 
 
 @pytest.mark.parametrize(
