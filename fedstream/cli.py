@@ -1,5 +1,5 @@
-"""The `fedstream` command: `server`, `client`, `demo`, and `certs` and `token` that make
-credentials.
+"""The `fedstream` command: `server`, `client`, `demo`, `status` that shows a running
+coordinator, and `certs` and `token` that make credentials.
 
 Every flag can also come from a TOML file (`--config FILE`, one table per command) and
 from `FEDSTREAM_<COMMAND>_<FLAG>` environment variables; a flag beats the environment,
@@ -21,13 +21,15 @@ from fedstream.common.errors import FedstreamError
 from fedstream.common.logs import setup_logging
 from fedstream.demo import DemoConfig
 from fedstream.server.config import ServerConfig
+from fedstream.status import StatusConfig
 
-Config = ServerConfig | ClientConfig | DemoConfig | CertsConfig | TokenConfig
+Config = ServerConfig | ClientConfig | DemoConfig | StatusConfig | CertsConfig | TokenConfig
 
 COMMANDS: dict[str, tuple[type[Config], str]] = {
     "server": (ServerConfig, "run the coordinator daemon"),
     "client": (ClientConfig, "run a client process against a coordinator"),
     "demo": (DemoConfig, "run a local cluster: one server and N clients as processes"),
+    "status": (StatusConfig, "show a running coordinator's clients and rounds (--watch)"),
     "certs": (CertsConfig, "make a development CA, a server and client certificates"),
     "token": (
         TokenConfig,
@@ -35,8 +37,9 @@ COMMANDS: dict[str, tuple[type[Config], str]] = {
     ),
 }
 
-POSITIONAL = {"token": "name"}
-"""Commands whose one field is a positional argument (`fedstream token NAME`)."""
+POSITIONAL = {"token": "name", "status": "target"}
+"""Commands whose first field is a positional argument (`fedstream token NAME`); they
+take no --config file."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in POSITIONAL:
             field = POSITIONAL[name]
             docs = field_docs(cast(type, cls))  # the class, not its (unhashable) instances
-            sub.add_argument(field, metavar=field.upper(), help=docs[field])
+            metavar = "ADDRESS|RUN_DIR" if name == "status" else field.upper()
+            sub.add_argument(field, metavar=metavar, help=docs[field])
+            add_arguments(sub, cls, exclude={field})
             continue
         sub.add_argument(
             "--config", type=Path, metavar="FILE", help=f"TOML file with a [{name}] table"
@@ -86,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedstream.certs import certs_main
 
             return certs_main(config)
+        if isinstance(config, StatusConfig):
+            from fedstream.status import status_main
+
+            return status_main(config)
         if isinstance(config, TokenConfig):
             from fedstream.certs import token_main
 

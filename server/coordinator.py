@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fedstream.common.memory import peak_rss_bytes
 from fedstream.server.calls import (
@@ -97,6 +97,8 @@ class Coordinator:
         self.base_round_config = {**config.published(), **self.intake.uplink.round_config()}
         self.changes = Changes(self.clock)
         self.safeguards = Safeguards(config)
+        self.observers: list[Callable[[Phase], None]] = []
+        """Called with each phase the coordinator enters (the live state listens)."""
 
     @property
     def round(self) -> OpenRound | None:
@@ -284,6 +286,8 @@ class Coordinator:
 
     def _enter(self, phase: Phase) -> None:
         self.phase = phase
+        for observer in self.observers:
+            observer(phase)
         self.changes.notify()
 
     def _work_for(self, client: ClientRecord) -> Work:

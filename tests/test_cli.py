@@ -62,6 +62,7 @@ OPTIONS: dict[str, set[str]] = {
         "--krum-byzantine",
         "--krum-select",
         "--geomedian-iterations",
+        "--robust-optimizer",
         "--safeguards",
         "--no-safeguards",
         "--outlier-factor",
@@ -85,6 +86,7 @@ OPTIONS: dict[str, set[str]] = {
         "--insecure",
         "--no-insecure",
         "--max-clients",
+        "--status-address",
     },
     "client": {
         "--config",
@@ -126,6 +128,7 @@ OPTIONS: dict[str, set[str]] = {
         "--keep-existing",
         "--no-keep-existing",
     },
+    "status": {"--watch", "--no-watch", "--interval", "--ca", "--cert", "--key"},
     "token": set(),
 }
 
@@ -190,6 +193,7 @@ SERVER_GROUPS = [
     "safeguards",
     "privacy",
     "evaluation",
+    "status",
 ]
 """`fedstream server --help`'s headings: the run's own flags, then one per component."""
 
