@@ -107,6 +107,7 @@ class CharLMTask(Task):
 
     def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
         batches = self._batches(config)
+        total = config_int(config, "local_steps", 30)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config_float(config, "lr", 3e-3))
         proximal = ProximalTerm(model, config_float(config, "proximal_mu", 0.0))
         model.train()
@@ -123,6 +124,7 @@ class CharLMTask(Task):
             loss_sum += loss.detach()
             steps += 1
             examples += y.numel()
+            self.report_progress(steps, total)
         return TrainResult(num_examples=examples, metrics={"loss": loss_sum.item() / steps})
 
     def evaluate(self, model: nn.Module) -> EvalResult:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +52,9 @@ class EvalResult:
 
 class Task(ABC):
     """A model and the data to train it on; subclass this to plug in your own."""
+
+    progress_hook: Callable[[int, int], None] | None = None
+    """Where `report_progress` goes: set by the client process to its progress display."""
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         self.options: dict[str, str] = dict(options or {})
@@ -94,6 +97,13 @@ class Task(ABC):
         """Evaluate on this client's own held-out data (federated evaluation), or None when
         the client keeps none."""
         return None
+
+    def report_progress(self, done: int, total: int) -> None:
+        """Step `done` of `total` of the training in progress, for the person watching.
+
+        Optional: a task that never calls it is shown as training, without a bar."""
+        if self.progress_hook is not None:
+            self.progress_hook(done, total)
 
     def option(self, key: str, default: str) -> str:
         return self.options.get(key, default)

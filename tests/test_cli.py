@@ -86,6 +86,7 @@ OPTIONS: dict[str, set[str]] = {
         "--insecure",
         "--no-insecure",
         "--max-clients",
+        "--progress-file",
         "--status-address",
     },
     "client": {
@@ -108,6 +109,7 @@ OPTIONS: dict[str, set[str]] = {
         "--key",
         "--token",
         "--log-level",
+        "--progress-file",
     },
     "demo": {
         "--config",
