@@ -240,6 +240,7 @@ class HFCausalLMTask(Task):
         lr = config_float(config, "lr", 1e-2 if self.lora else 3e-3)
         optimizer = torch.optim.AdamW(trainable, lr=lr)
         proximal = ProximalTerm(model, config_float(config, "proximal_mu", 0.0))
+        total = config_int(config, "local_steps", 30)
         model.train()
         loss_sum = torch.zeros((), device=self.device)
         steps = examples = 0
@@ -252,6 +253,7 @@ class HFCausalLMTask(Task):
             loss_sum += loss.detach()
             steps += 1
             examples += y.numel()
+            self.report_progress(steps, total)
         return TrainResult(num_examples=examples, metrics={"loss": loss_sum.item() / steps})
 
     def evaluate(self, model: nn.Module) -> EvalResult:
