@@ -71,10 +71,8 @@ class FederatedClient:
         self.config = config
         self.task = task
         self.model = task.build_model().to(task.device)
-        state = self.model.state_dict()
-        self.layout = Manifest.from_tensors(
-            {name: state[name] for name in exchanged_names(task, self.model)}
-        )
+        self.layout = Manifest.of_model(self.model.state_dict(), exchanged_names(task, self.model))
+        """What this client exchanges: tied tensors follow their source as they share it."""
         self.uplink = UplinkEncoder()
         self.progress = progress_view(log, config.progress_file)
         self.connection = Connection(

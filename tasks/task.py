@@ -29,6 +29,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "digits": "fedstream.tasks.digits:DigitsTask",
     "charlm": "fedstream.tasks.charlm:CharLMTask",
     "charlm-lora": "fedstream.tasks.charlm_lora:CharLMLoRATask",
+    "hf-causal-lm": "fedstream.tasks.hf_causal_lm:HFCausalLMTask",
     "synthetic": "fedstream.tasks.synthetic:SyntheticTask",
 }
 
