@@ -35,12 +35,13 @@ from fedstream.server.updates import VerifiedUpdate
 
 def coordinate_median(rows: torch.Tensor) -> torch.Tensor:
     """The median of each column of `rows` (N x L); for even N the mean of the two
-    middle values."""
-    ordered = rows.sort(dim=0).values
+    middle values. Selected with `kthvalue`, which allocates a row of values and indices,
+    where sorting would allocate N rows of values and N of int64 indices (3N blocks)."""
     n = rows.shape[0]
+    upper = rows.kthvalue(n // 2 + 1, dim=0).values
     if n % 2:
-        return ordered[n // 2]
-    return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        return upper
+    return upper.add_(rows.kthvalue(n // 2, dim=0).values).div_(2)
 
 
 def median_step(
