@@ -65,7 +65,8 @@ class CoordinatorDaemon:
         self.config = config
         task = task or load_task(config.task, config.task_opt, config.seed)
         strategy = build_strategy(config)
-        identity = RunIdentity(config.task, dict(config.task_opt), config.seed, config.strategy)
+        shaping = {k: v for k, v in config.task_opt.items() if k not in task.site_options}
+        identity = RunIdentity(config.task, shaping, config.seed, config.strategy)
         store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
         self.coordinator = Coordinator(config, task, strategy, store)
         self.coordinator.restore()

@@ -180,5 +180,9 @@ def resolve_task_class(name: str) -> type[Task]:
 
 
 def load_task(name: str, options: Mapping[str, str] | None = None, seed: int = 0) -> Task:
-    """Construct the named task with its options."""
-    return resolve_task_class(name)(options, seed)
+    """Construct the named task with its options; TaskError for a file it cannot read."""
+    cls = resolve_task_class(name)
+    try:
+        return cls(options, seed)
+    except OSError as exc:
+        raise TaskError(f"task {name}: {exc}") from None
