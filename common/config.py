@@ -154,13 +154,17 @@ def _convert(cls: type, name: str, raw: Any, source: str) -> Any:
         raise ConfigError(f"{what}: {raw!r} is not a valid {tp.__name__}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of `cls`, each defaulting to 'not given' so precedence works.
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of `cls` (but those named in `skip`), each defaulting to 'not
+    given' so precedence works.
 
     A `cls` composed of several dataclasses gets one argument group per component, titled
     by it and described by its docstring; a plain one adds its flags to `parser` itself.
     """
-    parts = components(cls)
+    parts = [
+        (component, [f for f in fields if f.name not in skip])
+        for component, fields in components(cls)
+    ]
     if len(parts) == 1:
         _add_fields(parser, cls, parts[0][1])
         return

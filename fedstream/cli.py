@@ -1,5 +1,6 @@
-"""The `fedstream` command: `server`, `client`, `demo`, and `certs` and `token` that make
-credentials.
+"""The `fedstream` command: `server`, `client`, `demo`, `certs` and `token` that make
+credentials, `export` that writes a run's model as a plain state dict, and `new` that
+scaffolds a project for a user's own task.
 
 Every flag can also come from a TOML file (`--config FILE`, one table per command) and
 from `FEDSTREAM_<COMMAND>_<FLAG>` environment variables; a flag beats the environment,
@@ -9,6 +10,7 @@ which beats the file, which beats the default.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,9 +22,13 @@ from fedstream.common.config import ConfigError, add_arguments, field_docs, load
 from fedstream.common.errors import FedstreamError
 from fedstream.common.logs import setup_logging
 from fedstream.demo import DemoConfig
+from fedstream.export import ExportConfig
+from fedstream.scaffold import NewConfig
 from fedstream.server.config import ServerConfig
 
-Config = ServerConfig | ClientConfig | DemoConfig | CertsConfig | TokenConfig
+Config = (
+    ServerConfig | ClientConfig | DemoConfig | CertsConfig | TokenConfig | ExportConfig | NewConfig
+)
 
 COMMANDS: dict[str, tuple[type[Config], str]] = {
     "server": (ServerConfig, "run the coordinator daemon"),
@@ -33,10 +39,16 @@ COMMANDS: dict[str, tuple[type[Config], str]] = {
         TokenConfig,
         "make a client token: the token on stdout, the --tokens file line on stderr",
     ),
+    "export": (ExportConfig, "write a run's model as a plain state dict (or pretrained dir)"),
+    "new": (NewConfig, "scaffold a project: a package with your own Task, a test, sample data"),
 }
 
-POSITIONAL = {"token": "name"}
-"""Commands whose one field is a positional argument (`fedstream token NAME`)."""
+POSITIONAL: dict[str, tuple[str, ...]] = {
+    "token": ("name",),
+    "export": ("run_dir",),
+    "new": ("kind", "name"),
+}
+"""Fields given as positional arguments (`fedstream token NAME`, `fedstream new task NAME`)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,15 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
-        if name in POSITIONAL:
-            field = POSITIONAL[name]
-            docs = field_docs(cast(type, cls))  # the class, not its (unhashable) instances
+        positional = POSITIONAL.get(name, ())
+        docs = field_docs(cast(type, cls))  # the class, not its (unhashable) instances
+        for field in positional:
             sub.add_argument(field, metavar=field.upper(), help=docs[field])
+        if len(positional) == len(dataclasses.fields(cls)):
             continue
         sub.add_argument(
             "--config", type=Path, metavar="FILE", help=f"TOML file with a [{name}] table"
         )
-        add_arguments(sub, cls)
+        add_arguments(sub, cls, skip=positional)
     return parser
 
 
@@ -90,6 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedstream.certs import token_main
 
             return token_main(config)
+        if isinstance(config, ExportConfig):
+            from fedstream.export import main as export_main
+
+            return export_main(config)
+        if isinstance(config, NewConfig):
+            from fedstream.scaffold import main as new_main
+
+            return new_main(config)
         from fedstream.demo import main as demo_main
 
         return demo_main(config)

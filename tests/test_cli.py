@@ -40,6 +40,7 @@ OPTIONS: dict[str, set[str]] = {
         "--no-uplink-zstd",
         "--topk-fraction",
         "--seed",
+        "--init-weights",
         "--chunk-bytes",
         "--max-chunk-bytes",
         "--poll-timeout",
@@ -107,6 +108,9 @@ OPTIONS: dict[str, set[str]] = {
         "--round-config",
         "--run-dir",
         "--seed",
+        "--strategy",
+        "--uplink-codec",
+        "--server-opt",
         "--timeout",
     },
     "certs": {
@@ -118,6 +122,8 @@ OPTIONS: dict[str, set[str]] = {
         "--no-keep-existing",
     },
     "token": set(),
+    "export": {"--config", "--round", "--out", "--merge-adapters", "--no-merge-adapters"},
+    "new": {"--config", "--dir"},
 }
 
 HELP_SUFFIX = re.compile(r"\s*\((default: .*|repeatable)\)$")
