@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv demo test lint bench protos quality clean distclean
+.PHONY: help venv demo test lint bench protos quality robust clean distclean
 
 help:
 	@echo "make venv       create .venv and install fedstream with its dev tools"
@@ -25,6 +25,7 @@ help:
 	@echo "make bench      transfer benchmark grid against TCP/grpcio/memcpy (runs/bench)"
 	@echo "make protos     regenerate common/proto/v1 from protos/"
 	@echo "make quality    learning-quality report: strategies vs centralised (report/)"
+	@echo "make robust     attacks x strategies on digits, real processes (report/robust.md)"
 	@echo "make clean      remove caches and build outputs"
 	@echo "make distclean  clean, and remove .venv and runs/ too"
 
@@ -81,6 +82,12 @@ protos: $(STAMP)
 # Not part of `make test`: a few minutes of training, written to report/quality.{md,png}.
 quality: $(STAMP)
 	$(BIN)/python bench/quality.py --out report
+
+# Not part of `make test`: about 80 runs of 6 processes each (an hour or more on 2 cores);
+# runs finished earlier are reused from runs/robust/results.json. ROBUST_ARGS narrows it.
+ROBUST_ARGS ?=
+robust: $(STAMP)
+	$(BIN)/python -m bench.robust --out report $(ROBUST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -2,6 +2,8 @@
 
     python -m bench                                  the default grid
     python -m bench --params 100e6 --clients 4       one point
+    python -m bench --params 100e6 --clients 4 8 --strategy fedavg median krum
+                                                     robust aggregation at size
 
 For each point it prints, and writes to JSON (--out), seconds per round (median after
 the first), bytes on the wire per round, effective throughput, and the peak resident
@@ -30,6 +32,12 @@ from bench.baselines import measure
 from bench.floors import round_throughput
 from bench.point import MIB, PointSpec, run_point
 
+BLOCK_BYTES = 1 << 20
+"""The block of each update a robust strategy reads at a time (server/spool.py's
+BLOCK_BYTES; the bench does not import the server, see bench/point.py)."""
+HOLDING_STRATEGIES = ("median", "trimmed-mean", "krum", "geomedian")
+"""Strategies that read every update of the round in lockstep, a block of each at a time."""
+
 DEFAULT_PARAMS = (10_000_000, 100_000_000, 1_000_000_000)
 DEFAULT_CLIENTS = (2, 4, 8)
 HEADROOM_BYTES = 2 << 30
@@ -47,9 +55,11 @@ def estimated_peak_bytes(params: int, clients: int) -> int:
     return 2 * model + clients * model + (clients + 1) * 400 * MIB
 
 
-def coordinator_budget_bytes(model_bytes: int) -> int:
-    """The coordinator's memory target: the model, its aggregate, and 300 MB of runtime."""
-    return 2 * model_bytes + 300_000_000
+def coordinator_budget_bytes(model_bytes: int, clients: int, strategy: str) -> int:
+    """The coordinator's memory target: the model, its aggregate (or a robust strategy's
+    output), and 300 MB of runtime; a robust strategy also holds a block of every update."""
+    blocks = clients * BLOCK_BYTES if strategy in HOLDING_STRATEGIES else 0
+    return 2 * model_bytes + blocks + 300_000_000
 
 
 def fits(params: int, clients: int) -> str | None:
@@ -79,7 +89,7 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
     if uploads:
         print(f"bare grpcio, N uploads at once into one server (GB/s): {', '.join(uploads)}")
     header = (
-        f"{'params':>8} {'N':>3} {'s/round':>8} {'wire GB':>8} {'GB/s':>6} "
+        f"{'params':>8} {'N':>3} {'strategy':>12} {'s/round':>8} {'wire GB':>8} {'GB/s':>6} "
         f"{'/grpc':>6} {'/tcp':>6} {'coord MiB':>9} {'budget':>7} {'client MiB':>10} "
         f"{'bare rnd':>8} {'design':>7} {'/design':>7}"
     )
@@ -87,14 +97,18 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
     print("-" * len(header))
     for r in results:
         if "skipped" in r:
-            print(f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3}  skipped: {r['skipped']}")
+            print(
+                f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3} {r['strategy']:>12}  "
+                f"skipped: {r['skipped']}"
+            )
             continue
         print(
-            f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3} {r['seconds_per_round']:>8.2f} "
+            f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3} {r['strategy']:>12} "
+            f"{r['seconds_per_round']:>8.2f} "
             f"{_gb(r['wire_bytes_per_round']):>8} {_gb(r['throughput_Bps']):>6} "
             f"{r['throughput_Bps'] / grpc_bps:>6.2f} {r['throughput_Bps'] / tcp_bps:>6.2f} "
             f"{r['coordinator_peak_rss_bytes'] / 2**20:>9.0f} "
-            f"{coordinator_budget_bytes(r['model_bytes']) / 2**20:>7.0f} "
+            f"{r['coordinator_budget_bytes'] / 2**20:>7.0f} "
             f"{r['client_peak_rss_bytes'] / 2**20:>10.0f} {_floors(r)}"
         )
     print(
@@ -120,6 +134,19 @@ def main() -> int:
         "--params", type=float, nargs="+", default=DEFAULT_PARAMS, help="model sizes"
     )
     parser.add_argument("--clients", type=int, nargs="+", default=DEFAULT_CLIENTS)
+    parser.add_argument(
+        "--strategy",
+        nargs="+",
+        default=["fedavg"],
+        help="the coordinator's --strategy, each point once per strategy; krum runs with "
+        "the largest f its N allows, (N-3)/2, so that Krum itself runs, not its fallback",
+    )
+    parser.add_argument(
+        "--floors",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"measure the floors of bench.floors after points up to {FLOOR_MAX_PARAMS:,} params",
+    )
     parser.add_argument("--rounds", type=int, default=4, help="rounds per point (>= 2)")
     parser.add_argument("--chunk-mib", type=int, default=1, help="chunk size in MiB")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
@@ -131,26 +158,37 @@ def main() -> int:
     print(f"measuring baselines ({chunk // MIB} MiB messages) ...", flush=True)
     baselines = measure(chunk, args.clients)
     results: list[dict[str, Any]] = []
-    for params in (int(p) for p in args.params):
-        for clients in args.clients:
-            reason = fits(params, clients)
-            if reason is not None:
-                results.append({"params": params, "clients": clients, "skipped": reason})
-                print(f"P={params:,} N={clients}: skipped ({reason})", flush=True)
-                continue
-            print(f"P={params:,} N={clients}: {args.rounds} rounds ...", flush=True)
-            spec = PointSpec(params, clients, args.rounds, chunk)
-            result = run_point(spec, args.work_dir).as_dict()
-            result["vs_grpc"] = result["throughput_Bps"] / baselines["grpc_Bps"]
-            result["vs_tcp"] = result["throughput_Bps"] / baselines["tcp_Bps"]
-            if params <= FLOOR_MAX_PARAMS:
-                model_bytes = result["model_bytes"]
-                for work in ("bare", "design"):
-                    result[f"floor_{work}_Bps"] = round_throughput(
-                        work, model_bytes, clients, args.rounds, chunk
-                    )
-            results.append(result)
-            print(json.dumps(result), flush=True)
+    points = [
+        (int(p), n, strategy)
+        for p in args.params
+        for n in args.clients
+        for strategy in args.strategy
+    ]
+    for params, clients, strategy in points:
+        reason = fits(params, clients)
+        if reason is not None:
+            results.append(
+                {"params": params, "clients": clients, "strategy": strategy, "skipped": reason}
+            )
+            print(f"P={params:,} N={clients} {strategy}: skipped ({reason})", flush=True)
+            continue
+        print(f"P={params:,} N={clients} {strategy}: {args.rounds} rounds ...", flush=True)
+        spec = PointSpec(params, clients, args.rounds, chunk, strategy=strategy)
+        result = run_point(spec, args.work_dir).as_dict()
+        result["vs_grpc"] = result["throughput_Bps"] / baselines["grpc_Bps"]
+        result["vs_tcp"] = result["throughput_Bps"] / baselines["tcp_Bps"]
+        result["coordinator_budget_bytes"] = coordinator_budget_bytes(
+            result["model_bytes"], clients, strategy
+        )
+        # The floors measure the transfer, which no strategy changes: once a point.
+        if args.floors and params <= FLOOR_MAX_PARAMS and strategy == args.strategy[0]:
+            model_bytes = result["model_bytes"]
+            for work in ("bare", "design"):
+                result[f"floor_{work}_Bps"] = round_throughput(
+                    work, model_bytes, clients, args.rounds, chunk
+                )
+        results.append(result)
+        print(json.dumps(result), flush=True)
     print()
     print_table(baselines, results)
     report = {

@@ -31,6 +31,8 @@ class PointSpec:
     chunk_bytes: int
     layers: int = 4
     timeout: float = 1800.0
+    strategy: str = "fedavg"
+    """The coordinator's --strategy (robust ones read every update's spool block by block)."""
 
 
 @dataclass
@@ -38,6 +40,7 @@ class PointResult:
     params: int
     clients: int
     rounds: int
+    strategy: str
     model_bytes: int
     seconds_per_round: float
     first_round_seconds: float
@@ -79,9 +82,17 @@ def _address(run_dir: Path, server: subprocess.Popen[bytes], deadline: float) ->
     raise TimeoutError("server did not start listening in time")
 
 
+def _strategy_flags(spec: PointSpec) -> list[str]:
+    """Krum tolerates the largest f its N allows (N >= 2f + 3), so that Krum itself runs
+    rather than the coordinate-wise median it falls back to below that."""
+    if spec.strategy == "krum":
+        return ["--krum-byzantine", str(max(0, (spec.clients - 3) // 2))]
+    return []
+
+
 def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
     """Run `spec.rounds` rounds and summarise them; raises if any process fails."""
-    run_dir = work_dir / f"p{spec.params}-n{spec.clients}"
+    run_dir = work_dir / f"p{spec.params}-n{spec.clients}-{spec.strategy}"
     shutil.rmtree(run_dir, ignore_errors=True)
     logs = run_dir / "logs"
     logs.mkdir(parents=True)
@@ -113,6 +124,8 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
                 "--done-grace", "30",
                 "--keep-checkpoints", "1",
                 "--threads", "1",
+                "--strategy", spec.strategy,
+                *_strategy_flags(spec),
                 *task, *chunk,
             ],
         )  # fmt: skip
@@ -157,6 +170,7 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
         params=spec.params,
         clients=spec.clients,
         rounds=spec.rounds,
+        strategy=spec.strategy,
         model_bytes=model_bytes,
         seconds_per_round=per_round,
         first_round_seconds=records[0]["duration_s"],

@@ -18,6 +18,7 @@ from fedstream.common.codecs import CODEC_NAMES
 from fedstream.common.config import CHOICES, DEFAULT_HELP, ConfigError
 from fedstream.common.round_config import Scalar, parse_scalar
 from fedstream.server.strategies import STRATEGIES, class_defaults
+from fedstream.server.strategies.base import MeanOfUpdates
 from fedstream.server.strategies.fedsgd import OPTIMIZERS
 
 MIB = 1 << 20
@@ -281,6 +282,69 @@ class StrategyConfig:
 
 
 @dataclass
+class SafeguardsConfig:
+    """Safe defaults around every strategy (server/safeguards.py): how far one update may
+    move the model and how much its claimed examples may weigh."""
+
+    safeguards: bool = True
+    """Refuse outlier updates, cap claimed examples and never commit a non-finite model
+    (--no-safeguards turns all of them off)."""
+    outlier_factor: float = 10.0
+    """With 3 or more updates in a round, one whose L2 norm is over this many times the
+    round's median norm is left out of the aggregate (0: no outlier rule)."""
+    max_update_norm: float | None = None
+    """An update whose L2 norm is over this bound is refused as it arrives."""
+    max_examples: int | None = None
+    """The most examples one update may claim for its weight; larger claims are capped."""
+    claim_cap_factor: float = 3.0
+    """No update weighs more than this many times the round's median claimed examples
+    (0: no relative cap)."""
+
+    def validate(self) -> None:
+        if not self.outlier_factor >= 0:
+            raise ConfigError(f"outlier_factor must be at least 0, got {self.outlier_factor}")
+        if self.outlier_factor and self.outlier_factor <= 1:
+            raise ConfigError(
+                f"outlier_factor must be over 1 (or 0 for none), got {self.outlier_factor}"
+            )
+        if self.max_update_norm is not None:
+            _positive("max_update_norm", self.max_update_norm)
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"max_examples must be at least 1, got {self.max_examples}")
+        if not self.claim_cap_factor >= 0:
+            raise ConfigError(f"claim_cap_factor must be at least 0, got {self.claim_cap_factor}")
+        if self.claim_cap_factor and self.claim_cap_factor < 1:
+            raise ConfigError(
+                f"claim_cap_factor must be at least 1 (or 0 for none), got {self.claim_cap_factor}"
+            )
+
+
+@dataclass
+class PrivacyConfig:
+    """Central differential privacy (server/strategies/private.py): each update clipped
+    to an L2 norm, Gaussian noise on the mean, the privacy spent accounted every round."""
+
+    dp_clip: float | None = None
+    """Clip each update to this L2 norm and weigh updates equally (turns central DP on)."""
+    dp_noise_multiplier: float = 0.0
+    """z: the noise on the sum of clipped updates has standard deviation z * dp_clip."""
+    dp_delta: float = 1e-5
+    """The delta at which the epsilon spent is reported."""
+
+    def validate(self) -> None:
+        if self.dp_clip is not None:
+            _positive("dp_clip", self.dp_clip)
+        elif self.dp_noise_multiplier:
+            raise ConfigError("dp_noise_multiplier needs dp_clip: noise is scaled to the clip")
+        if not self.dp_noise_multiplier >= 0:
+            raise ConfigError(
+                f"dp_noise_multiplier must be at least 0, got {self.dp_noise_multiplier}"
+            )
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+
+
+@dataclass
 class EvaluationConfig:
     """Federated evaluation: selected clients score the new global model on their own
     held-out data."""
@@ -299,7 +363,14 @@ class EvaluationConfig:
 
 @dataclass
 class ServerConfig(
-    TransportConfig, SecurityConfig, RoundsConfig, UplinkConfig, StrategyConfig, EvaluationConfig
+    TransportConfig,
+    SecurityConfig,
+    RoundsConfig,
+    UplinkConfig,
+    StrategyConfig,
+    SafeguardsConfig,
+    PrivacyConfig,
+    EvaluationConfig,
 ):
     """The run: its directory, task and seed, and how the coordinator process runs."""
 
@@ -337,6 +408,15 @@ class ServerConfig(
         RoundsConfig.validate(self)
         UplinkConfig.validate(self)
         StrategyConfig.validate(self)
+        SafeguardsConfig.validate(self)
+        PrivacyConfig.validate(self)
+        if self.dp_clip is not None and not issubclass(
+            STRATEGIES[self.strategy].cls, MeanOfUpdates
+        ):
+            raise ConfigError(
+                f"dp_clip needs a mean-based strategy (the noise is calibrated to a mean), "
+                f"not {self.strategy}"
+            )
         EvaluationConfig.validate(self)
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise ConfigError(f"init_weights: {self.init_weights} is not a readable file")

@@ -43,7 +43,7 @@ from fedstream.server.calls import (
 )
 from fedstream.server.clock import Changes, Clock, MonotonicClock
 from fedstream.server.config import ServerConfig
-from fedstream.server.errors import NotSelected, UploadInProgress, WrongRound
+from fedstream.server.errors import NotSelected, UpdateTooLarge, UploadInProgress, WrongRound
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.intake import UploadIntake
 from fedstream.server.membership import Membership
@@ -58,6 +58,7 @@ from fedstream.server.phases import (
 )
 from fedstream.server.registry import ClientRecord
 from fedstream.server.run_store import RunStore
+from fedstream.server.safeguards import Safeguards, all_finite
 from fedstream.server.strategies import Strategy
 from fedstream.server.updates import EvaluationReport
 from fedstream.tasks import BUILTIN_TASKS, Task, exchanged_names
@@ -99,6 +100,7 @@ class Coordinator:
         )
         self.base_round_config = {**config.published(), **self.intake.uplink.round_config()}
         self.changes = Changes(self.clock)
+        self.safeguards = Safeguards(config)
 
     @property
     def round(self) -> OpenRound | None:
@@ -178,17 +180,17 @@ class Coordinator:
             while True:
                 await self._wait_for_clients()
                 open_round = self._open_round(number, attempt)
-                if await self._close(open_round):
+                if not await self._close(open_round):
+                    log.warning(
+                        "round %d: %s reported, fewer than needed; running it again",
+                        number,
+                        open_round.progress(),
+                    )
+                elif await self._commit(open_round):
                     break
                 self.strategy.abort_round()
                 open_round.release_updates()
-                log.warning(
-                    "round %d: %s reported, fewer than needed; running it again",
-                    number,
-                    open_round.progress(),
-                )
                 attempt += 1
-            await self._commit(open_round)
             if self.config.eval_every and number % self.config.eval_every == 0:
                 await self._evaluate(open_round)
         await asyncio.to_thread(self.store.finish)
@@ -281,12 +283,15 @@ class Coordinator:
                 open_round.while_open(chunks),
             ) as update:
                 open_round.check_accepting()
+                self.safeguards.check_arrival(update)
                 await asyncio.to_thread(self.strategy.accept, update)
                 open_round.book(update)
-            if not self.strategy.holds_updates:
+            if not (self.strategy.holds_updates or self.safeguards.holds_updates):
                 update.release()
-        except BaseException:
+        except BaseException as exc:
             open_round.rejected += 1
+            if isinstance(exc, UpdateTooLarge):
+                open_round.safeguarded["refused_max_norm"] += 1
             raise
         finally:
             open_round.uploading.discard(client.name)
@@ -407,17 +412,27 @@ class Coordinator:
             )
         self.members.release_tasks()
 
-    async def _commit(self, open_round: OpenRound) -> None:
+    async def _commit(self, open_round: OpenRound) -> bool:
         """Aggregate the round into the next global model, checkpoint it with its record,
-        and only then let it go on (DESIGN.md: aggregate -> checkpoint -> metrics -> next)."""
+        and only then let it go on (DESIGN.md: aggregate -> checkpoint -> metrics -> next).
+        False when no finite aggregate could be made: the round is to be run again."""
         try:
-            await asyncio.to_thread(self.strategy.aggregate, open_round.updates, self.model.tensors)
+            committed = await asyncio.to_thread(self._aggregate, open_round)
         finally:
             open_round.release_updates()
+        if not committed:
+            log.warning(
+                "round %d: no finite aggregate without leaving out every update; running it again",
+                open_round.number,
+            )
+            return False
         self.model.version = open_round.number
         evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
         record = open_round.record(self.model.version, self.clock.now())
         record["coordinator_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        if self.safeguards.enabled:
+            record.update(open_round.safeguarded)
+        record.update(self.strategy.round_metrics(open_round.number))
         if evaluation is not None:
             record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})
         await asyncio.to_thread(
@@ -437,6 +452,37 @@ class Coordinator:
             record["updates"],
             ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics",
         )
+        return True
+
+    def _aggregate(self, open_round: OpenRound) -> bool:
+        """The round's aggregate into the global model, within the safeguards: outliers
+        left out and claims capped first; a non-finite result taken back (model and
+        strategy state from the last checkpoint) and made again without the update of
+        largest norm. False when no update is left."""
+        if not self.safeguards.enabled:
+            self.strategy.aggregate(open_round.updates, self.model.tensors)
+            return True
+        review = self.safeguards.review(
+            open_round.number, open_round.updates, open_round.safeguarded
+        )
+        while review.kept:
+            if review.changed and not self.strategy.holds_updates:
+                self.strategy.abort_round()
+                self.strategy.begin_round(self.model.tensors)
+                for update in review.kept:
+                    self.strategy.accept(update)
+            self.strategy.aggregate(review.kept, self.model.tensors)
+            if all_finite(self.model.tensors):
+                return True
+            self._take_back()
+            self.safeguards.leave_out_largest(open_round.number, review)
+        return False
+
+    def _take_back(self) -> None:
+        """The global model and the strategy's state as the last checkpoint holds them."""
+        model, state = self.store.last_committed()
+        self.model.load(model)
+        self.strategy.load_state_tensors(state)
 
     async def _evaluate(self, trained: OpenRound) -> None:
         """Clients evaluate the checkpointed model version `trained.number` on their own

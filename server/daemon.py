@@ -22,6 +22,7 @@ from fedstream.server.coordinator import Coordinator
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.servicer import CoordinatorServicer
 from fedstream.server.strategies import build_strategy
+from fedstream.server.strategies.private import with_privacy
 from fedstream.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,20 @@ def grpc_options(max_chunk_bytes: int, headroom: int = MANIFEST_HEADROOM) -> lis
     ]
 
 
+def run_identity(config: ServerConfig, task: Task) -> RunIdentity:
+    """What a resume must agree on: the task's site options (a data path) may change."""
+    shaping = {k: v for k, v in config.task_opt.items() if k not in task.site_options}
+    return RunIdentity(config.task, shaping, config.seed, config.strategy)
+
+
 class CoordinatorDaemon:
     """The coordinator behind a gRPC server with the standard health service."""
 
     def __init__(self, config: ServerConfig, task: Task | None = None) -> None:
         self.config = config
         task = task or load_task(config.task, config.task_opt, config.seed)
-        strategy = build_strategy(config)
-        shaping = {k: v for k, v in config.task_opt.items() if k not in task.site_options}
-        identity = RunIdentity(config.task, shaping, config.seed, config.strategy)
+        strategy = with_privacy(build_strategy(config), config, config.fraction)
+        identity = run_identity(config, task)
         store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
         self.coordinator = Coordinator(config, task, strategy, store)
         self.coordinator.restore()

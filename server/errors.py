@@ -31,6 +31,10 @@ class InvalidUpdate(FedstreamError):
     """An update header whose fields are out of bounds (examples, metrics, codec)."""
 
 
+class UpdateTooLarge(InvalidUpdate):
+    """An update whose L2 norm is over the run's absolute bound (--max-update-norm)."""
+
+
 class OffsetOutOfRange(FedstreamError):
     """A download resume offset beyond the end of the model's byte stream."""
 

@@ -108,7 +108,7 @@ class UploadIntake:
             async with self.readback:
                 await asyncio.to_thread(spool.verify_finite)
                 yield VerifiedUpdate(
-                    client, num_examples, dict(metrics), spool.bytes_written, spool
+                    client, num_examples, dict(metrics), spool.bytes_written, spool, spool.norm
                 )
         except BaseException:
             spool.discard()

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from fedstream.server.updates import EvaluationReport, VerifiedUpdate
 
 MAX_EXAMPLES = 1 << 40
+SAFEGUARD_COUNTERS = ("refused_max_norm", "refused_outlier", "refused_overflow", "capped_examples")
+"""What the safeguards (server/safeguards.py) refused or capped in a round, in its record."""
 MAX_METRICS = 64
 MAX_METRIC_NAME = 64
 
@@ -129,6 +131,10 @@ class OpenRound(OpenPhase):
     """The verified updates booked, in arrival order; the round owns their spools until
     its aggregate is committed (or the round is abandoned)."""
     rejected: int = 0
+    safeguarded: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(SAFEGUARD_COUNTERS, 0)
+    )
+    """What the safeguards refused or capped (server/safeguards.py), by counter."""
     bytes_up: int = 0
     bytes_down: int = 0
 

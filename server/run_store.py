@@ -176,6 +176,10 @@ class RunStore:
             "history": strict_json(history),
             **self.origin,
         }
+        last = history[-1] if history else {}
+        for key in ("dp_epsilon", "dp_delta"):
+            if key in last:
+                metadata[key] = strict_json(last[key])
         path = self.checkpoint_path(round_number)
         self.wait_on_disk()
         save_checkpoint(path, tensors, metadata, sync=False)
@@ -229,6 +233,19 @@ class RunStore:
             self._syncer.shutdown()
         finally:
             self._lock.close()
+
+    def last_committed(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The model and strategy state of the newest checkpoint this run wrote (to take
+        back an aggregate that may not be committed)."""
+        round_number = self.history[-1]["round"] if self.history else 0
+        tensors, _ = load_checkpoint(self.checkpoint_path(round_number))
+        model = {k: v for k, v in tensors.items() if not k.startswith(STRATEGY_PREFIX)}
+        state = {
+            k[len(STRATEGY_PREFIX) :]: v
+            for k, v in tensors.items()
+            if k.startswith(STRATEGY_PREFIX)
+        }
+        return model, state
 
     def resume(self, expected: Manifest | None = None) -> Resumed | None:
         """The newest usable checkpoint, checked against this run's identity; None when

@@ -21,6 +21,7 @@ bounded by the model's largest tensor.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import tempfile
 import warnings
@@ -66,6 +67,16 @@ def _all_finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
+def sum_of_squares(values: torch.Tensor) -> float:
+    """sum(x^2) of a floating block, as a float64: float32's own sum of squares overflows
+    for elements past about 1e19, exactly the updates whose norm matters most."""
+    wide = torch.float32 if values.element_size() < 4 else None
+    norm = float(torch.linalg.vector_norm(values, dtype=wide))
+    if math.isinf(norm):
+        norm = float(torch.linalg.vector_norm(values, dtype=torch.float64))
+    return norm * norm
+
+
 def _non_finite(name: str) -> NonFiniteValues:
     return NonFiniteValues(f"update tensor {name!r} holds NaN or infinite values")
 
@@ -74,13 +85,15 @@ class FiniteScan:
     """Checks a raw byte stream's floating-point tensors for NaN and infinity as it
     arrives, chunk by chunk in stream order. A chunk may end inside an element; its
     bytes wait for the next chunk. Bytes past the manifest's end are not scanned (the
-    spool refuses them)."""
+    spool refuses them). The same pass sums the squares of the values, for the update's
+    L2 norm (`server/safeguards.py`)."""
 
     def __init__(self, manifest: Manifest) -> None:
         self._entries = iter(manifest.entries)
         self._entry: TensorEntry | None = None
         self._left = 0
         self._carry = b""
+        self.sum_squares = 0.0
 
     def feed(self, chunk: memoryview) -> None:
         """NonFiniteValues naming the tensor when `chunk` holds a NaN or an infinity."""
@@ -103,13 +116,17 @@ class FiniteScan:
             part = part[need:]
             if len(self._carry) < size:
                 return
-            if not _all_finite(torch.frombuffer(bytearray(self._carry), dtype=entry.dtype)):
-                raise _non_finite(entry.name)
+            self._check(entry, torch.frombuffer(bytearray(self._carry), dtype=entry.dtype))
             self._carry = b""
         whole = len(part) - len(part) % size
-        if whole and not _all_finite(torch.frombuffer(part[:whole], dtype=entry.dtype)):
-            raise _non_finite(entry.name)
+        if whole:
+            self._check(entry, torch.frombuffer(part[:whole], dtype=entry.dtype))
         self._carry = bytes(part[whole:])
+
+    def _check(self, entry: TensorEntry, values: torch.Tensor) -> None:
+        if not _all_finite(values):
+            raise _non_finite(entry.name)
+        self.sum_squares += sum_of_squares(values)
 
 
 class SpoolFull(LimitExceeded):
@@ -194,6 +211,7 @@ class UploadSpool:
         self._writing = True
         raw = isinstance(uplink.codec, Raw) and not uplink.zstd
         self._scan = FiniteScan(manifest) if raw else None
+        self._sum_squares = 0.0
 
     def write(self, chunk: memoryview) -> None:
         """Append `chunk`; WireError past the manifest's size, NonFiniteValues when a raw
@@ -285,9 +303,18 @@ class UploadSpool:
         update was scanned as it arrived; a coded one is decoded and read back."""
         if self._scan is not None:
             return
+        total = 0.0
         for block in self.blocks():
-            if block.values.is_floating_point() and not _all_finite(block.values):
-                raise _non_finite(block.name)
+            if block.values.is_floating_point():
+                if not _all_finite(block.values):
+                    raise _non_finite(block.name)
+                total += sum_of_squares(block.values)
+        self._sum_squares = total
+
+    @property
+    def norm(self) -> float:
+        """The update's L2 norm over its floating tensors (decoded), once verified."""
+        return math.sqrt(self._scan.sum_squares if self._scan is not None else self._sum_squares)
 
     def discard(self) -> None:
         """Hand the file back for the next upload; the spool is unusable afterwards."""

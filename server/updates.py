@@ -10,6 +10,7 @@ bounded by a block per update, never a model per update.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -72,6 +73,8 @@ class VerifiedUpdate:
     nbytes: int
     """Bytes it took on the wire."""
     source: BlockSource = field(repr=False)
+    norm: float = math.nan
+    """Its L2 norm over its floating tensors, measured while it was verified."""
     released: bool = False
 
     @classmethod
@@ -82,7 +85,13 @@ class VerifiedUpdate:
         blocks: Iterable[DeltaBlock],
         metrics: Mapping[str, float] | None = None,
     ) -> VerifiedUpdate:
-        return cls(client, num_examples, dict(metrics or {}), 0, InMemoryBlocks(blocks))
+        kept = list(blocks)
+        squares = sum(
+            float(b.values.double().square().sum()) for b in kept if b.values.is_floating_point()
+        )
+        return cls(
+            client, num_examples, dict(metrics or {}), 0, InMemoryBlocks(kept), math.sqrt(squares)
+        )
 
     def blocks(self) -> Iterator[DeltaBlock]:
         """The update's tensors in manifest order, a block at a time, read afresh on each

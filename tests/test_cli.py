@@ -63,6 +63,15 @@ OPTIONS: dict[str, set[str]] = {
         "--krum-byzantine",
         "--krum-select",
         "--geomedian-iterations",
+        "--safeguards",
+        "--no-safeguards",
+        "--outlier-factor",
+        "--max-update-norm",
+        "--max-examples",
+        "--claim-cap-factor",
+        "--dp-clip",
+        "--dp-noise-multiplier",
+        "--dp-delta",
         "--proximal-mu",
         "--eval-every",
         "--eval-timeout",
@@ -177,7 +186,17 @@ def test_every_config_field_is_documented(command: str) -> None:
     assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
 
 
-SERVER_GROUPS = ["server", "transport", "security", "rounds", "uplink", "strategy", "evaluation"]
+SERVER_GROUPS = [
+    "server",
+    "transport",
+    "security",
+    "rounds",
+    "uplink",
+    "strategy",
+    "safeguards",
+    "privacy",
+    "evaluation",
+]
 """`fedstream server --help`'s headings: the run's own flags, then one per component."""
 
 
@@ -195,7 +214,7 @@ def test_server_help_groups_the_flags_by_component() -> None:
     assert groups["options"] == {"-h", "--help", "--config"}
     for component, fields in components(ServerConfig):
         flags = {"--" + f.name.replace("_", "-") for f in fields}
-        for flag in ("--uplink-zstd", "--insecure"):
+        for flag in ("--uplink-zstd", "--insecure", "--safeguards"):
             if flag in flags:
                 flags.add("--no-" + flag[2:])
         assert groups[component_title(component)] == flags, component.__name__

@@ -114,6 +114,11 @@ class Strategy(ABC):
     def abort_round(self) -> None:  # noqa: B027 (optional hook; most strategies need nothing)
         """Drop the running state of a round that will not be finished."""
 
+    def round_metrics(self, round_number: int) -> dict[str, float]:
+        """What the strategy adds to round `round_number`'s line of metrics.jsonl, once
+        its aggregate is made."""
+        return {}
+
     def configure_evaluation(self, round_number: int, candidates: frozenset[str]) -> frozenset[str]:
         """The clients asked to evaluate round `round_number`'s model: by default every
         candidate (the round's selected clients that are still live)."""

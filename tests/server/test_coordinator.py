@@ -83,17 +83,22 @@ class Harness:
         return await self.coordinator.poll(self.clients[name])
 
     async def upload(
-        self, name: str, partition: int, round_number: int = 1, value: float | None = None
+        self,
+        name: str,
+        partition: int,
+        round_number: int = 1,
+        value: float | None = None,
+        num_examples: int | None = None,
     ) -> None:
         """The TinyTask update of `partition` (every weight + 0.125 * (partition + 1)),
-        or `value` everywhere."""
+        or `value` everywhere; it claims 10 * (partition + 1) examples, or `num_examples`."""
         model = self.coordinator.model
         step = 0.125 * (partition + 1) if value is None else value
         deltas = {n: torch.full_like(t, step) for n, t in model.tensors.items()}
         claim = UpdateClaim(
             round=round_number,
             model_version=model.version,
-            num_examples=10 * (partition + 1),
+            num_examples=10 * (partition + 1) if num_examples is None else num_examples,
             metrics={"loss": float(partition)},
             manifest=Manifest.from_tensors(deltas).to_proto(),
         )
@@ -119,6 +124,15 @@ class Harness:
             if time.monotonic() > deadline:
                 raise AssertionError(f"never reached: {what} (phase {self.coordinator.phase})")
             await asyncio.sleep(0.001)
+
+    async def until_round(self, number: int) -> None:
+        """Until round `number` is open for updates."""
+
+        def is_open() -> bool:
+            open_round = self.coordinator.round
+            return open_round is not None and open_round.number == number and open_round.accepting
+
+        await self.until(is_open, f"round {number} to open")
 
     def checkpoint(self, round_number: int) -> Path:
         return self.coordinator.store.checkpoint_path(round_number)
@@ -340,15 +354,23 @@ def test_a_strategy_that_holds_updates_reads_every_one_at_the_end(tmp_path: Path
     run(scenario)
 
 
-def test_fold_strategies_release_each_spool_as_soon_as_it_is_folded(tmp_path: Path) -> None:
+@pytest.mark.parametrize("safeguards", [True, False])
+def test_fold_strategies_release_each_spool_once_it_cannot_be_needed_again(
+    tmp_path: Path, safeguards: bool
+) -> None:
+    """Without safeguards a folded update's spool goes back at once; with them it is kept
+    until the commit, in case the round must be aggregated again without an update."""
+
     async def scenario() -> None:
-        h = Harness(tmp_path)
+        h = Harness(tmp_path, safeguards=safeguards)
         running, open_round = await h.start("a", "b")
         await h.upload("a", 0)
         (update,) = open_round.updates
-        assert update.released and update.client == "a" and update.num_examples == 10
+        assert update.released is not safeguards
+        assert update.client == "a" and update.num_examples == 10
         await h.upload("b", 1)
         await asyncio.wait_for(running, REAL_DEADLINE_S)
+        assert update.released
 
     run(scenario)
 

@@ -324,7 +324,8 @@ def test_the_flags_build_each_robust_strategy() -> None:
 def test_a_median_round_through_the_coordinator(tmp_path: Path) -> None:
     async def scenario() -> None:
         strategy = build_strategy(StrategyConfig(strategy="median"))
-        h = Harness(tmp_path, strategy=strategy, min_clients=4)
+        # the median itself, not the safeguards (which would leave 1e30 out first)
+        h = Harness(tmp_path, strategy=strategy, min_clients=4, safeguards=False)
         running, open_round = await h.start("a", "b", "c", "d")
         for name, value in (("a", 0.5), ("b", 1.0), ("c", 1e30), ("d", 0.25)):
             await h.upload(name, "abcd".index(name), value=value)

@@ -1,0 +1,175 @@
+"""Safe defaults around every strategy: how far one update may move the model, and how
+much one client's claimed number of examples may weigh.
+
+A verified update is finite and has the model's layout, which is not enough: one insider
+could send 1e30 in every weight (the float32 sum overflows and the model becomes +inf), or
+a harmless-looking step that claims 10^12 examples (the others' weights vanish). So, for
+every strategy unless `--no-safeguards`:
+
+- an update whose L2 norm is over `--max-update-norm` is refused as it arrives;
+- with `MIN_FOR_OUTLIERS` or more updates in the round, one whose norm is over
+  `--outlier-factor` (10) times the round's median norm is left out of the aggregate: the
+  median is the norm of an honest update as long as most of the round is honest (a
+  median of 0 gives no scale, and the rule is skipped);
+- a claim of examples is capped at `--max-examples`, and at `--claim-cap-factor` (3) times
+  the round's median claim, so no single claim outweighs three typical clients;
+- the new global model is checked finite before it is committed; when it is not, the model
+  and the strategy's state go back to the last checkpoint, the update of largest norm is
+  left out and the round aggregated again; with no update left, the round is run again.
+
+Every decision is logged with the client's identity and counted in the round's line of
+metrics.jsonl (`refused_max_norm`, `refused_outlier`, `refused_overflow`,
+`capped_examples`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedstream.server.config import SafeguardsConfig
+from fedstream.server.errors import UpdateTooLarge
+from fedstream.server.updates import VerifiedUpdate
+
+log = logging.getLogger(__name__)
+
+MIN_FOR_OUTLIERS = 3
+"""Updates a round needs before one can be judged against the others' median norm: with
+two, the median is their mean and says nothing about which one is wrong."""
+
+
+@dataclass
+class Review:
+    """What the safeguards made of a round's verified updates."""
+
+    kept: list[VerifiedUpdate]
+    """The updates that go into the aggregate, claims capped."""
+    counts: dict[str, int]
+    """Each of the round's safeguard counters (`phases.SAFEGUARD_COUNTERS`) so far."""
+    changed: bool = False
+    """True when an update was left out or its claim capped: a strategy that folded the
+    round's updates as they arrived must fold the kept ones again."""
+
+    def leave_out(self, update: VerifiedUpdate, counter: str) -> None:
+        self.kept.remove(update)
+        self.counts[counter] += 1
+        self.changed = True
+
+
+class Safeguards:
+    """The rules of the module docstring, for one run."""
+
+    def __init__(self, config: SafeguardsConfig) -> None:
+        self.enabled = config.safeguards
+        self.outlier_factor = config.outlier_factor
+        self.max_update_norm = config.max_update_norm
+        self.max_examples = config.max_examples
+        self.claim_cap_factor = config.claim_cap_factor
+
+    @property
+    def holds_updates(self) -> bool:
+        """Whether the round must keep every verified spool until it is committed (to
+        aggregate again without an update)."""
+        return self.enabled
+
+    def check_arrival(self, update: VerifiedUpdate) -> None:
+        """InvalidUpdate when the update's norm is over the absolute bound."""
+        if not self.enabled or self.max_update_norm is None:
+            return
+        if not update.norm <= self.max_update_norm:
+            log.warning(
+                "update from %s refused: L2 norm %.4g is over --max-update-norm %.4g",
+                update.client,
+                update.norm,
+                self.max_update_norm,
+            )
+            raise UpdateTooLarge(
+                f"update L2 norm {update.norm:.4g} is over the bound {self.max_update_norm:.4g}"
+            )
+
+    def review(
+        self, round_number: int, updates: Sequence[VerifiedUpdate], counts: dict[str, int]
+    ) -> Review:
+        """The updates to aggregate: outliers left out, claims capped; `counts` (the
+        round's counters, refusals on arrival included) counts on."""
+        review = Review(list(updates), counts)
+        if not self.enabled:
+            return review
+        self._leave_out_outliers(round_number, review)
+        self._cap_claims(round_number, review)
+        return review
+
+    def leave_out_largest(self, round_number: int, review: Review) -> VerifiedUpdate:
+        """After a non-finite aggregate: the update of largest norm leaves the round."""
+        worst = max(review.kept, key=lambda u: u.norm)
+        review.leave_out(worst, "refused_overflow")
+        log.warning(
+            "round %d: the aggregate was not finite; leaving out the update of %s "
+            "(L2 norm %.4g, the largest) and aggregating again",
+            round_number,
+            worst.client,
+            worst.norm,
+        )
+        return worst
+
+    def _leave_out_outliers(self, round_number: int, review: Review) -> None:
+        if not self.outlier_factor or len(review.kept) < MIN_FOR_OUTLIERS:
+            return
+        median = statistics.median(u.norm for u in review.kept)
+        if median == 0:  # most of the round did not move: no scale to judge the rest by
+            return
+        bound = self.outlier_factor * median
+        for update in [u for u in review.kept if u.norm > bound]:
+            review.leave_out(update, "refused_outlier")
+            log.warning(
+                "round %d: update from %s left out as an outlier: L2 norm %.4g is over "
+                "%g x the round's median norm %.4g",
+                round_number,
+                update.client,
+                update.norm,
+                self.outlier_factor,
+                median,
+            )
+
+    def _cap_claims(self, round_number: int, review: Review) -> None:
+        if not review.kept:
+            return
+        caps = {}
+        if self.max_examples is not None:
+            caps["--max-examples"] = self.max_examples
+        if self.claim_cap_factor:
+            median = statistics.median(u.num_examples for u in review.kept)
+            caps[f"{self.claim_cap_factor:g} x the round's median claim"] = max(
+                1, int(self.claim_cap_factor * median)
+            )
+        if not caps:
+            return
+        why, cap = min(caps.items(), key=lambda item: item[1])
+        for i, update in enumerate(review.kept):
+            if update.num_examples > cap:
+                log.warning(
+                    "round %d: %s claims %d examples; weighed as %d (%s)",
+                    round_number,
+                    update.client,
+                    update.num_examples,
+                    cap,
+                    why,
+                )
+                review.kept[i] = dataclasses.replace(update, num_examples=cap)
+                review.counts["capped_examples"] += 1
+                review.changed = True
+
+
+def all_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every floating tensor holds only finite values (two scalars per tensor)."""
+    for tensor in tensors.values():
+        if tensor.is_floating_point() and tensor.numel():
+            low, high = torch.aminmax(tensor)
+            if not (torch.isfinite(low) and torch.isfinite(high)):
+                return False
+    return True
