@@ -83,7 +83,7 @@ protos: $(STAMP)
 quality: $(STAMP)
 	$(BIN)/python bench/quality.py --out report
 
-# Not part of `make test`: about 80 runs of 6 processes each (an hour or more on 2 cores);
+# Not part of `make test`: 77 runs of 6 processes each (about 2 hours on 2 busy cores);
 # runs finished earlier are reused from runs/robust/results.json. ROBUST_ARGS narrows it.
 ROBUST_ARGS ?=
 robust: $(STAMP)
