@@ -47,7 +47,9 @@ $(STAMP): $(RUNTIME_STAMP)
 demo: $(RUNTIME_STAMP)
 	$(BIN)/fedstream demo --run-dir runs/demo $(DEMO_ARGS)
 
-# docker-compose is only needed by the compose test, which skips without it.
+# docker-compose is only needed by the compose test, and Debian's chromium by the status
+# page's browser test (Playwright drives /usr/bin/chromium, never a browser of its own);
+# each skips without it.
 test: $(STAMP)
 	@if ! command -v docker-compose >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
 		&& command -v apt-get >/dev/null 2>&1; then \
@@ -55,6 +57,13 @@ test: $(STAMP)
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq docker-compose >/dev/null; } \
 		|| echo "warning: could not install docker-compose; the compose test will skip"; \
+	fi
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium with apt-get"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "warning: could not install chromium; the status page browser test will skip"; \
 	fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -4,6 +4,9 @@
     python -m bench --params 100e6 --clients 4       one point
     python -m bench --params 100e6 --clients 4 8 --strategy fedavg median krum
                                                      robust aggregation at size
+    python -m bench --params 100e6 --clients 4 --poll-status both
+                                                     the point without, then with, its
+                                                     status page read every second
 
 For each point it prints, and writes to JSON (--out), seconds per round (median after
 the first), bytes on the wire per round, effective throughput, and the peak resident
@@ -102,8 +105,9 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
                 f"skipped: {r['skipped']}"
             )
             continue
+        polled = "*" if r.get("status_polls") else " "
         print(
-            f"{r['params'] / 1e6:>7.0f}M {r['clients']:>3} {r['strategy']:>12} "
+            f"{r['params'] / 1e6:>7.0f}M{polled}{r['clients']:>3} {r['strategy']:>12} "
             f"{r['seconds_per_round']:>8.2f} "
             f"{_gb(r['wire_bytes_per_round']):>8} {_gb(r['throughput_Bps']):>6} "
             f"{r['throughput_Bps'] / grpc_bps:>6.2f} {r['throughput_Bps'] / tcp_bps:>6.2f} "
@@ -114,7 +118,7 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
     print(
         "bare rnd: GB/s of the same round through bare grpcio with no other work; design:"
         " with the work DESIGN.md requires done by hand (bench/floors.py); /design:"
-        " fedstream's GB/s over it"
+        " fedstream's GB/s over it; *: the status page polled every second"
     )
 
 
@@ -151,6 +155,13 @@ def main() -> int:
     parser.add_argument("--chunk-mib", type=int, default=1, help="chunk size in MiB")
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/results.json"))
+    parser.add_argument(
+        "--poll-status",
+        choices=("off", "on", "both"),
+        default="off",
+        help="read each point's status page (/status.json, /metrics) every second; "
+        "both: run each point without, then with, back to back",
+    )
     args = parser.parse_args()
     chunk = args.chunk_mib * MIB
     cpus = psutil.cpu_count() or 1
@@ -158,13 +169,15 @@ def main() -> int:
     print(f"measuring baselines ({chunk // MIB} MiB messages) ...", flush=True)
     baselines = measure(chunk, args.clients)
     results: list[dict[str, Any]] = []
+    polls = {"off": [False], "on": [True], "both": [False, True]}[args.poll_status]
     points = [
-        (int(p), n, strategy)
+        (int(p), n, strategy, poll)
         for p in args.params
         for n in args.clients
         for strategy in args.strategy
+        for poll in polls
     ]
-    for params, clients, strategy in points:
+    for params, clients, strategy, poll in points:
         reason = fits(params, clients)
         if reason is not None:
             results.append(
@@ -172,8 +185,9 @@ def main() -> int:
             )
             print(f"P={params:,} N={clients} {strategy}: skipped ({reason})", flush=True)
             continue
-        print(f"P={params:,} N={clients} {strategy}: {args.rounds} rounds ...", flush=True)
-        spec = PointSpec(params, clients, args.rounds, chunk, strategy=strategy)
+        watched = ", status page polled" if poll else ""
+        print(f"P={params:,} N={clients} {strategy}: {args.rounds} rounds{watched} ...", flush=True)
+        spec = PointSpec(params, clients, args.rounds, chunk, strategy=strategy, poll_status=poll)
         result = run_point(spec, args.work_dir).as_dict()
         result["vs_grpc"] = result["throughput_Bps"] / baselines["grpc_Bps"]
         result["vs_tcp"] = result["throughput_Bps"] / baselines["tcp_Bps"]
@@ -181,7 +195,8 @@ def main() -> int:
             result["model_bytes"], clients, strategy
         )
         # The floors measure the transfer, which no strategy changes: once a point.
-        if args.floors and params <= FLOOR_MAX_PARAMS and strategy == args.strategy[0]:
+        first = strategy == args.strategy[0] and not poll
+        if args.floors and params <= FLOOR_MAX_PARAMS and first:
             model_bytes = result["model_bytes"]
             for work in ("bare", "design"):
                 result[f"floor_{work}_Bps"] = round_throughput(

@@ -5,6 +5,10 @@ The processes are started through the same CLI a user types and reaped with
 Linux carries a parent's peak-memory mark into a child through fork and exec, so the
 bench process imports neither torch nor fedstream's tasks and keeps no large buffers.
 Round times and wire bytes come from the coordinator's metrics.jsonl.
+
+With `poll_status`, a thread reads the coordinator's status page as an open browser tab
+does (/status.json every second) and /metrics as a Prometheus scrape would, for the whole
+run, so a point measured with and without it shows what watching a run costs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -33,6 +39,8 @@ class PointSpec:
     timeout: float = 1800.0
     strategy: str = "fedavg"
     """The coordinator's --strategy (robust ones read every update's spool block by block)."""
+    poll_status: bool = False
+    """Read the status page every second during the run (`StatusPoller`)."""
 
 
 @dataclass
@@ -51,6 +59,8 @@ class PointResult:
     coordinator_cpu_seconds: float
     client_cpu_seconds: float
     round_seconds: list[float]
+    status_polls: int = 0
+    """Reads of the status page (/status.json and /metrics) that succeeded."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,6 +100,33 @@ def _strategy_flags(spec: PointSpec) -> list[str]:
     return []
 
 
+class StatusPoller:
+    """Reads /status.json and /metrics from `url` every `interval` seconds until stopped."""
+
+    def __init__(self, url: str, interval: float = 1.0) -> None:
+        self.url = url.rstrip("/") + "/"
+        self.interval = interval
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="status-poller", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for path in ("status.json", "metrics"):
+                try:
+                    with urllib.request.urlopen(self.url + path, timeout=10) as reply:
+                        reply.read()
+                    self.polls += 1
+                except OSError:  # the coordinator stops at the end of the run
+                    pass
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.polls
+
+
 def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
     """Run `spec.rounds` rounds and summarise them; raises if any process fails."""
     run_dir = work_dir / f"p{spec.params}-n{spec.clients}-{spec.strategy}"
@@ -112,6 +149,7 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
         return proc
 
     deadline = time.monotonic() + spec.timeout
+    poller: StatusPoller | None = None
     try:
         server = start(
             "server",
@@ -130,6 +168,9 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
             ],
         )  # fmt: skip
         address = _address(run_dir, server, deadline)
+        if spec.poll_status:
+            status_url = json.loads((run_dir / "coordinator.json").read_text())["status_url"]
+            poller = StatusPoller(status_url)
         clients = [
             start(
                 f"client-{i}",
@@ -154,6 +195,7 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
         client_usage = [_reap(c, deadline) for c in clients]
         server_rss, server_cpu = _reap(server, deadline)
     finally:
+        polls = poller.stop() if poller is not None else 0
         for proc in procs:
             if proc.returncode is None:
                 proc.kill()
@@ -181,6 +223,7 @@ def run_point(spec: PointSpec, work_dir: Path) -> PointResult:
         coordinator_cpu_seconds=server_cpu,
         client_cpu_seconds=client_usage[0][1],
         round_seconds=[records[0]["duration_s"], *periods],
+        status_polls=polls,
     )
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return result

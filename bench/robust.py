@@ -22,6 +22,7 @@ import json
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -148,7 +149,7 @@ def plan(
 def markdown(
     results: Sequence[Result], args: argparse.Namespace, strategies: Sequence[str], seconds: float
 ) -> str:
-    commits = sorted({r["commit"] for r in results})
+    commits = Counter(r["commit"] for r in results)
     flags = {label: " ".join(STRATEGIES[label](1)) or "(defaults)" for label in strategies}
     parts = [
         "# Robustness: digits under attack\n",
@@ -173,7 +174,9 @@ def markdown(
         "behind those defaults; where the outlier rule leaves 4 updates of 5, Krum (which "
         "needs 2f + 3) takes their coordinate-wise median instead (logged by the "
         "coordinator).\n",
-        f"Measured on commit {', '.join(commits)}; {len(results)} runs, "
+        "Measured on commit "
+        + ", ".join(f"{c} ({n} runs)" for c, n in sorted(commits.items()))
+        + f"; {len(results)} runs, "
         f"{seconds / 60:.0f} min in this invocation.\n",
     ]
     for m in args.malicious:
@@ -227,12 +230,12 @@ def main() -> int:
         if not args.report_only and (args.fresh or k not in known)
     ]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store}", flush=True)
-    code = commit()
     lock = threading.Lock()
     started = time.monotonic()
 
     def one(index: int, k: str, label: str, run: ClusterRun) -> None:
         run_dir = args.work_dir / f"run-{index:03d}"
+        code = commit()  # the coordinator's code is whatever is checked out when it starts
         outcome: RunOutcome = run_cluster(run, run_dir, args.timeout)
         result = summary(label, run, outcome, code)
         with lock:

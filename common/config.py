@@ -154,17 +154,16 @@ def _convert(cls: type, name: str, raw: Any, source: str) -> Any:
         raise ConfigError(f"{what}: {raw!r} is not a valid {tp.__name__}") from None
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of `cls` (but those named in `skip`), each defaulting to 'not
+def add_arguments(
+    parser: argparse.ArgumentParser, cls: type, exclude: frozenset[str] | set[str] = frozenset()
+) -> None:
+    """One flag per field of `cls` (those in `exclude` left out), each defaulting to 'not
     given' so precedence works.
 
     A `cls` composed of several dataclasses gets one argument group per component, titled
     by it and described by its docstring; a plain one adds its flags to `parser` itself.
     """
-    parts = [
-        (component, [f for f in fields if f.name not in skip])
-        for component, fields in components(cls)
-    ]
+    parts = [(c, [f for f in fields if f.name not in exclude]) for c, fields in components(cls)]
     if len(parts) == 1:
         _add_fields(parser, cls, parts[0][1])
         return

@@ -7,6 +7,7 @@ TLS), and the certificate's common name is the client's identity (`peer_identity
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -37,6 +38,26 @@ def client_credentials(ca: Path, cert: Path | None, key: Path | None) -> grpc.Ch
         private_key=Path(key).read_bytes() if key is not None else None,
         certificate_chain=Path(cert).read_bytes() if cert is not None else None,
     )
+
+
+def server_ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    """The same settings as `server_credentials`, for the coordinator's HTTP status port."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca)
+    return context
+
+
+def client_ssl_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """The same settings as `client_credentials`, for reading the HTTP status port."""
+    if (cert is None) != (key is None):
+        raise ValueError("cert and key go together: give both or neither")
+    context = ssl.create_default_context(cafile=ca)
+    if cert is not None and key is not None:
+        context.load_cert_chain(cert, key)
+    return context
 
 
 def peer_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:

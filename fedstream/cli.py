@@ -1,6 +1,6 @@
-"""The `fedstream` command: `server`, `client`, `demo`, `certs` and `token` that make
-credentials, `export` that writes a run's model as a plain state dict, and `new` that
-scaffolds a project for a user's own task.
+"""The `fedstream` command: `server`, `client`, `demo`, `status` that shows a running
+coordinator, `certs` and `token` that make credentials, `export` that writes a run's model
+as a plain state dict, and `new` that scaffolds a project for a user's own task.
 
 Every flag can also come from a TOML file (`--config FILE`, one table per command) and
 from `FEDSTREAM_<COMMAND>_<FLAG>` environment variables; a flag beats the environment,
@@ -10,7 +10,6 @@ which beats the file, which beats the default.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,15 +24,24 @@ from fedstream.demo import DemoConfig
 from fedstream.export import ExportConfig
 from fedstream.scaffold import NewConfig
 from fedstream.server.config import ServerConfig
+from fedstream.status import StatusConfig
 
 Config = (
-    ServerConfig | ClientConfig | DemoConfig | CertsConfig | TokenConfig | ExportConfig | NewConfig
+    ServerConfig
+    | ClientConfig
+    | DemoConfig
+    | StatusConfig
+    | CertsConfig
+    | TokenConfig
+    | ExportConfig
+    | NewConfig
 )
 
 COMMANDS: dict[str, tuple[type[Config], str]] = {
     "server": (ServerConfig, "run the coordinator daemon"),
     "client": (ClientConfig, "run a client process against a coordinator"),
     "demo": (DemoConfig, "run a local cluster: one server and N clients as processes"),
+    "status": (StatusConfig, "show a running coordinator's clients and rounds (--watch)"),
     "certs": (CertsConfig, "make a development CA, a server and client certificates"),
     "token": (
         TokenConfig,
@@ -45,10 +53,12 @@ COMMANDS: dict[str, tuple[type[Config], str]] = {
 
 POSITIONAL: dict[str, tuple[str, ...]] = {
     "token": ("name",),
+    "status": ("target",),
     "export": ("run_dir",),
     "new": ("kind", "name"),
 }
-"""Fields given as positional arguments (`fedstream token NAME`, `fedstream new task NAME`)."""
+"""Commands whose first fields are positional arguments (`fedstream token NAME`,
+`fedstream new task NAME`); they take no --config file."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,16 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (cls, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
-        positional = POSITIONAL.get(name, ())
-        docs = field_docs(cast(type, cls))  # the class, not its (unhashable) instances
-        for field in positional:
-            sub.add_argument(field, metavar=field.upper(), help=docs[field])
-        if len(positional) == len(dataclasses.fields(cls)):
+        if name in POSITIONAL:
+            docs = field_docs(cast(type, cls))  # the class, not its (unhashable) instances
+            for field in POSITIONAL[name]:
+                metavar = "ADDRESS|RUN_DIR" if name == "status" else field.upper()
+                sub.add_argument(field, metavar=metavar, help=docs[field])
+            add_arguments(sub, cls, exclude=set(POSITIONAL[name]))
             continue
         sub.add_argument(
             "--config", type=Path, metavar="FILE", help=f"TOML file with a [{name}] table"
         )
-        add_arguments(sub, cls, skip=positional)
+        add_arguments(sub, cls)
     return parser
 
 
@@ -99,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedstream.certs import certs_main
 
             return certs_main(config)
+        if isinstance(config, StatusConfig):
+            from fedstream.status import status_main
+
+            return status_main(config)
         if isinstance(config, TokenConfig):
             from fedstream.certs import token_main
 

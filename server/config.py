@@ -19,7 +19,9 @@ from fedstream.common.config import CHOICES, DEFAULT_HELP, ConfigError
 from fedstream.common.round_config import Scalar, parse_scalar
 from fedstream.server.strategies import STRATEGIES, class_defaults
 from fedstream.server.strategies.base import MeanOfUpdates
+from fedstream.server.strategies.build import ROBUST_OPTIMIZERS
 from fedstream.server.strategies.fedsgd import OPTIMIZERS
+from fedstream.server.strategies.robust import HoldingStrategy
 
 MIB = 1 << 20
 
@@ -235,6 +237,10 @@ class StrategyConfig:
     )
     """krum: m, the updates of lowest score averaged (1 is Krum, more is Multi-Krum; at most
     N-f are)."""
+    robust_optimizer: str = field(default="none", metadata={CHOICES: ROBUST_OPTIMIZERS})
+    """median, trimmed-mean, krum, geomedian: the server optimiser their aggregate drives as
+    its pseudo-gradient (with --server-lr, --server-momentum, --beta1, --beta2, --tau);
+    none steps by the aggregate itself."""
     geomedian_iterations: int | None = field(
         default=None, metadata={DEFAULT_HELP: class_defaults("default_iterations")}
     )
@@ -256,6 +262,18 @@ class StrategyConfig:
             _positive("server_lr", self.server_lr)
         if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
             raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
+        if self.robust_optimizer not in ROBUST_OPTIMIZERS:
+            raise ConfigError(
+                f"robust_optimizer must be one of {', '.join(ROBUST_OPTIMIZERS)}, "
+                f"got {self.robust_optimizer!r}"
+            )
+        if self.robust_optimizer != "none" and not issubclass(
+            STRATEGIES[self.strategy].cls, HoldingStrategy
+        ):
+            raise ConfigError(
+                f"robust_optimizer needs a robust strategy (median, trimmed-mean, krum, "
+                f"geomedian), not {self.strategy}"
+            )
         if self.server_optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"server_optimizer must be one of {', '.join(OPTIMIZERS)}, "
@@ -296,9 +314,9 @@ class SafeguardsConfig:
     """An update whose L2 norm is over this bound is refused as it arrives."""
     max_examples: int | None = None
     """The most examples one update may claim for its weight; larger claims are capped."""
-    claim_cap_factor: float = 3.0
+    claim_cap_factor: float = 1.0
     """No update weighs more than this many times the round's median claimed examples
-    (0: no relative cap)."""
+    (0: no relative cap; raise it where sites legitimately differ in size)."""
 
     def validate(self) -> None:
         if not self.outlier_factor >= 0:
@@ -362,6 +380,24 @@ class EvaluationConfig:
 
 
 @dataclass
+class StatusConfig:
+    """The status page, /status.json and Prometheus /metrics: an HTTP port of their own,
+    behind the same TLS settings as the coordinator."""
+
+    status_address: str = "127.0.0.1:0"
+    """HOST:PORT of the status page (port 0 picks a free one, written to
+    RUN_DIR/coordinator.json and the log; empty: no status page); an address other than
+    loopback needs TLS or --insecure, as --address does."""
+
+    def validate(self) -> None:
+        if not self.status_address:
+            return
+        host, sep, port = self.status_address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigError(f"status_address: expected HOST:PORT, got {self.status_address!r}")
+
+
+@dataclass
 class ServerConfig(
     TransportConfig,
     SecurityConfig,
@@ -371,6 +407,7 @@ class ServerConfig(
     SafeguardsConfig,
     PrivacyConfig,
     EvaluationConfig,
+    StatusConfig,
 ):
     """The run: its directory, task and seed, and how the coordinator process runs."""
 
@@ -420,6 +457,13 @@ class ServerConfig(
         EvaluationConfig.validate(self)
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise ConfigError(f"init_weights: {self.init_weights} is not a readable file")
+        StatusConfig.validate(self)
+        status = self.status_address
+        if status and not self.tls and not self.insecure and not is_loopback(status):
+            raise ConfigError(
+                f"status_address {status} is not loopback: give --tls-cert and --tls-key, "
+                "or --insecure to serve the status page in plaintext on the network"
+            )
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
         if self.threads < 0:

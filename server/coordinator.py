@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fedstream.common.errors import InvalidCheckpoint
@@ -101,6 +101,8 @@ class Coordinator:
         self.base_round_config = {**config.published(), **self.intake.uplink.round_config()}
         self.changes = Changes(self.clock)
         self.safeguards = Safeguards(config)
+        self.observers: list[Callable[[Phase], None]] = []
+        """Called with each phase the coordinator enters (the live state listens)."""
 
     @property
     def round(self) -> OpenRound | None:
@@ -332,6 +334,8 @@ class Coordinator:
 
     def _enter(self, phase: Phase) -> None:
         self.phase = phase
+        for observer in self.observers:
+            observer(phase)
         self.changes.notify()
 
     def _work_for(self, client: ClientRecord) -> Work:

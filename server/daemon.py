@@ -19,8 +19,10 @@ from fedstream.common.service import SERVICE_NAME
 from fedstream.common.tls import server_credentials
 from fedstream.server.config import ServerConfig, is_loopback
 from fedstream.server.coordinator import Coordinator
+from fedstream.server.live_state import LiveState
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.servicer import CoordinatorServicer
+from fedstream.server.status_server import StatusServer
 from fedstream.server.strategies import build_strategy
 from fedstream.server.strategies.private import with_privacy
 from fedstream.tasks import Task, load_task
@@ -66,7 +68,8 @@ def run_identity(config: ServerConfig, task: Task) -> RunIdentity:
 
 
 class CoordinatorDaemon:
-    """The coordinator behind a gRPC server with the standard health service."""
+    """The coordinator behind a gRPC server with the standard health service, and its
+    status page on a port of its own."""
 
     def __init__(self, config: ServerConfig, task: Task | None = None) -> None:
         self.config = config
@@ -78,11 +81,13 @@ class CoordinatorDaemon:
         self.coordinator.restore()
         options = grpc_options(config.max_chunk_bytes, header_room(self.coordinator))
         self.server = grpc.aio.server(options=options)
-        servicer = CoordinatorServicer(self.coordinator, config)
+        self.live = LiveState(self.coordinator)
+        servicer = CoordinatorServicer(self.coordinator, config, self.live)
         self.server.add_generic_rpc_handlers((servicer.handler(),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = ""
+        self.status = StatusServer(self.live, config) if config.status_address else None
 
     async def start(self) -> str:
         """Listen (TLS when configured), mark the service SERVING, and record the bound
@@ -101,6 +106,7 @@ class CoordinatorDaemon:
                 )
         self.address = f"{config.address.rpartition(':')[0]}:{port}"
         await self.server.start()
+        status_url = await self.status.start() if self.status is not None else None
         write_json_atomic(
             config.run_dir / "coordinator.json",
             {
@@ -109,6 +115,7 @@ class CoordinatorDaemon:
                 "run_id": self.coordinator.run_id,
                 "tls": config.tls,
                 "mutual_tls": config.client_ca is not None,
+                "status_url": status_url,
             },
         )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -119,6 +126,8 @@ class CoordinatorDaemon:
             security,
             self.coordinator.run_id,
         )
+        if status_url is not None:
+            log.info("status page on %s (also /status.json, /metrics)", status_url)
         return self.address
 
     async def run(self) -> None:
@@ -133,6 +142,8 @@ class CoordinatorDaemon:
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=2.0)
+        if self.status is not None:
+            await self.status.stop()
         self.coordinator.close()
         await asyncio.to_thread(self.coordinator.store.close)
         (self.config.run_dir / "coordinator.json").unlink(missing_ok=True)

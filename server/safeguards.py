@@ -11,8 +11,13 @@ every strategy unless `--no-safeguards`:
   `--outlier-factor` (10) times the round's median norm is left out of the aggregate: the
   median is the norm of an honest update as long as most of the round is honest (a
   median of 0 gives no scale, and the rule is skipped);
-- a claim of examples is capped at `--max-examples`, and at `--claim-cap-factor` (3) times
-  the round's median claim, so no single claim outweighs three typical clients;
+- a claim of examples is capped at `--max-examples`, and (with `MIN_FOR_OUTLIERS` or more
+  updates) at `--claim-cap-factor` (1) times the round's median claim, so no single claim
+  outweighs a typical client. Measured on digits with 1 of 3 clients stepping 0.05 in
+  every weight while claiming 10^12 examples, accuracy after 4 rounds was 0.84 with a
+  factor of 1, 0.75 with 2 and 0.38 with 3; with equal honest shares the cap changes
+  nothing. Where sites legitimately differ in size, the cap moves FedAvg towards a plain
+  mean: raise the factor, or set `--max-examples`;
 - the new global model is checked finite before it is committed; when it is not, the model
   and the strategy's state go back to the last checkpoint, the update of largest norm is
   left out and the round aggregated again; with no update left, the round is run again.
@@ -39,8 +44,8 @@ from fedstream.server.updates import VerifiedUpdate
 log = logging.getLogger(__name__)
 
 MIN_FOR_OUTLIERS = 3
-"""Updates a round needs before one can be judged against the others' median norm: with
-two, the median is their mean and says nothing about which one is wrong."""
+"""Updates a round needs before one can be judged against the others' median norm or
+claim: with two, the median is their mean and says nothing about which one is wrong."""
 
 
 @dataclass
@@ -137,12 +142,10 @@ class Safeguards:
             )
 
     def _cap_claims(self, round_number: int, review: Review) -> None:
-        if not review.kept:
-            return
         caps = {}
         if self.max_examples is not None:
             caps["--max-examples"] = self.max_examples
-        if self.claim_cap_factor:
+        if self.claim_cap_factor and len(review.kept) >= MIN_FOR_OUTLIERS:
             median = statistics.median(u.num_examples for u in review.kept)
             caps[f"{self.claim_cap_factor:g} x the round's median claim"] = max(
                 1, int(self.claim_cap_factor * median)

@@ -54,6 +54,7 @@ from fedstream.server.errors import (
     UploadInProgress,
     WrongRound,
 )
+from fedstream.server.live_state import LiveState, TransferMeter
 from fedstream.server.registry import ClientRecord
 from fedstream.server.transfer import RateFloor, release_refused
 
@@ -145,8 +146,11 @@ def _receipt(receipt: Receipt) -> dict[str, Any]:
 
 
 class CoordinatorServicer:
-    def __init__(self, coordinator: Coordinator, config: TransportConfig) -> None:
+    def __init__(
+        self, coordinator: Coordinator, config: TransportConfig, live: LiveState | None = None
+    ) -> None:
         self.coordinator = coordinator
+        self.live = live or LiveState(coordinator)
         self.stall_timeout = config.stall_timeout
         self.max_chunk_bytes = config.max_chunk_bytes
         self.min_transfer_rate = config.min_transfer_rate
@@ -204,14 +208,18 @@ class CoordinatorServicer:
             model_version=stream.version, manifest=stream.manifest.to_proto(), offset=stream.offset
         )
         floor = RateFloor(self.min_transfer_rate, self.transfer_window)
+        meter = self.live.meter(client.name)
+        meter.downloads += 1
         try:
             yield pb.ModelChunk(header=header)
             for chunk in stream.chunks:
                 yield frame_data(chunk)
                 floor.add(len(chunk))
+                meter.down += len(chunk)
         except FedstreamError as exc:
             await _reject(context, "Download", exc)
         finally:
+            meter.downloads -= 1
             self.coordinator.count_download(floor.total)
 
     async def upload(
@@ -233,11 +241,17 @@ class CoordinatorServicer:
             claim = UpdateClaim(
                 first.round, first.model_version, first.num_examples, first.metrics, first.manifest
             )
-            receipt = await self.coordinator.receive_upload(
-                client, claim, self._data_chunks(iterator)
-            )
+            meter = self.live.meter(client.name)
+            meter.uploads += 1
+            try:
+                receipt = await self.coordinator.receive_upload(
+                    client, claim, self._data_chunks(iterator, meter)
+                )
+            finally:
+                meter.uploads -= 1
             return pb.UploadReply(**_receipt(receipt))
         except FedstreamError as exc:
+            self.live.rejected_update(exc)
             await _reject(context, "Upload", exc)
 
     async def report_evaluation(
@@ -263,7 +277,9 @@ class CoordinatorServicer:
             await _reject(context, "Heartbeat", exc)
         return pb.HeartbeatReply(phase_open=open_)
 
-    async def _data_chunks(self, iterator: AsyncIterator[Any]) -> AsyncIterator[memoryview]:
+    async def _data_chunks(
+        self, iterator: AsyncIterator[Any], meter: TransferMeter
+    ) -> AsyncIterator[memoryview]:
         """The data chunks after an upload's header, failing when none arrives in time."""
         while True:
             try:
@@ -285,6 +301,7 @@ class CoordinatorServicer:
                     f"a data chunk of {len(item)} bytes is over this coordinator's "
                     f"max_chunk_bytes of {self.max_chunk_bytes}"
                 )
+            meter.up += len(item)
             yield item
 
     def handler(self) -> grpc.GenericRpcHandler:

@@ -63,6 +63,7 @@ OPTIONS: dict[str, set[str]] = {
         "--krum-byzantine",
         "--krum-select",
         "--geomedian-iterations",
+        "--robust-optimizer",
         "--safeguards",
         "--no-safeguards",
         "--outlier-factor",
@@ -86,6 +87,7 @@ OPTIONS: dict[str, set[str]] = {
         "--insecure",
         "--no-insecure",
         "--max-clients",
+        "--status-address",
     },
     "client": {
         "--config",
@@ -130,9 +132,10 @@ OPTIONS: dict[str, set[str]] = {
         "--keep-existing",
         "--no-keep-existing",
     },
+    "status": {"--watch", "--no-watch", "--interval", "--ca", "--cert", "--key"},
     "token": set(),
-    "export": {"--config", "--round", "--out", "--merge-adapters", "--no-merge-adapters"},
-    "new": {"--config", "--dir"},
+    "export": {"--round", "--out", "--merge-adapters", "--no-merge-adapters"},
+    "new": {"--dir"},
 }
 
 HELP_SUFFIX = re.compile(r"\s*\((default: .*|repeatable)\)$")
@@ -196,6 +199,7 @@ SERVER_GROUPS = [
     "safeguards",
     "privacy",
     "evaluation",
+    "status",
 ]
 """`fedstream server --help`'s headings: the run's own flags, then one per component."""
 

@@ -24,6 +24,8 @@ from fedstream.server.strategies.geometric_median import GeometricMedian
 from fedstream.server.strategies.krum import Krum
 from fedstream.server.strategies.mean import Mean
 from fedstream.server.strategies.median import Median
+from fedstream.server.strategies.robust import HoldingStrategy
+from fedstream.server.strategies.server_optimizer import ServerOptimizer
 from fedstream.server.strategies.trimmed_mean import TrimmedMean
 
 if TYPE_CHECKING:
@@ -71,6 +73,9 @@ STRATEGIES: dict[str, NamedStrategy] = {
 }
 """Strategy name (the `--strategy` flag) -> its class and its construction from the flags."""
 
+ROBUST_OPTIMIZERS = ("none", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""`--robust-optimizer` choices: the server optimisers a robust aggregate can drive."""
+
 
 def build_strategy(config: StrategyConfig) -> Strategy:
     """The strategy `config.strategy` names, with its hyper-parameters from `config`."""
@@ -78,7 +83,17 @@ def build_strategy(config: StrategyConfig) -> Strategy:
         raise ConfigError(
             f"strategy {config.strategy!r} is unknown: use one of {', '.join(STRATEGIES)}"
         )
-    return STRATEGIES[config.strategy].build(config)
+    strategy = STRATEGIES[config.strategy].build(config)
+    if config.robust_optimizer != "none":
+        if not isinstance(strategy, HoldingStrategy):
+            raise ConfigError(
+                f"robust_optimizer steps a robust strategy's aggregate; {config.strategy} "
+                "is not one (median, trimmed-mean, krum, geomedian)"
+            )
+        optimizer = STRATEGIES[config.robust_optimizer].build(config)
+        assert isinstance(optimizer, ServerOptimizer)
+        strategy.server_step = optimizer
+    return strategy
 
 
 def class_defaults(attribute: str) -> str:

@@ -18,8 +18,8 @@ Each iteration is two passes over the round's spools, block by block in lockstep
 distances to z (float64), then the new z written over the old one. Memory is the global
 model, z (float32, float64 for float64 models) and N blocks: 2x the model.
 
-Not yet a pseudo-gradient for the server optimisers (FedAvgM, FedAdam): they fold each
-update as it arrives and would have to hold the round's spools instead.
+With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
+pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.server.strategies.base import add_in_place
 from fedstream.server.strategies.robust import (
     HoldingStrategy,
     flat_slice,
@@ -74,4 +73,4 @@ class GeometricMedian(HoldingStrategy):
             for name, start, rows in lockstep(updates):
                 z = flat_slice(estimate, name, start, rows.shape[1])
                 z.copy_(beta.to(rows.dtype) @ rows)
-        add_in_place(global_tensors, estimate)
+        self.apply_step(global_tensors, estimate)

@@ -23,8 +23,8 @@ Krum needs N >= 2f + 3. A round that closes with fewer reports (a deadline, say)
 back to the coordinate-wise median of the reports (`median.py`, robust to any minority),
 with a logged warning, rather than losing the round.
 
-Not yet a pseudo-gradient for the server optimisers (FedAvgM, FedAdam): they fold each
-update as it arrives and would have to hold the round's spools instead.
+With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
+pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.server.strategies.base import add_in_place
-from fedstream.server.strategies.median import Median
+from fedstream.server.strategies.median import median_step
 from fedstream.server.strategies.robust import (
     HoldingStrategy,
     flat_slice,
@@ -99,10 +98,10 @@ class Krum(HoldingStrategy):
                 2 * self.byzantine + 3,
                 len(updates),
             )
-            Median().aggregate(updates, global_tensors)
+            self.apply_step(global_tensors, median_step(updates, global_tensors))
             return
         chosen = [updates[i] for i in self.selected(updates)]
         step = zeros_like_model(global_tensors)
         for name, start, rows in lockstep(chosen):
             flat_slice(step, name, start, rows.shape[1]).copy_(rows.mean(dim=0))
-        add_in_place(global_tensors, step)
+        self.apply_step(global_tensors, step)

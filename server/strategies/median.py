@@ -14,8 +14,8 @@ Unweighted by design: a client's claimed number of examples does not move the me
 The round's spools are read block by block in lockstep (`robust.lockstep`): memory is the
 model, the aggregate (float32, float64 for float64 models) and N blocks.
 
-Not yet a pseudo-gradient for the server optimisers (FedAvgM, FedAdam): they fold each
-update as it arrives and would have to hold the round's spools instead.
+With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
+pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedstream.server.strategies.base import add_in_place
 from fedstream.server.strategies.robust import (
     HoldingStrategy,
     flat_slice,
@@ -44,13 +43,20 @@ def coordinate_median(rows: torch.Tensor) -> torch.Tensor:
     return (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
+def median_step(
+    updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The coordinate-wise median of the updates, shaped like the model."""
+    step = zeros_like_model(global_tensors)
+    for name, start, rows in lockstep(updates):
+        flat_slice(step, name, start, rows.shape[1]).copy_(coordinate_median(rows))
+    return step
+
+
 class Median(HoldingStrategy):
     """w <- w + coordinate-wise median of the deltas."""
 
     def aggregate(
         self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
     ) -> None:
-        step = zeros_like_model(global_tensors)
-        for name, start, rows in lockstep(updates):
-            flat_slice(step, name, start, rows.shape[1]).copy_(coordinate_median(rows))
-        add_in_place(global_tensors, step)
+        self.apply_step(global_tensors, median_step(updates, global_tensors))

@@ -13,7 +13,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from fedstream.server.strategies.base import Strategy, accumulator_dtype
+from fedstream.server.strategies.base import Strategy, accumulator_dtype, add_in_place
+from fedstream.server.strategies.server_optimizer import ServerOptimizer
 from fedstream.server.updates import VerifiedUpdate
 
 
@@ -65,10 +66,33 @@ def flat_slice(
 
 
 class HoldingStrategy(Strategy):
-    """A strategy that reads all of its round's updates at the end and is stateless
-    between rounds: nothing to prepare, nothing to fold as updates arrive."""
+    """A strategy that reads all of its round's updates at the end: nothing to prepare,
+    nothing to fold as updates arrive.
+
+    Its robust aggregate is the step: w <- w + step, or, given a `server_step` (FedAvgM,
+    FedAdam, FedYogi, FedAdagrad: `--robust-optimizer`), that optimiser's move with the
+    robust aggregate as its pseudo-gradient in place of the mean delta. The optimiser's
+    slots are then this strategy's state across rounds, in the checkpoint.
+    """
 
     holds_updates = True
+    server_step: ServerOptimizer | None = None
 
     def begin_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
         """Nothing to prepare: the round keeps the spools, `aggregate` reads them."""
+
+    def apply_step(
+        self, global_tensors: Mapping[str, torch.Tensor], step: dict[str, torch.Tensor]
+    ) -> None:
+        """Move the model by the round's robust aggregate `step` (consumed)."""
+        if self.server_step is None:
+            add_in_place(global_tensors, step)
+        else:
+            self.server_step.apply(global_tensors, step)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.server_step is None else self.server_step.state_tensors()
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if self.server_step is not None:
+            self.server_step.load_state_tensors(tensors)

@@ -14,8 +14,8 @@ Unweighted by design: a client's claimed number of examples does not move the re
 The round's spools are read block by block in lockstep (`robust.lockstep`): memory is the
 model, the aggregate (float32, float64 for float64 models) and N blocks.
 
-Not yet a pseudo-gradient for the server optimisers (FedAvgM, FedAdam): they fold each
-update as it arrives and would have to hold the round's spools instead.
+With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
+pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.server.strategies.base import add_in_place
 from fedstream.server.strategies.robust import (
     HoldingStrategy,
     flat_slice,
@@ -64,4 +63,4 @@ class TrimmedMean(HoldingStrategy):
         step = zeros_like_model(global_tensors)
         for name, start, rows in lockstep(updates):
             flat_slice(step, name, start, rows.shape[1]).copy_(trimmed_mean(rows, trim))
-        add_in_place(global_tensors, step)
+        self.apply_step(global_tensors, step)

@@ -25,6 +25,7 @@ from fedstream.server.config import (
     RoundsConfig,
     SecurityConfig,
     ServerConfig,
+    StatusConfig,
     StrategyConfig,
     TransportConfig,
     UplinkConfig,
@@ -359,6 +360,7 @@ SERVER_COMPONENTS = [
     UplinkConfig,
     StrategyConfig,
     EvaluationConfig,
+    StatusConfig,
 ]
 
 
@@ -378,6 +380,7 @@ SERVER_PRECEDENCE = [
     ("uplink_codec", '"int8"', "fp16", "topk", "int8", "fp16", "topk"),
     ("server_lr", "0.5", "0.25", "0.125", 0.5, 0.25, 0.125),
     ("eval_every", "2", "3", "4", 2, 3, 4),
+    ("status_address", '"127.0.0.1:7"', "127.0.0.1:8", "", "127.0.0.1:7", "127.0.0.1:8", ""),
 ]
 
 
@@ -439,6 +442,7 @@ BAD_VALUES: list[tuple[type, str, Any]] = [
     (StrategyConfig, "tau", 0.0),
     (EvaluationConfig, "eval_every", -1),
     (EvaluationConfig, "eval_timeout", 0.0),
+    (StatusConfig, "status_address", "no-port"),
     (ServerConfig, "keep_checkpoints", 0),
     (ServerConfig, "threads", -1),
 ]
@@ -455,3 +459,10 @@ def test_each_component_validates_its_own_fields(component: type, name: str, bad
         component(**{name: bad}).validate()
     with pytest.raises(ConfigError, match=name):
         ServerConfig(**{name: bad}).validate()
+
+
+def test_a_status_page_off_loopback_needs_tls_or_insecure() -> None:
+    with pytest.raises(ConfigError, match="status_address 0.0.0.0:8080 is not loopback"):
+        ServerConfig(status_address="0.0.0.0:8080").validate()
+    ServerConfig(status_address="0.0.0.0:8080", insecure=True).validate()
+    ServerConfig(status_address="").validate()  # no status page

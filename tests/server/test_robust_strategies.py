@@ -24,6 +24,7 @@ from fedstream.server.strategies import (
     TrimmedMean,
     build_strategy,
 )
+from fedstream.server.strategies.base import MeanOfUpdates
 from fedstream.server.updates import VerifiedUpdate
 
 from .conftest import TinyModel
@@ -351,3 +352,34 @@ def test_ties_everywhere_agree_with_the_references(n: int) -> None:
     expect_step(TrimmedMean(0.2), ups, trimmed_reference(ups, 0.2))
     expect_step(Krum(1, 1), ups, krum_reference(ups, 1, 1))
     expect_step(Krum(1, 2), ups, krum_reference(ups, 1, 2))
+
+
+@pytest.mark.parametrize("optimizer", ["fedavgm", "fedadam"])
+def test_a_robust_aggregate_drives_a_server_optimiser_as_its_pseudo_gradient(
+    optimizer: str,
+) -> None:
+    """Two rounds of median + optimiser equal the optimiser stepped by hand with the
+    coordinate-wise median as its delta, slots carried in the strategy's state."""
+    config = StrategyConfig(strategy="median", robust_optimizer=optimizer, server_lr=0.5)
+    robust = build_strategy(config)
+    by_hand = build_strategy(StrategyConfig(strategy=optimizer, server_lr=0.5))
+    assert isinstance(by_hand, MeanOfUpdates)
+    got = model()
+    want = model()
+    for seed in (1, 2):
+        ups = deltas(5, seed)
+        updates = verified(ups)
+        robust.begin_round(got)
+        robust.aggregate(updates, got)
+        median = {name: m.reshape(want[name].shape) for name, m in median_reference(ups).items()}
+        by_hand.apply(want, {name: m.float() for name, m in median.items()})
+    for name in want:
+        tol = 1e-2 if want[name].dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got[name].double(), want[name].double(), rtol=tol, atol=tol)
+    assert robust.state_tensors().keys() == by_hand.state_tensors().keys() != set()
+
+
+def test_robust_optimizer_needs_a_robust_strategy() -> None:
+    with pytest.raises(ConfigError, match="robust_optimizer needs a robust strategy"):
+        StrategyConfig(strategy="fedavg", robust_optimizer="fedadam").validate()
+    StrategyConfig(strategy="krum", robust_optimizer="fedadam").validate()

@@ -163,19 +163,21 @@ def test_an_update_within_the_outlier_factor_is_kept(tmp_path: Path) -> None:
 
 def test_a_huge_claim_is_capped_at_the_factor_times_the_median_claim(tmp_path: Path) -> None:
     """A step of 1.0 claiming 10^12 examples against two of 0 claiming 10: weighed as
-    3 x 10 = 30, it moves the model by 30 / 50, not by ~1."""
+    the median claim, 10 (the default factor 1), it moves the model by 10 / 30, not by ~1;
+    with a factor of 3, by 30 / 50."""
 
-    async def scenario() -> None:
-        h = Harness(tmp_path, min_clients=3)
+    async def scenario(factor: float, moved: float) -> None:
+        h = Harness(tmp_path / str(factor), min_clients=3, claim_cap_factor=factor)
         running, _ = await h.start("a", "b", "c")
         await h.upload("a", 0, value=0.0, num_examples=10)
         await h.upload("b", 1, value=0.0, num_examples=10)
         await h.upload("c", 2, value=1.0, num_examples=10**12)
         await asyncio.wait_for(running, REAL_DEADLINE_S)
-        torch.testing.assert_close(final_w(h), START + 30 / 50, rtol=0, atol=1e-6)
+        torch.testing.assert_close(final_w(h), START + moved, rtol=0, atol=1e-6)
         assert records(h)[0]["capped_examples"] == 1
 
-    run(scenario)
+    run(lambda: scenario(1.0, 10 / 30))
+    run(lambda: scenario(3.0, 30 / 50))
 
 
 def test_max_examples_caps_every_claim(tmp_path: Path) -> None:
