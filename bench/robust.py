@@ -231,6 +231,7 @@ def main() -> int:
     ]
     print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store}", flush=True)
     lock = threading.Lock()
+    finished: list[str] = []
     started = time.monotonic()
 
     def one(index: int, k: str, label: str, run: ClusterRun) -> None:
@@ -240,9 +241,10 @@ def main() -> int:
         result = summary(label, run, outcome, code)
         with lock:
             known[k] = result
+            finished.append(k)
             store.write_text(json.dumps(list(known.values()), indent=1) + "\n")
             print(
-                f"[{len(known)}/{len(runs)}] {label}, {run.attack} x{run.malicious}: "
+                f"[{len(finished)}/{len(todo)}] {label}, {run.attack} x{run.malicious}: "
                 f"accuracy {[round(a, 3) for a in outcome.accuracy]}, checkpoint finite "
                 f"{outcome.checkpoint_finite}, exits {list(outcome.exit_codes.values())}, "
                 f"{outcome.seconds:.0f}s",

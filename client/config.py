@@ -52,6 +52,10 @@ class ClientConfig:
     as FEDSTREAM_CLIENT_TOKEN than on the command line."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
+    progress_file: Path | None = None
+    """JSON file this client keeps its current download, training or upload in, for
+    another process to show (fedstream demo does); progress itself goes to stderr: bars on
+    a terminal, log lines otherwise."""
 
     def validate(self) -> None:
         host, sep, port = self.server.rpartition(":")

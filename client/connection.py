@@ -24,7 +24,7 @@ from fedstream.client.held_model import HeldModel
 from fedstream.common.codecs import wire_chunks
 from fedstream.common.errors import WireError
 from fedstream.common.framing import MalformedChunk, frame_data
-from fedstream.common.progress import TransferProgress
+from fedstream.common.progress import LogLines, ProgressView, Tracker
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import bearer_metadata, stub
 from fedstream.common.tensor_codec import Manifest
@@ -185,8 +185,10 @@ class Connection:
         ca: Path | None = None,
         cert: Path | None = None,
         key: Path | None = None,
+        progress: ProgressView | None = None,
     ) -> None:
         self.target = target
+        self.progress = progress or ProgressView([LogLines(log)])
         self.chunk_bytes = chunk_bytes
         self.stall_timeout = stall_timeout
         self.ca = ca
@@ -250,7 +252,7 @@ class Connection:
         """
         held: HeldModel | None = None
         backoff = Backoff(cap=5.0)
-        progress: TransferProgress | None = None
+        progress: Tracker | None = None
         for attempt in range(1, attempts + 1):
             offset = held.bytes_written if held is not None else 0
             request = pb.DownloadRequest(
@@ -273,8 +275,8 @@ class Connection:
                         expected.require_same_layout(received)
                         if held is None:
                             held = HeldModel(received, version)
-                            progress = TransferProgress(
-                                log, f"download of model v{version}", received.total_bytes
+                            progress = self.progress.start(
+                                "download", f"download of model v{version}", received.total_bytes
                             )
                         else:
                             held.manifest.require_same_layout(received)
@@ -287,11 +289,13 @@ class Connection:
                     got = held.bytes_written if held else 0
                     total = held.manifest.total_bytes if held else "?"
                     raise WireError(f"download ended after {got} of {total} bytes")
-                if progress is not None and progress.total >= 64 << 20:
-                    log.info("download of model v%d: %s", version, progress.summary())
+                if progress is not None:
+                    progress.finish()
                 return held
             except BaseException as exc:
                 if not _resumable(exc, watchdog) or attempt == attempts:
+                    if progress is not None:
+                        progress.finish()
                     if held is not None:
                         held.close()  # a failed download leaves no file behind
                     raise
@@ -315,17 +319,16 @@ class Connection:
     ) -> pb.UploadReply:
         """Stream one update: the header, then the bytes of `pieces` (in manifest order)."""
         header.manifest.CopyFrom(manifest.to_proto())
-        progress = TransferProgress(log, f"upload for round {header.round}", manifest.total_bytes)
 
-        def messages() -> Iterator[pb.UpdateChunk | bytes]:
+        def messages(progress: Tracker) -> Iterator[pb.UpdateChunk | bytes]:
             yield pb.UpdateChunk(header=header)
             for chunk in wire_chunks(manifest, pieces, session.chunk_bytes):
                 yield frame_data(chunk)
                 progress.advance(len(chunk))
 
-        reply: pb.UploadReply = self._upload(messages(), metadata=session.metadata)
-        if manifest.total_bytes >= 64 << 20:
-            log.info("upload for round %d: %s", header.round, progress.summary())
+        label = f"upload for round {header.round}"
+        with self.progress.track("upload", label, manifest.total_bytes) as progress:
+            reply: pb.UploadReply = self._upload(messages(progress), metadata=session.metadata)
         return reply
 
 

@@ -32,6 +32,7 @@ from fedstream.client.uplink import Deltas, UplinkEncoder
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import FedstreamError, InvalidManifest
 from fedstream.common.memory import reuse_chunk_buffers
+from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.tensor_codec import Manifest
@@ -70,11 +71,10 @@ class FederatedClient:
         self.config = config
         self.task = task
         self.model = task.build_model().to(task.device)
-        state = self.model.state_dict()
-        self.layout = Manifest.from_tensors(
-            {name: state[name] for name in exchanged_names(task, self.model)}
-        )
+        self.layout = Manifest.of_model(self.model.state_dict(), exchanged_names(task, self.model))
+        """What this client exchanges: tied tensors follow their source as they share it."""
         self.uplink = UplinkEncoder()
+        self.progress = progress_view(log, config.progress_file)
         self.connection = Connection(
             config.server,
             config.chunk_bytes,
@@ -82,6 +82,7 @@ class FederatedClient:
             ca=config.ca,
             cert=config.cert,
             key=config.key,
+            progress=self.progress,
         )
         self.session: Session | None = None
         self.held: HeldModel | None = None
@@ -204,10 +205,16 @@ class FederatedClient:
             raise Refused(f"cannot encode updates as the coordinator asks: {exc}") from exc
         started = time.monotonic()
         gradient = config.get("mode") == "gradient"
-        if gradient:
-            result = self.task.compute_gradient(self.model, config)
-        else:
-            result = self.task.train(self.model, config)
+        what = "computing the gradient" if gradient else "training"
+        with self.progress.track("train", f"round {task.round}: {what}", 0, "steps") as bar:
+            self.task.progress_hook = bar.update
+            try:
+                if gradient:
+                    result = self.task.compute_gradient(self.model, config)
+                else:
+                    result = self.task.train(self.model, config)
+            finally:
+                self.task.progress_hook = None
         log.info(
             "round %d: %s on %d examples in %.1fs (%s)",
             task.round,

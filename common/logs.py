@@ -10,13 +10,24 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 
+class CurrentStderr:
+    """sys.stderr as it is at each write: while a live progress display is drawn, it stands
+    in for sys.stderr and prints log lines above itself (`common/progress_bars.py`)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def setup_logging(level: str, role: str) -> None:
     """Timestamped lines on stderr, tagged with the process's role (server, client-0, ...)."""
     logging.basicConfig(
         level=level.upper(),
         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        stream=CurrentStderr(),
         force=True,
     )
 

@@ -7,6 +7,11 @@ receiver validates the manifest before allocating anything (`Manifest.from_proto
 then writes each chunk where it belongs as it arrives (a client into its held copy of
 the model, `client/held_model.py`; the coordinator into an upload's spool).
 
+Tensors that share memory (tied weights) travel once: the manifest lists the first in
+the stream and names the others as its ties (`TensorTie`, found by `find_ties`). The
+ties are part of the layout, and so of its digest: a receiver whose model is tied
+differently is refused before any byte moves.
+
 Bytes are always taken through a `torch.uint8` view, never through a numpy array of the
 tensor's own dtype: numpy has no bfloat16, and the raw bits are what must survive.
 """
@@ -67,6 +72,38 @@ class TensorEntry:
 
 
 @dataclass(frozen=True)
+class TensorTie:
+    """A tensor that does not travel: `name` is the same memory as `source`, which does."""
+
+    name: str
+    source: str
+
+
+def find_ties(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """{name: source} for every tensor of `tensors` that is the very same view of memory
+    (storage, offset, shape, strides, dtype) as an earlier one, its source.
+
+    Tensors that merely overlap are not ties; they travel separately, as any others do.
+    """
+    first: dict[tuple[object, ...], str] = {}
+    ties: dict[str, str] = {}
+    for name, tensor in tensors.items():
+        key = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
+        if tensor.numel() and key in first:
+            ties[name] = first[key]
+        else:
+            first.setdefault(key, name)
+    return ties
+
+
+@dataclass(frozen=True)
 class ManifestLimits:
     """Bounds a received manifest must respect before anything is allocated for it."""
 
@@ -88,6 +125,7 @@ class Manifest:
 
     entries: tuple[TensorEntry, ...]
     codec: str = "raw"
+    ties: tuple[TensorTie, ...] = ()
 
     @cached_property
     def total_bytes(self) -> int:
@@ -98,13 +136,32 @@ class Manifest:
         return tuple(entry.name for entry in self.entries)
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], codec: str = "raw") -> Manifest:
-        """The manifest of `tensors`, in the mapping's order."""
+    def from_tensors(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        codec: str = "raw",
+        ties: Mapping[str, str] | None = None,
+    ) -> Manifest:
+        """The manifest of `tensors`, in the mapping's order, with `ties` ({name: source},
+        sources among `tensors`) riding along."""
         entries = []
         for name, tensor in tensors.items():
             dtype_name(tensor.dtype)
             entries.append(TensorEntry(name, tensor.dtype, tuple(tensor.shape)))
-        return cls(tuple(entries), codec)
+        tied = tuple(TensorTie(name, source) for name, source in (ties or {}).items())
+        for tie in tied:
+            if tie.source not in tensors or tie.name in tensors:
+                raise ValueError(f"tie {tie.name!r} -> {tie.source!r} is not onto a tensor sent")
+        return cls(tuple(entries), codec, tied)
+
+    @classmethod
+    def of_model(cls, state: Mapping[str, torch.Tensor], names: Iterable[str]) -> Manifest:
+        """The manifest of the tensors `names` of a model's `state`: a tensor that shares
+        memory with an earlier one of them is not sent but named as its tie."""
+        chosen = {name: state[name] for name in names}
+        ties = find_ties(chosen)
+        sent = {name: tensor for name, tensor in chosen.items() if name not in ties}
+        return cls.from_tensors(sent, ties=ties)
 
     def to_proto(self) -> pb.Manifest:
         return pb.Manifest(
@@ -118,6 +175,7 @@ class Manifest:
                 for entry in self.entries
             ],
             codec=self.codec,
+            ties=[pb.TensorTie(name=tie.name, source=tie.source) for tie in self.ties],
         )
 
     @classmethod
@@ -181,7 +239,7 @@ class Manifest:
                     f"{limits.max_total_bytes}"
                 )
             entries.append(entry)
-        return cls(tuple(entries), msg.codec)
+        return cls(tuple(entries), msg.codec, _ties_from_proto(msg, seen, limits))
 
     def digest(self) -> str:
         """Hex SHA-256 of this layout (names, dtypes, shapes, codec): two models with the
@@ -193,7 +251,17 @@ class Manifest:
 
         `self` is the expected layout (the global model), `other` the received one.
         The codec is not compared: it says how the bytes are encoded, not what they are.
+        The ties are: a model tied differently is a different model.
         """
+        if other.ties != self.ties:
+            raise InvalidManifest(
+                f"expected tied tensors [{_tie_list(self.ties)}], got [{_tie_list(other.ties)}]"
+            )
+        self.require_same_tensors(other)
+
+    def require_same_tensors(self, other: Manifest) -> None:
+        """`require_same_layout` for the tensors of the stream alone, ties not compared (a
+        checkpoint, which holds what travels, against the model's layout)."""
         if len(other.entries) != len(self.entries):
             raise InvalidManifest(f"expected {len(self.entries)} tensors, got {len(other.entries)}")
         for index, (want, got) in enumerate(zip(self.entries, other.entries, strict=True)):
@@ -210,6 +278,40 @@ class Manifest:
                 raise InvalidManifest(
                     f"{where}: expected shape {list(want.shape)}, got {list(got.shape)}"
                 )
+
+
+def _tie_list(ties: tuple[TensorTie, ...]) -> str:
+    shown = ", ".join(f"{_short(t.name)} = {_short(t.source)}" for t in ties[:3])
+    return shown + (f", ... ({len(ties)} in all)" if len(ties) > 3 else "")
+
+
+def _ties_from_proto(
+    msg: pb.Manifest, sent: set[str], limits: ManifestLimits
+) -> tuple[TensorTie, ...]:
+    """The manifest's ties, checked: each names a tensor not in the stream, once, tied
+    to one that is."""
+    if len(msg.ties) > limits.max_tensors:
+        raise LimitExceeded(
+            f"manifest lists {len(msg.ties)} tied tensors; the limit is {limits.max_tensors}"
+        )
+    ties = []
+    named: set[str] = set()
+    for index, tie in enumerate(msg.ties):
+        where = f"tie {index} ({_short(tie.name)})"
+        if not tie.name:
+            raise InvalidManifest(f"tie {index}: name is empty")
+        if len(tie.name.encode()) > limits.max_name_bytes:
+            raise LimitExceeded(
+                f"{where}: name is {len(tie.name.encode())} bytes; "
+                f"the limit is {limits.max_name_bytes}"
+            )
+        if tie.name in sent or tie.name in named:
+            raise InvalidManifest(f"{where}: the name is already in the manifest")
+        if tie.source not in sent:
+            raise InvalidManifest(f"{where}: source {_short(tie.source)} is not in the stream")
+        named.add(tie.name)
+        ties.append(TensorTie(tie.name, tie.source))
+    return tuple(ties)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -1,8 +1,10 @@
 """`fedstream demo`: a whole local cluster as real processes on loopback.
 
 One `fedstream server` and N `fedstream client` processes, started through the same CLI
-a user types, each logging to RUN_DIR/logs/. Rounds are shown as they complete, and a
-summary table closes the run.
+a user types, each logging to RUN_DIR/logs/. Their progress is shown as it happens (the
+coordinator's line about the round in flight, each client's download, training and
+upload: `fedstream/demo_view.py`), rounds as they complete, and a summary table closes
+the run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any, TextIO
 
 from fedstream.common.codecs import CODEC_NAMES
 from fedstream.common.config import CHOICES, ConfigError
+from fedstream.demo_view import DemoView
 from fedstream.server.strategies import STRATEGIES
+
+MIB = 1 << 20
 
 
 @dataclass
@@ -107,18 +112,35 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+SUMMARY_COLUMNS = (
+    ("MiB down", "bytes_down", 1 / MIB, "{:>10.1f}"),
+    ("MiB up", "bytes_up", 1 / MIB, "{:>10.1f}"),
+    ("seconds", "duration_s", 1.0, "{:>10.1f}"),
+    ("coord MiB", "coordinator_peak_rss_mb", 1.0, "{:>10.0f}"),
+)
+"""Beyond the metrics: (header, key, scale, format) of the bytes moved each round, the
+round's time and the coordinator's peak resident memory so far."""
+
+
 def _format_row(record: dict[str, Any], keys: list[str]) -> str:
     cells = [f"{record['round']:>5}"]
     for key in keys:
         value = record.get(key)
         cells.append(f"{value:>14.4f}" if isinstance(value, float) else f"{value!s:>14}")
-    cells.append(f"{record.get('duration_s', 0):>9.1f}")
+    for _, key, scale, form in SUMMARY_COLUMNS:
+        value = record.get(key)
+        if isinstance(value, int | float):
+            cells.append(form.format(value * scale))
+        else:
+            cells.append(f"{'-':>10}")
     return "  ".join(cells)
 
 
 def print_summary(history: list[dict[str, Any]], out: TextIO = sys.stdout) -> None:
     keys = sorted({k for r in history for k in r if k.startswith(("eval_", "train_"))})
-    header = "  ".join([f"{'round':>5}", *[f"{k:>14}" for k in keys], f"{'seconds':>9}"])
+    header = "  ".join(
+        [f"{'round':>5}", *[f"{k:>14}" for k in keys], *[f"{c[0]:>10}" for c in SUMMARY_COLUMNS]]
+    )
     print(header, file=out)
     print("-" * len(header), file=out)
     for record in history:
@@ -129,6 +151,8 @@ def main(config: DemoConfig) -> int:
     _clear_run_dir(config.run_dir)
     logs = config.run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    progress = config.run_dir / "progress"
+    progress.mkdir()
     fedstream = [sys.executable, "-m", "fedstream"]
     common = [
         "--task",
@@ -160,6 +184,7 @@ def main(config: DemoConfig) -> int:
                 "--rounds", str(config.rounds),
                 "--min-clients", str(config.clients),
                 "--done-grace", "10",
+                "--progress-file", str(progress / "server.json"),
                 *common,
                 *_pairs("--round-config", config.round_config),
                 *config.server_flags(),
@@ -177,29 +202,39 @@ def main(config: DemoConfig) -> int:
                     "--num-partitions", str(config.clients),
                     "--name", f"demo-client-{i}",
                     "--threads", "1",
+                    "--progress-file", str(progress / f"client-{i}.json"),
                     *common,
                 ],
             )  # fmt: skip
         shown = 0
         started = time.monotonic()
         running = True
-        while running:
-            running = any(p.poll() is None for p in processes.values())
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"demo did not finish within {config.timeout:.0f}s")
-            history = _read_metrics(config.run_dir / "metrics.jsonl")
-            for record in history[shown:]:
-                metrics = ", ".join(
-                    f"{k}={v:.4f}" for k, v in record.items() if k.startswith("eval_")
-                )
-                print(
-                    f"[{time.monotonic() - started:6.1f}s] round {record['round']}/"
-                    f"{config.rounds}: {record['updates']} updates, {metrics or 'no eval'}",
-                    flush=True,
-                )
-            shown = len(history)
-            if running:
-                time.sleep(0.2)
+        names = ["coordinator", *(f"client-{i}" for i in range(config.clients))]
+        files = [
+            progress / "server.json",
+            *(progress / f"client-{i}.json" for i in range(config.clients)),
+        ]
+        view = DemoView(dict(zip(names, files, strict=True)))
+        try:
+            while running:
+                running = any(p.poll() is None for p in processes.values())
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"demo did not finish within {config.timeout:.0f}s")
+                history = _read_metrics(config.run_dir / "metrics.jsonl")
+                for record in history[shown:]:
+                    metrics = ", ".join(
+                        f"{k}={v:.4f}" for k, v in record.items() if k.startswith("eval_")
+                    )
+                    view.print(
+                        f"[{time.monotonic() - started:6.1f}s] round {record['round']}/"
+                        f"{config.rounds}: {record['updates']} updates, {metrics or 'no eval'}"
+                    )
+                shown = len(history)
+                view.refresh()
+                if running:
+                    time.sleep(0.2)
+        finally:
+            view.close()
     except (TimeoutError, RuntimeError, KeyboardInterrupt) as exc:
         print(f"demo failed: {exc!r}", file=sys.stderr)
         for proc in processes.values():

@@ -432,6 +432,10 @@ class ServerConfig(
     """Torch CPU threads (0 keeps torch's default); 1 where clients share the machine."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
+    progress_file: Path | None = None
+    """JSON file the coordinator keeps its line about the round in flight in, for another
+    process to show (fedstream demo does); the line itself goes to stderr: redrawn in place
+    on a terminal, logged every few seconds otherwise."""
 
     def validate(self) -> None:
         """Every component's checks, then the run's own."""

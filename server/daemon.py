@@ -20,6 +20,7 @@ from fedstream.common.tls import server_credentials
 from fedstream.server.config import ServerConfig, is_loopback
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.live_state import LiveState
+from fedstream.server.progress_line import RoundLine
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.servicer import CoordinatorServicer
 from fedstream.server.status_server import StatusServer
@@ -78,6 +79,7 @@ class CoordinatorDaemon:
         identity = run_identity(config, task)
         store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
         self.coordinator = Coordinator(config, task, strategy, store)
+        store.run_id = self.coordinator.run_id
         self.coordinator.restore()
         options = grpc_options(config.max_chunk_bytes, header_room(self.coordinator))
         self.server = grpc.aio.server(options=options)
@@ -87,6 +89,7 @@ class CoordinatorDaemon:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = ""
+        self._round_line: asyncio.Task[None] | None = None
         self.status = StatusServer(self.live, config) if config.status_address else None
 
     async def start(self) -> str:
@@ -119,6 +122,8 @@ class CoordinatorDaemon:
             },
         )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        line = RoundLine(self.coordinator, file=config.progress_file)
+        self._round_line = asyncio.create_task(line.run())
         security = "mutual TLS" if config.client_ca else "TLS" if config.tls else "plaintext"
         log.info(
             "coordinator listening on %s, %s (run %s)",
@@ -140,6 +145,10 @@ class CoordinatorDaemon:
         await self.coordinator.wait_clients_told(self.config.done_grace)
 
     async def stop(self) -> None:
+        if self._round_line is not None:
+            self._round_line.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._round_line
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace=2.0)
         if self.status is not None:

@@ -23,29 +23,31 @@ class GlobalModel:
 
     The tensors share storage with the model's parameters, so evaluating the module sees
     the current weights and no second copy exists. Tensors not exchanged stay as the
-    task built them.
+    task built them. Of tensors tied to one another only the first is held and sent; the
+    manifest names the others as its ties, and they follow it since they are its memory.
     """
 
     def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
         self.module = module
         state = module.state_dict()
-        self.tensors: dict[str, torch.Tensor] = {name: state[name] for name in names}
+        self.manifest = Manifest.of_model(state, names)
+        self.tensors: dict[str, torch.Tensor] = {name: state[name] for name in self.manifest.names}
         for name, tensor in self.tensors.items():
             if not tensor.is_contiguous():
                 raise ValueError(f"model tensor {name!r} is not contiguous")
-        self.manifest = Manifest.from_tensors(self.tensors)
         self.version = 0
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        Manifest.from_tensors(tensors).require_same_layout(self.manifest)
+        self.manifest.require_same_tensors(Manifest.from_tensors(tensors))
         with torch.no_grad():
             for name, target in self.tensors.items():
                 target.copy_(tensors[name])
 
     def summary(self) -> str:
         params = sum(e.numel for e in self.manifest.entries)
+        tied = f" ({len(self.manifest.ties)} more tied to them)" if self.manifest.ties else ""
         return (
-            f"{len(self.manifest.entries)} tensors, {params:,} parameters, "
+            f"{len(self.manifest.entries)} tensors{tied}, {params:,} parameters, "
             f"{self.manifest.total_bytes / 2**20:.1f} MiB exchanged"
         )
 

@@ -65,6 +65,8 @@ class UploadIntake:
         self.clock = clock
         self.slots = asyncio.Semaphore(max_uploads)
         """Uploads spooling at once; the others wait for a slot, their bytes left unread."""
+        self.received_bytes = 0
+        """Upload bytes received since the coordinator started, refused ones included."""
         self._writer = concurrent.futures.ThreadPoolExecutor(2, "spool-writer")
         self._files = SpoolFiles(spool_dir, max_idle=max_uploads)
 
@@ -121,6 +123,7 @@ class UploadIntake:
         try:
             async for chunk in chunks:
                 floor.add(len(chunk))
+                self.received_bytes += len(chunk)
                 if writing is not None:
                     await asyncio.wrap_future(writing)
                 # A thread writes each chunk while the next one arrives: the write system

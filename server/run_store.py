@@ -143,6 +143,8 @@ class RunStore:
         """Where the run's starting weights came from (ORIGIN_KEYS), when not from the task."""
         self._last_plot = -math.inf
         self._plot_pending = False
+        self.run_id = ""
+        """The coordinator's run id, for the plot's title."""
         self.checkpoint_dir = run_dir / "checkpoints"
         self.metrics_path = run_dir / "metrics.jsonl"
         self.plot_path = run_dir / "metrics.png"
@@ -328,8 +330,12 @@ class RunStore:
         tmp.write_text("".join(strict_json(r) + "\n" for r in history))
         tmp.replace(self.metrics_path)
 
+    def plot_title(self) -> str:
+        run = f"run {self.run_id}" if self.run_id else f"run {self.run_dir.name}"
+        return f"{run} · task {self.identity.task}"
+
     def plot(self, force: bool = True) -> None:
-        """Every numeric metric per round, one panel each, into metrics.png.
+        """The metrics per round, bytes moved and round times, into metrics.png.
 
         Drawn by a child process from metrics.jsonl, so the daemon's memory and GIL stay
         out of it; a failed plot is logged, never fatal. Unless `force`, at most every
@@ -344,7 +350,7 @@ class RunStore:
         self._plot_pending = False
         command = [sys.executable, "-m", "fedstream.common.plot"]
         done = subprocess.run(
-            [*command, str(self.metrics_path), str(self.plot_path)],
+            [*command, str(self.metrics_path), str(self.plot_path), self.plot_title()],
             capture_output=True,
             text=True,
             check=False,
@@ -369,7 +375,7 @@ def _check_model(path: Path, model: Mapping[str, torch.Tensor], expected: Manife
     """InvalidCheckpoint when `model` is not the `expected` layout or holds a value that
     is not finite."""
     try:
-        expected.require_same_layout(Manifest.from_tensors(model))
+        expected.require_same_tensors(Manifest.from_tensors(model))
     except InvalidManifest as exc:
         raise InvalidCheckpoint(f"{path} does not hold this model: {exc}") from None
     for name, tensor in model.items():

@@ -4,7 +4,9 @@ package; they never import each other.
 
 The built-in tasks run with no download: `digits` (an MLP on scikit-learn's digits),
 `charlm` and `charlm-lora` (a small character-level GPT on CPython's pydoc topics, fully
-or through LoRA adapters) and `synthetic` (weights of any size, for benchmarks).
+or through LoRA adapters), `hf-causal-lm` (a transformers GPT-2 or Llama on the same text,
+fully or through PEFT adapters; needs the `hf` extra) and `synthetic` (weights of any
+size, for benchmarks).
 """
 
 from fedstream.tasks.task import (

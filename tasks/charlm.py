@@ -1,23 +1,18 @@
 """Built-in task `charlm`: a small byte-level GPT on the text of CPython's pydoc topics.
 
-`pydoc_data.topics.topics` (about 80 topics, 460 KB of reference text) ships with every
-CPython, so the task needs no download; its text changes a little between Python versions.
-Tokens are UTF-8 bytes (a vocabulary of 256), so no vocabulary has to be agreed between
-processes. Topics sorted by name; every tenth is held out for evaluation, and the rest are
-dealt to clients by topic, which makes the clients' text differ in subject matter (non-IID).
+The text, its split and its byte tokens are `fedstream.tasks.bytetext`'s: no download.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Mapping
-from pydoc_data.topics import topics
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TrainResult
+from fedstream.tasks.bytetext import encode, eval_windows, heldout_tokens, split_topics, windows
 from fedstream.tasks.gpt import GPT, GPTConfig
 from fedstream.tasks.training import (
     ProximalTerm,
@@ -28,39 +23,6 @@ from fedstream.tasks.training import (
     evaluating,
     seeded_rng,
 )
-
-HELDOUT_EVERY = 10
-"""Topic i (in name order) is held out when i % HELDOUT_EVERY == 0."""
-EVAL_WINDOWS = 64
-"""Evaluation scores this many windows, evenly spaced over the held-out text."""
-
-
-@functools.cache
-def _split_topics() -> tuple[list[str], list[str]]:
-    """(training topic texts, held-out topic texts), each in topic-name order."""
-    texts = [topics[name] for name in sorted(topics)]
-    train = [text for i, text in enumerate(texts) if i % HELDOUT_EVERY]
-    heldout = [text for i, text in enumerate(texts) if not i % HELDOUT_EVERY]
-    return train, heldout
-
-
-def _encode(texts: list[str]) -> torch.Tensor:
-    """The texts joined by blank lines, as a 1-D int64 tensor of UTF-8 bytes."""
-    data = "\n\n".join(texts).encode("utf-8")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
-
-
-@functools.cache
-def _heldout_tokens() -> torch.Tensor:
-    return _encode(_split_topics()[1])
-
-
-def _windows(
-    tokens: torch.Tensor, starts: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and next-token targets, (len(starts), block_size) each, from `tokens`."""
-    chunks = tokens[starts.unsqueeze(1) + torch.arange(block_size + 1)]
-    return chunks[:, :-1], chunks[:, 1:]
 
 
 class CharLMTask(Task):
@@ -94,12 +56,12 @@ class CharLMTask(Task):
         """Take training topic j (in name order, held-out topics skipped) when
         j % num_partitions == partition."""
         check_partition(partition, num_partitions)
-        train, _ = _split_topics()
+        train, _ = split_topics()
         if num_partitions > len(train):
             raise TaskError(
                 f"charlm has {len(train)} training topics, fewer than {num_partitions} partitions"
             )
-        tokens = _encode(train[partition::num_partitions])
+        tokens = encode(train[partition::num_partitions])
         if len(tokens) <= self.config.block_size:
             raise TaskError(
                 f"partition {partition} is shorter than block_size {self.config.block_size}"
@@ -125,7 +87,7 @@ class CharLMTask(Task):
             starts = torch.randint(
                 len(self._tokens) - block_size, (batch_size,), generator=generator
             )
-            x, y = _windows(self._tokens, starts, block_size)
+            x, y = windows(self._tokens, starts, block_size)
             yield x.to(self.device), y.to(self.device)
 
     def compute_gradient(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
@@ -145,6 +107,7 @@ class CharLMTask(Task):
 
     def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
         batches = self._batches(config)
+        total = config_int(config, "local_steps", 30)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config_float(config, "lr", 3e-3))
         proximal = ProximalTerm(model, config_float(config, "proximal_mu", 0.0))
         model.train()
@@ -161,15 +124,15 @@ class CharLMTask(Task):
             loss_sum += loss.detach()
             steps += 1
             examples += y.numel()
+            self.report_progress(steps, total)
         return TrainResult(num_examples=examples, metrics={"loss": loss_sum.item() / steps})
 
     def evaluate(self, model: nn.Module) -> EvalResult:
-        tokens = _heldout_tokens()
+        tokens = heldout_tokens()
         block_size = self.config.block_size
         if len(tokens) <= block_size:
             raise TaskError(f"held-out text is shorter than block_size {block_size}")
-        starts = torch.linspace(0, len(tokens) - block_size - 1, EVAL_WINDOWS).long()
-        x, y = (t.to(self.device) for t in _windows(tokens, starts, block_size))
+        x, y = (t.to(self.device) for t in eval_windows(tokens, block_size))
         with evaluating(model):
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
         return EvalResult(num_examples=y.numel(), metrics={"loss": loss})

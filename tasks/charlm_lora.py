@@ -12,6 +12,10 @@ projections (attention `c_attn`, which computes q, k and v, and `c_proj`; MLP `c
 training starts from the base model exactly. `exchanged_parameters` names the A and B
 matrices: only they are downloaded, uploaded and aggregated, and only they are in the
 run's checkpoints.
+
+This is the mechanism written out by hand, with no dependency, as an example of
+`exchanged_parameters`; `hf-causal-lm` with `lora=1` does the same with PEFT's adapters on
+a transformers model.
 """
 
 from __future__ import annotations

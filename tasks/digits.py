@@ -9,6 +9,7 @@ deterministic 20% of its own share out of training, for federated evaluation.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -155,8 +156,10 @@ class DigitsTask(Task):
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = 0
-        for _ in range(epochs):
-            for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
+        steps = epochs * math.ceil(len(labels) / batch_size)
+        for epoch in range(epochs):
+            batches = torch.randperm(len(labels), generator=generator).split(batch_size)
+            for step, batch in enumerate(batches, epoch * len(batches) + 1):
                 x = features[batch].to(self.device)
                 y = labels[batch].to(self.device)
                 logits = model(x)
@@ -167,6 +170,7 @@ class DigitsTask(Task):
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(dim=1) == y).sum()
                 seen += len(y)
+                self.report_progress(step, steps)
         return TrainResult(
             num_examples=len(labels),
             metrics={"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen},

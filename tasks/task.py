@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -40,6 +40,7 @@ BUILTIN_TASKS: dict[str, str] = {
     "digits": "fedstream.tasks.digits:DigitsTask",
     "charlm": "fedstream.tasks.charlm:CharLMTask",
     "charlm-lora": "fedstream.tasks.charlm_lora:CharLMLoRATask",
+    "hf-causal-lm": "fedstream.tasks.hf_causal_lm:HFCausalLMTask",
     "synthetic": "fedstream.tasks.synthetic:SyntheticTask",
 }
 
@@ -66,6 +67,9 @@ class Task(ABC):
     site_options: ClassVar[frozenset[str]] = frozenset()
     """Option keys that are each site's own (a data path): they may differ between the
     coordinator and every client, and do not count toward the run's identity on resume."""
+
+    progress_hook: Callable[[int, int], None] | None = None
+    """Where `report_progress` goes: set by the client process to its progress display."""
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         self.options: dict[str, str] = dict(options or {})
@@ -123,6 +127,13 @@ class Task(ABC):
             f"task {type(self).__name__} has no pretrained directory format: export to a "
             "file ending in .pt, .pth or .safetensors"
         )
+
+    def report_progress(self, done: int, total: int) -> None:
+        """Step `done` of `total` of the training in progress, for the person watching.
+
+        Optional: a task that never calls it is shown as training, without a bar."""
+        if self.progress_hook is not None:
+            self.progress_hook(done, total)
 
     def option(self, key: str, default: str) -> str:
         return self.options.get(key, default)

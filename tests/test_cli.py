@@ -87,6 +87,7 @@ OPTIONS: dict[str, set[str]] = {
         "--insecure",
         "--no-insecure",
         "--max-clients",
+        "--progress-file",
         "--status-address",
     },
     "client": {
@@ -109,6 +110,7 @@ OPTIONS: dict[str, set[str]] = {
         "--key",
         "--token",
         "--log-level",
+        "--progress-file",
     },
     "demo": {
         "--config",

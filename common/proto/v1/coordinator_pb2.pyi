@@ -64,23 +64,56 @@ class Manifest(_message.Message):
 
     TENSORS_FIELD_NUMBER: _builtins.int
     CODEC_FIELD_NUMBER: _builtins.int
+    TIES_FIELD_NUMBER: _builtins.int
     codec: _builtins.str
     """Codec of the byte stream; "raw" is the tensors' native bytes."""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
+    @_builtins.property
+    def ties(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorTie]:
+        """Tensors of the model that share memory with a tensor in the stream (tied weights,
+        such as a language model's output layer and its token embedding): they do not
+        travel; the receiver's model holds each as the same tensor as its source.
+        """
+
     def __init__(
         self,
         *,
         tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
         codec: _builtins.str = ...,
+        ties: _abc.Iterable[Global___TensorTie] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "tensors", b"tensors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["codec", b"codec", "tensors", b"tensors", "ties", b"ties"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Manifest: _TypeAlias = Manifest  # noqa: Y015
+
+@_typing.final
+class TensorTie(_message.Message):
+    """A tied tensor: `name` is the same memory as `source`, a tensor of the stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    source: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TensorTie: _TypeAlias = TensorTie  # noqa: Y015
 
 @_typing.final
 class ConfigValue(_message.Message):
