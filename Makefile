@@ -6,6 +6,8 @@ SHELL := /bin/bash
 
 VENV := .venv
 BIN := $(VENV)/bin
+# The package alone (what `make demo` needs), and with its dev tools (tests, lint).
+RUNTIME_STAMP := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 # The interpreter the virtual environment is made from: python3.11, else python3.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
@@ -31,14 +33,18 @@ venv: $(STAMP)
 
 # constraints.txt pins torch to the CPU wheel on local disk (a bare `torch` would fetch a
 # CUDA build) and pins the code generators the committed stubs were made with.
-$(STAMP): pyproject.toml constraints.txt
+$(RUNTIME_STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || { test -n "$(PYTHON)" || { echo "need python3.11 or python3" >&2; exit 1; }; \
 		echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e .
+	@touch $@
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	@touch $@
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(BIN)/fedstream demo --run-dir runs/demo $(DEMO_ARGS)
 
 # docker-compose is only needed by the compose test, and Debian's chromium by the status

@@ -20,9 +20,10 @@ class ClientConfig:
     task_opt: dict[str, str] = field(default_factory=dict)
     """Task option KEY=VALUE; must match the coordinator's where it shapes the model."""
     partition: int = 0
-    """Which partition of the local data this client trains on (0-based)."""
+    """Which partition of a built-in task's data this client trains on (0-based); a task
+    of your own is handed it in load_data and may ignore it."""
     num_partitions: int = 1
-    """How many partitions the data is split into."""
+    """How many partitions a built-in task's data is split into."""
     name: str = ""
     """Client identity in the federation (default: HOSTNAME-pPARTITION)."""
     seed: int = 0

@@ -36,7 +36,7 @@ from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.tensor_codec import Manifest
-from fedstream.tasks import Task, exchanged_names, load_task
+from fedstream.tasks import BUILTIN_TASKS, Task, TaskError, exchanged_names, load_task
 
 log = logging.getLogger(__name__)
 
@@ -394,18 +394,17 @@ def main(config: ClientConfig) -> int:
         torch.set_num_threads(config.threads)
     task = load_task(config.task, config.task_opt, config.seed)
     task.device = torch.device(config.device)
-    task.load_data(config.partition, config.num_partitions)
+    try:
+        task.load_data(config.partition, config.num_partitions)
+    except OSError as exc:  # a data file missing or unreadable: the CLI's one-line exit 2
+        raise TaskError(f"task {config.task} cannot load its data: {exc}") from None
     try:
         client = FederatedClient(config, task)
     except FedstreamError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_REFUSED
-    log.info(
-        "client %s: task %s, partition %d of %d, device %s",
-        config.name,
-        config.task,
-        config.partition,
-        config.num_partitions,
-        config.device,
-    )
+    # --partition splits a built-in task's data; a user's own task loads its site's files.
+    builtin = config.task in BUILTIN_TASKS
+    share = f", partition {config.partition} of {config.num_partitions}" if builtin else ""
+    log.info("client %s: task %s%s, device %s", config.name, config.task, share, config.device)
     return client.run()

@@ -1,5 +1,6 @@
 """The `fedstream` command: `server`, `client`, `demo`, `status` that shows a running
-coordinator, and `certs` and `token` that make credentials.
+coordinator, `certs` and `token` that make credentials, `export` that writes a run's model
+as a plain state dict, and `new` that scaffolds a project for a user's own task.
 
 Every flag can also come from a TOML file (`--config FILE`, one table per command) and
 from `FEDSTREAM_<COMMAND>_<FLAG>` environment variables; a flag beats the environment,
@@ -20,10 +21,21 @@ from fedstream.common.config import ConfigError, add_arguments, field_docs, load
 from fedstream.common.errors import FedstreamError
 from fedstream.common.logs import setup_logging
 from fedstream.demo import DemoConfig
+from fedstream.export import ExportConfig
+from fedstream.scaffold import NewConfig
 from fedstream.server.config import ServerConfig
 from fedstream.status import StatusConfig
 
-Config = ServerConfig | ClientConfig | DemoConfig | StatusConfig | CertsConfig | TokenConfig
+Config = (
+    ServerConfig
+    | ClientConfig
+    | DemoConfig
+    | StatusConfig
+    | CertsConfig
+    | TokenConfig
+    | ExportConfig
+    | NewConfig
+)
 
 COMMANDS: dict[str, tuple[type[Config], str]] = {
     "server": (ServerConfig, "run the coordinator daemon"),
@@ -35,11 +47,18 @@ COMMANDS: dict[str, tuple[type[Config], str]] = {
         TokenConfig,
         "make a client token: the token on stdout, the --tokens file line on stderr",
     ),
+    "export": (ExportConfig, "write a run's model as a plain state dict (or pretrained dir)"),
+    "new": (NewConfig, "scaffold a project: a package with your own Task, a test, sample data"),
 }
 
-POSITIONAL = {"token": "name", "status": "target"}
-"""Commands whose first field is a positional argument (`fedstream token NAME`); they
-take no --config file."""
+POSITIONAL: dict[str, tuple[str, ...]] = {
+    "token": ("name",),
+    "status": ("target",),
+    "export": ("run_dir",),
+    "new": ("kind", "name"),
+}
+"""Commands whose first fields are positional arguments (`fedstream token NAME`,
+`fedstream new task NAME`); they take no --config file."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (cls, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
         if name in POSITIONAL:
-            field = POSITIONAL[name]
             docs = field_docs(cast(type, cls))  # the class, not its (unhashable) instances
-            metavar = "ADDRESS|RUN_DIR" if name == "status" else field.upper()
-            sub.add_argument(field, metavar=metavar, help=docs[field])
-            add_arguments(sub, cls, exclude={field})
+            for field in POSITIONAL[name]:
+                metavar = "ADDRESS|RUN_DIR" if name == "status" else field.upper()
+                sub.add_argument(field, metavar=metavar, help=docs[field])
+            add_arguments(sub, cls, exclude=set(POSITIONAL[name]))
             continue
         sub.add_argument(
             "--config", type=Path, metavar="FILE", help=f"TOML file with a [{name}] table"
@@ -99,6 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedstream.certs import token_main
 
             return token_main(config)
+        if isinstance(config, ExportConfig):
+            from fedstream.export import main as export_main
+
+            return export_main(config)
+        if isinstance(config, NewConfig):
+            from fedstream.scaffold import main as new_main
+
+            return new_main(config)
         from fedstream.demo import main as demo_main
 
         return demo_main(config)

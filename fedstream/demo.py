@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedstream.common.config import ConfigError
+from fedstream.common.codecs import CODEC_NAMES
+from fedstream.common.config import CHOICES, ConfigError
 from fedstream.demo_view import DemoView
+from fedstream.server.strategies import STRATEGIES
 
 MIB = 1 << 20
 
@@ -40,6 +42,13 @@ class DemoConfig:
     """Run directory; a previous run there is replaced."""
     seed: int = 0
     """Run seed."""
+    strategy: str = field(default="fedavg", metadata={CHOICES: tuple(STRATEGIES)})
+    """Aggregation strategy, passed to the server."""
+    uplink_codec: str = field(default="raw", metadata={CHOICES: CODEC_NAMES})
+    """Codec of client updates, passed to the server."""
+    server_opt: dict[str, str] = field(default_factory=dict)
+    """Any other `fedstream server` flag as FLAG=VALUE, passed to the server, e.g.
+    server-lr=0.1, uplink-zstd=true, fraction=0.5, round-timeout=60, eval-every=1."""
     timeout: float = 600.0
     """Seconds after which the demo stops every process and fails."""
 
@@ -48,6 +57,29 @@ class DemoConfig:
             raise ConfigError("clients must be at least 1")
         if self.rounds < 1:
             raise ConfigError("rounds must be at least 1")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"strategy {self.strategy!r} is unknown: use one of {', '.join(STRATEGIES)}"
+            )
+        if self.uplink_codec not in CODEC_NAMES:
+            raise ConfigError(
+                f"uplink_codec must be one of {', '.join(CODEC_NAMES)}, got {self.uplink_codec!r}"
+            )
+        owned = {"address", "run-dir", "rounds", "min-clients", "task", "task-opt", "seed"}
+        for flag in self.server_opt:
+            if flag.removeprefix("--") in owned:
+                raise ConfigError(f"server_opt {flag}: the demo sets it (use its own flag)")
+
+    def server_flags(self) -> list[str]:
+        """The server's flags this demo passes through."""
+        flags = ["--strategy", self.strategy, "--uplink-codec", self.uplink_codec]
+        for flag, value in self.server_opt.items():
+            name = "--" + flag.removeprefix("--")
+            if value.lower() in ("true", "false"):  # a switch: --uplink-zstd, --no-insecure
+                flags.append(name if value.lower() == "true" else "--no-" + name[2:])
+            else:
+                flags += [name, value]
+        return flags
 
 
 def _pairs(flag: str, values: dict[str, str]) -> list[str]:
@@ -155,6 +187,7 @@ def main(config: DemoConfig) -> int:
                 "--progress-file", str(progress / "server.json"),
                 *common,
                 *_pairs("--round-config", config.round_config),
+                *config.server_flags(),
             ],
         )  # fmt: skip
         address = _wait_for_address(config.run_dir / "coordinator.json", server, 120.0)

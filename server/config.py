@@ -419,6 +419,11 @@ class ServerConfig(
     """Task option KEY=VALUE, e.g. params=100e6 for synthetic."""
     seed: int = 0
     """Seed for model initialisation, client selection and client data splits."""
+    init_weights: Path | None = None
+    """Start a new run from these weights instead of the task's initialisation: a
+    torch.save state dict (.pt/.pth, loaded with weights_only=True), a .safetensors file,
+    or a fedstream checkpoint (RUN_DIR/checkpoints/round_NNNNN.safetensors); round 0 is
+    their evaluation. Not applied again on resume."""
     keep_checkpoints: int = 3
     """Round checkpoints kept in the run directory (the newest ones)."""
     spool_dir: Path | None = field(default=None, metadata={DEFAULT_HELP: "RUN_DIR/spool"})
@@ -454,6 +459,8 @@ class ServerConfig(
                 f"not {self.strategy}"
             )
         EvaluationConfig.validate(self)
+        if self.init_weights is not None and not Path(self.init_weights).is_file():
+            raise ConfigError(f"init_weights: {self.init_weights} is not a readable file")
         StatusConfig.validate(self)
         status = self.status_address
         if status and not self.tls and not self.insecure and not is_loopback(status):

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+from fedstream.common.errors import InvalidCheckpoint
 from fedstream.common.memory import peak_rss_bytes
+from fedstream.common.weights import fit_weights, read_weights
 from fedstream.server.calls import (
     EvaluationClaim,
     JoinClaim,
@@ -57,7 +61,7 @@ from fedstream.server.run_store import RunStore
 from fedstream.server.safeguards import Safeguards, all_finite
 from fedstream.server.strategies import Strategy
 from fedstream.server.updates import EvaluationReport
-from fedstream.tasks import Task, exchanged_names
+from fedstream.tasks import BUILTIN_TASKS, Task, exchanged_names
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +123,13 @@ class Coordinator:
         """Continue from the run directory's newest checkpoint, or write round 0's."""
         resumed = self.store.resume(self.model.manifest)
         if resumed is None:
+            if self.config.init_weights is not None:
+                self._start_from(self.config.init_weights)
             self.store.save(0, self.model.tensors, self.strategy.state_tensors(), [])
             log.info("new run in %s: %s", self.store.run_dir, self._summary())
             return
+        if self.config.init_weights is not None:
+            log.info("resuming: --init-weights is not applied again")
         self.model.load(resumed.model)
         self.model.version = resumed.round
         self.strategy.load_state_tensors(resumed.strategy_state)
@@ -129,8 +137,45 @@ class Coordinator:
         where = f"{self.store.run_dir} at round {resumed.round} of {self.config.rounds}"
         log.info("resumed %s: %s", where, self._summary())
 
+    def _start_from(self, path: Path) -> None:
+        """Load the starting weights from `path` (InvalidCheckpoint naming the first tensor
+        that does not fit) and record where they came from in the run's metadata."""
+        try:
+            weights = read_weights(path)
+            self.model.load(fit_weights(weights, self.model.module, list(self.model.tensors)))
+        except InvalidCheckpoint as exc:
+            raise InvalidCheckpoint(f"--init-weights {path}: {exc}") from None
+        self.store.origin = {"init_weights": weights.source, "init_sha256": weights.sha256}
+        log.info("starting weights from %s (sha256 %s)", weights.source, weights.sha256)
+
+    async def _record_start(self) -> None:
+        """Round 0 of a run started from --init-weights: the starting model, evaluated
+        (the task's `evaluate`) and recorded with its source before round 1, once a run."""
+        started = self.clock.now()
+        evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
+        record = {
+            "round": 0,
+            "model_version": 0,
+            "time": time.time(),
+            "duration_s": round(self.clock.now() - started, 3),
+            "updates": 0,
+            "num_examples": 0,
+            "bytes_down": 0,
+            "bytes_up": 0,
+            **self.store.origin,
+        }
+        if evaluation is not None:
+            record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})
+        await asyncio.to_thread(
+            self.store.commit_round, 0, self.model.tensors, self.strategy.state_tensors(), record
+        )
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("eval_"))
+        log.info("round 0 (starting weights): %s", shown or "no metrics")
+
     async def run(self) -> None:
         """Run rounds until the configured number have completed."""
+        if self.store.origin and self.completed == 0 and not self.store.history:
+            await self._record_start()
         while self.completed < self.config.rounds:
             number = self.completed + 1
             attempt = 1
@@ -173,7 +218,10 @@ class Coordinator:
 
     def join(self, claim: JoinClaim) -> Joined:
         record = self.members.join(claim)
-        log.info("client %s joined (partition %d)", record.name, record.partition)
+        if self.config.task in BUILTIN_TASKS:
+            log.info("client %s joined (partition %d)", record.name, record.partition)
+        else:  # a user's own task loads each site's own data: partitions mean nothing
+            log.info("client %s joined", record.name)
         self.changes.notify()
         return Joined(
             record, self.run_id, self.config.max_chunk_bytes, self.config.heartbeat_seconds

@@ -62,6 +62,12 @@ def grpc_options(max_chunk_bytes: int, headroom: int = MANIFEST_HEADROOM) -> lis
     ]
 
 
+def run_identity(config: ServerConfig, task: Task) -> RunIdentity:
+    """What a resume must agree on: the task's site options (a data path) may change."""
+    shaping = {k: v for k, v in config.task_opt.items() if k not in task.site_options}
+    return RunIdentity(config.task, shaping, config.seed, config.strategy)
+
+
 class CoordinatorDaemon:
     """The coordinator behind a gRPC server with the standard health service, and its
     status page on a port of its own."""
@@ -70,7 +76,7 @@ class CoordinatorDaemon:
         self.config = config
         task = task or load_task(config.task, config.task_opt, config.seed)
         strategy = with_privacy(build_strategy(config), config, config.fraction)
-        identity = RunIdentity(config.task, dict(config.task_opt), config.seed, config.strategy)
+        identity = run_identity(config, task)
         store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
         self.coordinator = Coordinator(config, task, strategy, store)
         store.run_id = self.coordinator.run_id

@@ -52,11 +52,13 @@ from fedstream.common.checkpoint import load_checkpoint, save_checkpoint, sync_t
 from fedstream.common.config import ConfigError
 from fedstream.common.errors import FedstreamError, InvalidCheckpoint, InvalidManifest
 from fedstream.common.tensor_codec import Manifest
+from fedstream.common.weights import STRATEGY_PREFIX
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "fedstream-round/1"
-STRATEGY_PREFIX = "strategy/"
+ORIGIN_KEYS = ("init_weights", "init_sha256")
+"""Checkpoint metadata of a run started from a weights file: its path and SHA-256."""
 _NAME = re.compile(r"round_(\d{5,})\.safetensors")
 
 PLOT_INTERVAL_S = 30.0
@@ -137,6 +139,8 @@ class RunStore:
         self.keep = keep
         self.history: list[dict[str, Any]] = []
         """One record per completed round, oldest first: the run's metrics."""
+        self.origin: dict[str, str] = {}
+        """Where the run's starting weights came from (ORIGIN_KEYS), when not from the task."""
         self._last_plot = -math.inf
         self._plot_pending = False
         self.run_id = ""
@@ -153,12 +157,7 @@ class RunStore:
         return self.checkpoint_dir / f"round_{round_number:05d}.safetensors"
 
     def checkpoints(self) -> list[tuple[int, Path]]:
-        found = []
-        for path in self.checkpoint_dir.iterdir():
-            match = _NAME.fullmatch(path.name)
-            if match:
-                found.append((int(match.group(1)), path))
-        return sorted(found)
+        return list_checkpoints(self.checkpoint_dir)
 
     def save(
         self,
@@ -177,6 +176,7 @@ class RunStore:
             "seed": str(self.identity.seed),
             "strategy": self.identity.strategy,
             "history": strict_json(history),
+            **self.origin,
         }
         last = history[-1] if history else {}
         for key in ("dp_epsilon", "dp_delta"):
@@ -282,6 +282,7 @@ class RunStore:
             history = self._with_logged_additions(json.loads(metadata["history"]))
             self.rewrite_metrics(history)
             self.history = history
+            self.origin = {k: metadata[k] for k in ORIGIN_KEYS if k in metadata}
             return Resumed(round_number, model, state, history)
         raise InvalidCheckpoint(
             f"no usable checkpoint in {self.checkpoint_dir}: " + "; ".join(refused)
@@ -356,6 +357,18 @@ class RunStore:
         )
         if done.returncode != 0:
             log.warning("plotting metrics failed: %s", done.stderr.strip()[-500:])
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """The round checkpoints in `checkpoint_dir`, (round, path), oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = []
+    for path in checkpoint_dir.iterdir():
+        match = _NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
 
 
 def _check_model(path: Path, model: Mapping[str, torch.Tensor], expected: Manifest) -> None:

@@ -8,6 +8,15 @@ The same Task class runs on both sides: the coordinator calls `build_model` for 
 weights and `evaluate` on its held-out split; a client calls `load_data` for its private
 partition and `train` each round, `compute_gradient` instead when the strategy is FedSGD
 (round config `mode = "gradient"`), and `evaluate_local` in federated evaluation rounds.
+`fedstream export` calls `build_model`, then `merge_adapters` or `save_pretrained`.
+
+Nothing in fedstream calls `model.train()` or `model.eval()`: a task's `train` and
+`compute_gradient` put the model in training mode themselves, and its `evaluate` and
+`evaluate_local` in evaluation mode (dropout, batch norm).
+
+Options named in a Task class's `site_options` (say, the path of a site's own data) may
+differ from process to process: they are not part of the run's identity on resume, and
+never shape the model.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -52,6 +63,10 @@ class EvalResult:
 
 class Task(ABC):
     """A model and the data to train it on; subclass this to plug in your own."""
+
+    site_options: ClassVar[frozenset[str]] = frozenset()
+    """Option keys that are each site's own (a data path): they may differ between the
+    coordinator and every client, and do not count toward the run's identity on resume."""
 
     progress_hook: Callable[[int, int], None] | None = None
     """Where `report_progress` goes: set by the client process to its progress display."""
@@ -98,6 +113,21 @@ class Task(ABC):
         the client keeps none."""
         return None
 
+    def merge_adapters(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model with any adapters merged into its base weights (default: the model
+        itself)."""
+        return model
+
+    def save_pretrained(
+        self, model: torch.nn.Module, directory: Path, *, merge_adapters: bool
+    ) -> None:
+        """Write the model in the task's own pretrained format (a directory); `fedstream
+        export` calls it for an output path without a .pt/.pth/.safetensors suffix."""
+        raise TaskError(
+            f"task {type(self).__name__} has no pretrained directory format: export to a "
+            "file ending in .pt, .pth or .safetensors"
+        )
+
     def report_progress(self, done: int, total: int) -> None:
         """Step `done` of `total` of the training in progress, for the person watching.
 
@@ -109,10 +139,23 @@ class Task(ABC):
         return self.options.get(key, default)
 
     def int_option(self, key: str, default: int) -> int:
-        return int(float(self.option(key, str(default))))
+        """Option `key` as an integer (`1e3` allowed); TaskError naming it when it is not."""
+        value = self.option(key, str(default))
+        try:
+            number = float(value)
+        except ValueError:
+            raise TaskError(f"task option {key}={value!r} is not an integer") from None
+        if not number.is_integer():
+            raise TaskError(f"task option {key}={value!r} is not an integer")
+        return int(number)
 
     def float_option(self, key: str, default: float) -> float:
-        return float(self.option(key, str(default)))
+        """Option `key` as a number; TaskError naming it when it is not."""
+        value = self.option(key, str(default))
+        try:
+            return float(value)
+        except ValueError:
+            raise TaskError(f"task option {key}={value!r} is not a number") from None
 
 
 def exchanged_names(task: Task, model: torch.nn.Module) -> list[str]:
@@ -148,5 +191,9 @@ def resolve_task_class(name: str) -> type[Task]:
 
 
 def load_task(name: str, options: Mapping[str, str] | None = None, seed: int = 0) -> Task:
-    """Construct the named task with its options."""
-    return resolve_task_class(name)(options, seed)
+    """Construct the named task with its options; TaskError for a file it cannot read."""
+    cls = resolve_task_class(name)
+    try:
+        return cls(options, seed)
+    except OSError as exc:
+        raise TaskError(f"task {name}: {exc}") from None

@@ -40,6 +40,7 @@ OPTIONS: dict[str, set[str]] = {
         "--no-uplink-zstd",
         "--topk-fraction",
         "--seed",
+        "--init-weights",
         "--chunk-bytes",
         "--max-chunk-bytes",
         "--poll-timeout",
@@ -120,6 +121,9 @@ OPTIONS: dict[str, set[str]] = {
         "--round-config",
         "--run-dir",
         "--seed",
+        "--strategy",
+        "--uplink-codec",
+        "--server-opt",
         "--timeout",
     },
     "certs": {
@@ -132,6 +136,8 @@ OPTIONS: dict[str, set[str]] = {
     },
     "status": {"--watch", "--no-watch", "--interval", "--ca", "--cert", "--key"},
     "token": set(),
+    "export": {"--round", "--out", "--merge-adapters", "--no-merge-adapters"},
+    "new": {"--dir"},
 }
 
 HELP_SUFFIX = re.compile(r"\s*\((default: .*|repeatable)\)$")
