@@ -169,7 +169,7 @@ def markdown(
         "",
         "Every column but fedavg-no-safeguards has the coordinator's safe defaults on: an "
         "update over 10 x the round's median L2 norm is left out before the strategy sees it, "
-        "a claim over 3 x the round's median claim weighs 3 x the median, and a non-finite "
+        "a claim over the round's median claim weighs as the median, and a non-finite "
         "aggregate is never committed. The robust columns therefore measure each strategy "
         "behind those defaults; where the outlier rule leaves 4 updates of 5, Krum (which "
         "needs 2f + 3) takes their coordinate-wise median instead (logged by the "
