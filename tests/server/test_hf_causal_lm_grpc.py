@@ -4,15 +4,15 @@ Each run is a coordinator and two clients on loopback for 3 rounds; the final ch
 is loaded into a fresh model, saved with the task's `save_pretrained` and read back with
 `from_pretrained`, which must give the loss the run logged.
 
-The full model's held-out loss falls every round. LoRA on the seeded random base falls
-in the first round and then levels off: the frozen random output layer (tied to the
-embedding, std 0.02) caps the logits it can produce, whatever the adapters learn; on a
-trained base (`model_dir`) the adapters have something to refine.
+The held-out loss falls every round, by at least `MARGIN`, fully and with LoRA: the
+seeded random base is initialised with std `init_range` 0.1, not transformers' 0.02,
+whose frozen output layer would cap LoRA's logits (see `INIT_RANGE`).
 """
 
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,9 @@ from fedstream.tasks.hf_causal_lm import HFCausalLMTask  # noqa: E402
 ROUND = {"local_steps": "5", "batch_size": "8"}
 """Short rounds: the default model sizes (a few hundred thousand parameters) learn the
 byte statistics of the text within them."""
+MARGIN = 0.05
+"""The least fall of the held-out loss in a round; the smallest measured is 0.11 (GPT-2,
+full, round 3)."""
 
 
 def hf_task(options: dict[str, str], partition: int | None = None) -> HFCausalLMTask:
@@ -81,12 +84,10 @@ def test_full_and_lora_runs_learn_and_reload_with_from_pretrained(
     lora = federate(coordinator, tmp_path / "lora", lora_options)
 
     for name, records in (("full", full), ("lora", lora)):
-        losses = [r["eval_loss"] for r in records]
-        print(f"{arch} {name}: eval_loss {start} then {losses}; bytes/round {records[0]}")
+        losses = [start] + [r["eval_loss"] for r in records]
+        print(f"{arch} {name}: eval_loss {losses}; bytes/round {records[0]}")
         assert [r["round"] for r in records] == [1, 2, 3]
-        assert losses[-1] < start - 0.3
-    full_losses = [start] + [r["eval_loss"] for r in full]
-    assert full_losses == sorted(full_losses, reverse=True)
+        assert all(later < earlier - MARGIN for earlier, later in pairwise(losses))
     assert all(r["bytes_down"] >= 20 * lora[0]["bytes_down"] for r in full)
     assert all(r["bytes_up"] >= 20 * lora[0]["bytes_up"] for r in full)
 

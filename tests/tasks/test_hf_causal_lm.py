@@ -91,6 +91,7 @@ def test_a_sites_own_text_file_trains_and_holds_out_its_tail(tmp_path: Path) -> 
         ({"arch": "banana"}, "arch must be gpt2 or llama, got 'banana'"),
         ({"n_embd": "wide"}, "hf-causal-lm options"),
         ({"lora_rank": "0"}, "lora_rank >= 1"),
+        ({"init_range": "0"}, "init_range > 0"),
     ],
 )
 def test_bad_options_are_task_errors(options: dict[str, str], message: str) -> None:
