@@ -51,6 +51,7 @@ from fedstream.server.errors import (
     TooManyClients,
     TransferStalled,
     UnknownClient,
+    UpdateTooLarge,
     UploadInProgress,
     WrongRound,
 )
@@ -77,6 +78,7 @@ STATUS_OF: dict[type[FedstreamError], grpc.StatusCode] = {
     TransferStalled: grpc.StatusCode.DEADLINE_EXCEEDED,
     OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     InvalidUpdate: grpc.StatusCode.INVALID_ARGUMENT,
+    UpdateTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidManifest: grpc.StatusCode.INVALID_ARGUMENT,
     WireError: grpc.StatusCode.INVALID_ARGUMENT,
     NonFiniteValues: grpc.StatusCode.INVALID_ARGUMENT,

@@ -22,7 +22,9 @@ from fedstream.common.config import (
 )
 from fedstream.server.config import (
     EvaluationConfig,
+    PrivacyConfig,
     RoundsConfig,
+    SafeguardsConfig,
     SecurityConfig,
     ServerConfig,
     StatusConfig,
@@ -359,6 +361,8 @@ SERVER_COMPONENTS = [
     RoundsConfig,
     UplinkConfig,
     StrategyConfig,
+    SafeguardsConfig,
+    PrivacyConfig,
     EvaluationConfig,
     StatusConfig,
 ]
