@@ -12,7 +12,7 @@ import torch
 from fedstream.cli import main
 from fedstream.common.tensor_codec import Manifest
 from fedstream.server.run_store import RunIdentity, RunStore
-from fedstream.tasks import exchanged_names, load_task
+from fedstream.tasks import Task, exchanged_names, load_task
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -21,6 +21,12 @@ from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 OPTIONS = {"arch": "gpt2", "lora": "1"}
+
+
+def loss(task: Task, model: torch.nn.Module) -> float:
+    result = task.evaluate(model)
+    assert result is not None
+    return result.metrics["loss"]
 
 
 def test_export_writes_a_merged_model_and_an_adapter_directory(tmp_path: Path) -> None:
@@ -39,15 +45,15 @@ def test_export_writes_a_merged_model_and_an_adapter_directory(tmp_path: Path) -
     store = RunStore(tmp_path / "run", RunIdentity("hf-causal-lm", OPTIONS, 0, "fedavg"))
     store.save(1, exchanged, {}, [{"round": 1}])
     store.close()
-    expected = task.evaluate(model).metrics["loss"]
+    expected = loss(task, model)
 
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "merged"),
                  "--merge-adapters"]) == 0  # fmt: skip
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name in merged.state_dict())
-    assert task.evaluate(merged).metrics["loss"] == pytest.approx(expected, abs=1e-4)
+    assert loss(task, merged) == pytest.approx(expected, abs=1e-4)
 
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "adapter")]) == 0
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter" / "base")
     adapted = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    assert task.evaluate(adapted).metrics["loss"] == pytest.approx(expected, abs=1e-5)
+    assert loss(task, adapted) == pytest.approx(expected, abs=1e-5)
