@@ -11,9 +11,13 @@ clients' text differ in subject matter (non-IID).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator, Mapping
 from pydoc_data.topics import topics
 
 import torch
+
+from fedstream.tasks.task import ConfigScalar, TaskError
+from fedstream.tasks.training import config_int, derive_seed
 
 HELDOUT_EVERY = 10
 """Topic i (in name order) is held out when i % HELDOUT_EVERY == 0."""
@@ -51,6 +55,31 @@ def windows(
     """Inputs and next-token targets, (len(starts), block_size) each, from `tokens`."""
     chunks = tokens[starts.unsqueeze(1) + torch.arange(block_size + 1)]
     return chunks[:, :-1], chunks[:, 1:]
+
+
+def window_batches(
+    tokens: torch.Tensor | None,
+    block_size: int,
+    config: Mapping[str, ConfigScalar],
+    seed: int,
+    partition: int,
+    device: torch.device | str,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`local_steps` batches of (inputs, targets) windows of `tokens`, drawn repeatably
+    per (seed, partition, round)."""
+    if tokens is None:
+        raise TaskError("load_data must be called before training")
+    steps = config_int(config, "local_steps", 30)
+    batch_size = config_int(config, "batch_size", 16)
+    if steps < 1 or batch_size < 1:
+        raise TaskError(f"need local_steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
+    generator = torch.Generator().manual_seed(
+        derive_seed(seed, partition, config_int(config, "round", 0))
+    )
+    for _ in range(steps):
+        starts = torch.randint(len(tokens) - block_size, (batch_size,), generator=generator)
+        x, y = windows(tokens, starts, block_size)
+        yield x.to(device), y.to(device)
 
 
 def eval_windows(tokens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

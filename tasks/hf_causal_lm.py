@@ -35,14 +35,13 @@ from fedstream.tasks.bytetext import (
     eval_windows,
     heldout_tokens,
     split_topics,
-    windows,
+    window_batches,
 )
 from fedstream.tasks.training import (
     ProximalTerm,
     check_partition,
     config_float,
     config_int,
-    derive_seed,
     evaluating,
     seeded_rng,
 )
@@ -232,21 +231,9 @@ class HFCausalLMTask(Task):
         self, config: Mapping[str, ConfigScalar]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`local_steps` batches of (inputs, targets) windows, drawn repeatably per round."""
-        if self._tokens is None:
-            raise TaskError("load_data must be called before training")
-        steps = config_int(config, "local_steps", 30)
-        batch_size = config_int(config, "batch_size", 16)
-        if steps < 1 or batch_size < 1:
-            raise TaskError(f"need local_steps >= 1 and batch_size >= 1, got {steps}, {batch_size}")
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.seed, self.partition, config_int(config, "round", 0))
+        return window_batches(
+            self._tokens, self.block_size, config, self.seed, self.partition, self.device
         )
-        for _ in range(steps):
-            starts = torch.randint(
-                len(self._tokens) - self.block_size, (batch_size,), generator=generator
-            )
-            x, y = windows(self._tokens, starts, self.block_size)
-            yield x.to(self.device), y.to(self.device)
 
     def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
         trainable = [p for p in model.parameters() if p.requires_grad]
