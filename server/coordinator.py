@@ -286,7 +286,8 @@ class Coordinator:
             ) as update:
                 open_round.check_accepting()
                 self.safeguards.check_arrival(update)
-                await asyncio.to_thread(self.strategy.accept, update)
+                if self._folds_on_arrival(open_round):
+                    await asyncio.to_thread(self.strategy.accept, update)
                 open_round.book(update)
             if not (self.strategy.holds_updates or self.safeguards.holds_updates):
                 update.release()
@@ -469,8 +470,9 @@ class Coordinator:
         review = self.safeguards.review(
             open_round.number, open_round.updates, open_round.safeguarded
         )
+        folded = self._folds_on_arrival(open_round)
         while review.kept:
-            if review.changed and not self.strategy.holds_updates:
+            if not self.strategy.holds_updates and (review.changed or not folded):
                 self.strategy.abort_round()
                 self.strategy.begin_round(self.model.tensors)
                 for update in review.kept:
@@ -481,6 +483,13 @@ class Coordinator:
             self._take_back()
             self.safeguards.leave_out_largest(open_round.number, review)
         return False
+
+    def _folds_on_arrival(self, open_round: OpenRound) -> bool:
+        """Whether the strategy is handed each update as it arrives; a strategy that folds
+        them is handed the kept ones after the review when the safeguards may change what
+        it would fold (`Safeguards.may_reweigh`), so that each spool is folded once."""
+        selected = len(open_round.selected)
+        return self.strategy.holds_updates or not self.safeguards.may_reweigh(selected)
 
     def _take_back(self) -> None:
         """The global model and the strategy's state as the last checkpoint holds them."""

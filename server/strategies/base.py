@@ -4,11 +4,14 @@ evaluation, aggregate its reports (the cut of Flower's strategies).
 A strategy sees whole verified updates (`server/updates.py`). Each is handed to `accept`
 as soon as it is verified; a strategy that folds updates into a running state (FedAvg and
 the server optimisers) does its work there, and the update's spool is released as soon as
-`accept` returns, so the coordinator's disk holds only the uploads in flight. A strategy
-that needs all of a round's updates at once (coordinate-wise median, Krum) sets
-`holds_updates`: the round then keeps every verified spool until its aggregate is
-committed, and `aggregate` reads them block by block. Either way the coordinator's
-memory is the model, the output and a block per update, never a model per update.
+`accept` returns, so the coordinator's disk holds only the uploads in flight. Where the
+safeguards may leave out or re-weigh an update of the round, the round keeps the spools
+and hands the kept updates to `accept` once it is reviewed instead, so that each is folded
+once, with its final weight (`Coordinator._folds_on_arrival`). A strategy that needs all
+of a round's updates at once (coordinate-wise median, Krum) sets `holds_updates`: the
+round then keeps every verified spool until its aggregate is committed, and `aggregate`
+reads them block by block. Either way the coordinator's memory is the model, the output
+and a block per update, never a model per update.
 
 Whatever the strategy carries from round to round (optimiser moments, say) goes into the
 checkpoint through `state_tensors`, so a resumed run continues exactly.
@@ -102,7 +105,8 @@ class Strategy(ABC):
         """Prepare running state for a round that starts from `global_tensors`."""
 
     def accept(self, update: VerifiedUpdate) -> None:  # noqa: B027 (strategies that hold updates read them in `aggregate`)
-        """Take one verified update as it arrives (fold it into a running state, say)."""
+        """Take one verified update (fold it into a running state, say): as it arrives, or
+        when the round is reviewed (see the module docstring)."""
 
     @abstractmethod
     def aggregate(
@@ -147,7 +151,7 @@ class Strategy(ABC):
 class MeanOfUpdates(Strategy):
     """Strategies whose round is a weighted mean of the clients' updates: the weight of each
     client is `weight(client, num_examples)`; the mean goes to `apply`. Each update is
-    folded into a running sum as it arrives, so the round holds none of them."""
+    folded into a running sum when it is accepted, so the strategy holds none of them."""
 
     def __init__(self) -> None:
         self.running = RunningMean()

@@ -15,7 +15,7 @@ from fedstream.common.checkpoint import load_checkpoint
 from fedstream.server.config import SafeguardsConfig
 from fedstream.server.errors import UpdateTooLarge
 from fedstream.server.safeguards import MIN_FOR_OUTLIERS, Safeguards
-from fedstream.server.strategies import FedAdam, Median
+from fedstream.server.strategies import FedAdam, FedAvg, Median
 from fedstream.server.updates import DeltaBlock, InMemoryBlocks, VerifiedUpdate
 
 from .conftest import TinyModel
@@ -189,6 +189,58 @@ def test_max_examples_caps_every_claim(tmp_path: Path) -> None:
         await asyncio.wait_for(running, REAL_DEADLINE_S)
         torch.testing.assert_close(final_w(h), START + 0.5, rtol=0, atol=1e-6)
         assert records(h)[0]["capped_examples"] == 1
+
+    run(scenario)
+
+
+class CountingFedAvg(FedAvg):
+    """FedAvg that records the clients whose updates it folds, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folded: list[str] = []
+
+    def accept(self, update: VerifiedUpdate) -> None:
+        self.folded.append(update.client)
+        super().accept(update)
+
+
+def test_a_round_the_safeguards_may_reweigh_folds_each_update_once(tmp_path: Path) -> None:
+    """Claims of 10, 20 and 30: the third is weighed as the median claim, 20. The updates
+    are folded after the review, each once and with its final weight, in arrival order."""
+
+    async def scenario() -> None:
+        strategy = CountingFedAvg()
+        h = Harness(tmp_path, strategy, min_clients=3)
+        running, _ = await h.start("a", "b", "c")
+        await h.upload("b", 1, value=0.0)
+        await h.upload("a", 0, value=0.0)
+        assert strategy.folded == []
+        await h.upload("c", 2, value=1.0)
+        await asyncio.wait_for(running, REAL_DEADLINE_S)
+        assert strategy.folded == ["b", "a", "c"]
+        torch.testing.assert_close(final_w(h), START + 20 / 50, rtol=0, atol=1e-6)
+        assert records(h)[0]["capped_examples"] == 1
+
+    run(scenario)
+
+
+def test_a_round_the_safeguards_cannot_reweigh_folds_each_update_on_arrival(
+    tmp_path: Path,
+) -> None:
+    """With two updates neither the outlier rule nor the claim cap applies (nor is
+    --max-examples set): each update is folded as it arrives, as without safeguards."""
+
+    async def scenario() -> None:
+        strategy = CountingFedAvg()
+        h = Harness(tmp_path, strategy, min_clients=2)
+        running, _ = await h.start("a", "b")
+        await h.upload("a", 0, value=0.0)
+        assert strategy.folded == ["a"]
+        await h.upload("b", 1, value=1.0)
+        await asyncio.wait_for(running, REAL_DEADLINE_S)
+        assert strategy.folded == ["a", "b"]
+        torch.testing.assert_close(final_w(h), START + 20 / 30, rtol=0, atol=1e-6)
 
     run(scenario)
 
