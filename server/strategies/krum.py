@@ -16,8 +16,8 @@ or the mean.
 
 Two passes over the round's spools, block by block in lockstep: the first accumulates the
 N x N matrix of pairwise squared distances (float64), the second averages the selected
-updates. Memory is the model, the aggregate (float32, float64 for float64 models), N blocks
-and N^2 floats.
+updates and adds each block of their mean to the model as it is made. Memory is the
+model, N blocks and N^2 floats.
 
 Krum needs N >= 2f + 3. A round that closes with fewer reports (a deadline, say) falls
 back to the coordinate-wise median of the reports (`median.py`, robust to any minority),
@@ -35,13 +35,8 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.server.strategies.median import median_step
-from fedstream.server.strategies.robust import (
-    HoldingStrategy,
-    flat_slice,
-    lockstep,
-    zeros_like_model,
-)
+from fedstream.server.strategies.median import median_blocks
+from fedstream.server.strategies.robust import HoldingStrategy, lockstep
 from fedstream.server.updates import VerifiedUpdate
 
 log = logging.getLogger(__name__)
@@ -53,8 +48,10 @@ def pairwise_squared_distances(updates: Sequence[VerifiedUpdate]) -> torch.Tenso
     distances = torch.zeros(n, n, dtype=torch.float64)
     for _, _, rows in lockstep(updates):
         wide = rows.double()
+        difference = torch.empty_like(wide)
         for i in range(n):
-            distances[i] += (wide - wide[i]).square().sum(dim=1)
+            torch.sub(wide, wide[i], out=difference)
+            distances[i] += difference.square_().sum(dim=1)
     return distances
 
 
@@ -98,10 +95,10 @@ class Krum(HoldingStrategy):
                 2 * self.byzantine + 3,
                 len(updates),
             )
-            self.apply_step(global_tensors, median_step(updates, global_tensors))
+            self.apply_blocks(global_tensors, median_blocks(updates))
             return
         chosen = [updates[i] for i in self.selected(updates)]
-        step = zeros_like_model(global_tensors)
-        for name, start, rows in lockstep(chosen):
-            flat_slice(step, name, start, rows.shape[1]).copy_(rows.mean(dim=0))
-        self.apply_step(global_tensors, step)
+        self.apply_blocks(
+            global_tensors,
+            ((name, start, rows.mean(dim=0)) for name, start, rows in lockstep(chosen)),
+        )

@@ -11,8 +11,8 @@ x_(1) <= ... <= x_(N):
 
 (the mean of the two middle values for even N; torch.median would return the lower one).
 Unweighted by design: a client's claimed number of examples does not move the median.
-The round's spools are read block by block in lockstep (`robust.lockstep`): memory is the
-model, the aggregate (float32, float64 for float64 models) and N blocks.
+The round's spools are read block by block in lockstep (`robust.lockstep`) and each block
+of the median is added to the model as it is made: memory is the model and N blocks.
 
 With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
 pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
@@ -20,16 +20,11 @@ pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from fedstream.server.strategies.robust import (
-    HoldingStrategy,
-    flat_slice,
-    lockstep,
-    zeros_like_model,
-)
+from fedstream.server.strategies.robust import Block, HoldingStrategy, lockstep
 from fedstream.server.updates import VerifiedUpdate
 
 
@@ -44,14 +39,10 @@ def coordinate_median(rows: torch.Tensor) -> torch.Tensor:
     return upper.add_(rows.kthvalue(n // 2, dim=0).values).div_(2)
 
 
-def median_step(
-    updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The coordinate-wise median of the updates, shaped like the model."""
-    step = zeros_like_model(global_tensors)
+def median_blocks(updates: Sequence[VerifiedUpdate]) -> Iterator[Block]:
+    """The coordinate-wise median of the updates, block by block."""
     for name, start, rows in lockstep(updates):
-        flat_slice(step, name, start, rows.shape[1]).copy_(coordinate_median(rows))
-    return step
+        yield name, start, coordinate_median(rows)
 
 
 class Median(HoldingStrategy):
@@ -60,4 +51,4 @@ class Median(HoldingStrategy):
     def aggregate(
         self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
     ) -> None:
-        self.apply_step(global_tensors, median_step(updates, global_tensors))
+        self.apply_blocks(global_tensors, median_blocks(updates))

@@ -26,12 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.server.strategies.robust import (
-    HoldingStrategy,
-    flat_slice,
-    lockstep,
-    zeros_like_model,
-)
+from fedstream.server.strategies.robust import HoldingStrategy, lockstep
 from fedstream.server.updates import VerifiedUpdate
 
 
@@ -60,7 +55,7 @@ class TrimmedMean(HoldingStrategy):
         self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
     ) -> None:
         trim = math.floor(self.trim_fraction * len(updates))
-        step = zeros_like_model(global_tensors)
-        for name, start, rows in lockstep(updates):
-            flat_slice(step, name, start, rows.shape[1]).copy_(trimmed_mean(rows, trim))
-        self.apply_step(global_tensors, step)
+        self.apply_blocks(
+            global_tensors,
+            ((name, start, trimmed_mean(rows, trim)) for name, start, rows in lockstep(updates)),
+        )
