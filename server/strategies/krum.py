@@ -43,15 +43,19 @@ log = logging.getLogger(__name__)
 
 
 def pairwise_squared_distances(updates: Sequence[VerifiedUpdate]) -> torch.Tensor:
-    """The N x N matrix ||delta_i - delta_j||^2 (float64), summed block by block."""
+    """The N x N matrix ||delta_i - delta_j||^2 (float64), summed block by block; each
+    pair's differences are formed once, for both halves of the symmetric matrix."""
     n = len(updates)
     distances = torch.zeros(n, n, dtype=torch.float64)
     for _, _, rows in lockstep(updates):
         wide = rows.double()
         difference = torch.empty_like(wide)
-        for i in range(n):
-            torch.sub(wide, wide[i], out=difference)
-            distances[i] += difference.square_().sum(dim=1)
+        for i in range(n - 1):
+            later = difference[: n - i - 1]
+            torch.sub(wide[i + 1 :], wide[i], out=later)
+            squared = later.square_().sum(dim=1)
+            distances[i, i + 1 :] += squared
+            distances[i + 1 :, i] += squared
     return distances
 
 

@@ -25,7 +25,8 @@ Block = tuple[str, int, torch.Tensor]
 
 def lockstep(updates: Sequence[VerifiedUpdate]) -> Iterator[Block]:
     """(tensor name, start, rows) for each block position of the updates, in manifest
-    order; rows[k] is update k's block, copied out of its (reused) buffer.
+    order; rows[k] is update k's block, copied out of its (reused) buffer. Each position's
+    rows are a fresh tensor, the caller's to reorder in place.
 
     Raises ValueError when the updates' blocks do not line up (same tensor, start and
     length at every position, and the same number of blocks).
