@@ -204,7 +204,13 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("report"))
     parser.add_argument("--work-dir", type=Path, default=Path("runs/robust"))
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=20,
+        help="rounds per run; at 10 the unweighted strategies are still converging "
+        "(median's honest run 92.8%% against FedAvg's 95.6%%, 94.4%% against 96.4%% at 20)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--malicious", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))

@@ -69,12 +69,12 @@ def worst_gaps(
     results: Sequence[Result], strategies: Sequence[str], attacks: Sequence[str], malicious: int
 ) -> str:
     """Each strategy's worst final accuracy under attack, in points from the honest
-    reference (fedavg, nobody attacking)."""
+    reference (fedavg, nobody attacking), then from its own honest run."""
     reference = find(results, "fedavg", HONEST, 0)
     if reference is None or not reference["accuracy"]:
         return "no honest reference run"
     base = final(reference)
-    parts = []
+    against_fedavg, against_own = [], []
     for label in strategies:
         finals = [
             final(r)
@@ -85,8 +85,16 @@ def worst_gaps(
             continue
         worst = -math.inf if any(math.isnan(a) for a in finals) else min(finals)
         missing = "" if len(finals) == len(attacks) else f" ({len(finals)}/{len(attacks)} run)"
-        parts.append(f"{label} {100 * (worst - base):+.1f}{missing}")
-    return f"worst case vs the honest reference ({100 * base:.1f}%), points: " + ", ".join(parts)
+        against_fedavg.append(f"{label} {100 * (worst - base):+.1f}{missing}")
+        own = find(results, label, HONEST, 0)
+        if own is not None and own["accuracy"]:
+            against_own.append(f"{label} {100 * (worst - final(own)):+.1f}{missing}")
+    return (
+        f"worst case vs the honest reference ({100 * base:.1f}%), points: "
+        + ", ".join(against_fedavg)
+        + "\n\nworst case vs each strategy's own honest run, points: "
+        + ", ".join(against_own)
+    )
 
 
 def plot(

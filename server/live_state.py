@@ -159,7 +159,7 @@ class LiveState:
             "selected": [],
             "reported": [],
             "model_bytes": coordinator.model.manifest.total_bytes,
-            "upload_bytes": coordinator.intake.layout.total_bytes,
+            "upload_bytes": upload_bytes(coordinator),
             "started": self.started,
         }
         if isinstance(open_phase, OpenRound | OpenEvaluation):
@@ -226,3 +226,9 @@ def phase_name(phase: Phase) -> str:
     if isinstance(phase, OpenEvaluation):
         return "evaluating"
     return "done"
+
+
+def upload_bytes(coordinator: Coordinator) -> int:
+    """Bytes one update takes on the wire, or 0 where zstd makes that vary by update (the
+    page and `fedstream status` then show bytes moved but no fraction done)."""
+    return 0 if coordinator.intake.uplink.zstd else coordinator.intake.layout.total_bytes

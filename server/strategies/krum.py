@@ -16,8 +16,8 @@ or the mean.
 
 Two passes over the round's spools, block by block in lockstep: the first accumulates the
 N x N matrix of pairwise squared distances (float64), the second averages the selected
-updates. Memory is the model, the aggregate (float32, float64 for float64 models), N blocks
-and N^2 floats.
+updates and adds each block of their mean to the model as it is made. Memory is the
+model, N blocks and N^2 floats.
 
 Krum needs N >= 2f + 3. A round that closes with fewer reports (a deadline, say) falls
 back to the coordinate-wise median of the reports (`median.py`, robust to any minority),
@@ -35,26 +35,27 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.server.strategies.median import median_step
-from fedstream.server.strategies.robust import (
-    HoldingStrategy,
-    flat_slice,
-    lockstep,
-    zeros_like_model,
-)
+from fedstream.server.strategies.median import median_blocks
+from fedstream.server.strategies.robust import HoldingStrategy, lockstep
 from fedstream.server.updates import VerifiedUpdate
 
 log = logging.getLogger(__name__)
 
 
 def pairwise_squared_distances(updates: Sequence[VerifiedUpdate]) -> torch.Tensor:
-    """The N x N matrix ||delta_i - delta_j||^2 (float64), summed block by block."""
+    """The N x N matrix ||delta_i - delta_j||^2 (float64), summed block by block; each
+    pair's differences are formed once, for both halves of the symmetric matrix."""
     n = len(updates)
     distances = torch.zeros(n, n, dtype=torch.float64)
     for _, _, rows in lockstep(updates):
         wide = rows.double()
-        for i in range(n):
-            distances[i] += (wide - wide[i]).square().sum(dim=1)
+        difference = torch.empty_like(wide)
+        for i in range(n - 1):
+            later = difference[: n - i - 1]
+            torch.sub(wide[i + 1 :], wide[i], out=later)
+            squared = later.square_().sum(dim=1)
+            distances[i, i + 1 :] += squared
+            distances[i + 1 :, i] += squared
     return distances
 
 
@@ -98,10 +99,10 @@ class Krum(HoldingStrategy):
                 2 * self.byzantine + 3,
                 len(updates),
             )
-            self.apply_step(global_tensors, median_step(updates, global_tensors))
+            self.apply_blocks(global_tensors, median_blocks(updates))
             return
         chosen = [updates[i] for i in self.selected(updates)]
-        step = zeros_like_model(global_tensors)
-        for name, start, rows in lockstep(chosen):
-            flat_slice(step, name, start, rows.shape[1]).copy_(rows.mean(dim=0))
-        self.apply_step(global_tensors, step)
+        self.apply_blocks(
+            global_tensors,
+            ((name, start, rows.mean(dim=0)) for name, start, rows in lockstep(chosen)),
+        )

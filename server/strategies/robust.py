@@ -3,13 +3,15 @@ round's updates read in lockstep, one block of each at a time.
 
 They set `holds_updates`, so `aggregate` gets every verified update of the round with its
 spool still readable. `lockstep` walks all their `blocks()` together and hands back, for
-each block position, an N x L matrix (row k: client k's block) in the accumulator dtype:
-the coordinator's memory is the model, the output and N blocks, never N models.
+each block position, an N x L matrix (row k: client k's block) in the accumulator dtype;
+`HoldingStrategy.apply_blocks` adds each block of the aggregate to the model as it is
+made. The coordinator's memory is the model and N blocks (and a model-sized step where a
+server optimiser follows), never N models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -17,10 +19,14 @@ from fedstream.server.strategies.base import Strategy, accumulator_dtype, add_in
 from fedstream.server.strategies.server_optimizer import ServerOptimizer
 from fedstream.server.updates import VerifiedUpdate
 
+Block = tuple[str, int, torch.Tensor]
+"""(tensor name, start element, flat values): a block of an update or of a step."""
 
-def lockstep(updates: Sequence[VerifiedUpdate]) -> Iterator[tuple[str, int, torch.Tensor]]:
+
+def lockstep(updates: Sequence[VerifiedUpdate]) -> Iterator[Block]:
     """(tensor name, start, rows) for each block position of the updates, in manifest
-    order; rows[k] is update k's block, copied out of its (reused) buffer.
+    order; rows[k] is update k's block, copied out of its (reused) buffer. Each position's
+    rows are a fresh tensor, the caller's to reorder in place.
 
     Raises ValueError when the updates' blocks do not line up (same tensor, start and
     length at every position, and the same number of blocks).
@@ -89,6 +95,26 @@ class HoldingStrategy(Strategy):
             add_in_place(global_tensors, step)
         else:
             self.server_step.apply(global_tensors, step)
+
+    def apply_blocks(
+        self, global_tensors: Mapping[str, torch.Tensor], blocks: Iterable[Block]
+    ) -> None:
+        """Move the model by a step given block by block, (tensor name, start, values).
+
+        With no server optimiser each block is added to the model as it comes, so the
+        round holds no model-sized step: the coordinator's memory is the model and N
+        blocks. An optimiser needs the whole pseudo-gradient, so then the blocks are
+        gathered into a step first. A failure part-way leaves the model part-moved; it
+        is never committed, since nothing between here and the checkpoint catches it.
+        """
+        if self.server_step is not None:
+            step = zeros_like_model(global_tensors)
+            for name, start, values in blocks:
+                flat_slice(step, name, start, values.numel()).copy_(values)
+            self.server_step.apply(global_tensors, step)
+            return
+        for name, start, values in blocks:
+            flat_slice(global_tensors, name, start, values.numel()).add_(values)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {} if self.server_step is None else self.server_step.state_tensors()

@@ -11,8 +11,9 @@ x_(1) <= ... <= x_(N), and t = floor(b * N) for the trim fraction b:
 (per coordinate the t largest and the t smallest values are dropped, the rest averaged).
 b < 1/2 keeps at least one value for any N (2 floor(bN) <= 2bN < N); b = 0 is the mean.
 Unweighted by design: a client's claimed number of examples does not move the result.
-The round's spools are read block by block in lockstep (`robust.lockstep`): memory is the
-model, the aggregate (float32, float64 for float64 models) and N blocks.
+The round's spools are read block by block in lockstep (`robust.lockstep`), each block
+sorted in place (`median.sort_columns`) and its trimmed mean added to the model as it is
+made: memory is the model and N blocks.
 
 With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
 pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
@@ -26,20 +27,18 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.server.strategies.robust import (
-    HoldingStrategy,
-    flat_slice,
-    lockstep,
-    zeros_like_model,
-)
+from fedstream.server.strategies.median import sort_columns
+from fedstream.server.strategies.robust import HoldingStrategy, lockstep
 from fedstream.server.updates import VerifiedUpdate
 
 
 def trimmed_mean(rows: torch.Tensor, trim: int) -> torch.Tensor:
-    """The mean of each column of `rows` (N x L) without its `trim` largest and `trim`
-    smallest values."""
+    """The mean of each column of `rows` (N x L, consumed) without its `trim` largest and
+    `trim` smallest values."""
     n = rows.shape[0]
-    return rows.sort(dim=0).values[trim : n - trim].mean(dim=0)
+    if trim == 0:
+        return rows.mean(dim=0)
+    return sort_columns(rows)[trim : n - trim].mean(dim=0)
 
 
 class TrimmedMean(HoldingStrategy):
@@ -60,7 +59,7 @@ class TrimmedMean(HoldingStrategy):
         self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
     ) -> None:
         trim = math.floor(self.trim_fraction * len(updates))
-        step = zeros_like_model(global_tensors)
-        for name, start, rows in lockstep(updates):
-            flat_slice(step, name, start, rows.shape[1]).copy_(trimmed_mean(rows, trim))
-        self.apply_step(global_tensors, step)
+        self.apply_blocks(
+            global_tensors,
+            ((name, start, trimmed_mean(rows, trim)) for name, start, rows in lockstep(updates)),
+        )

@@ -68,6 +68,15 @@ def test_states_bytes_and_refusals_as_the_round_goes(
     arena.peer.channel.close()
 
 
+@pytest.mark.parametrize("zstd", [False, True])
+def test_an_uploads_size_is_known_unless_zstd_makes_it_vary(
+    coordinator: Callable[..., RunningCoordinator], zstd: bool
+) -> None:
+    run = status(coordinator(uplink_zstd=zstd))["run"]
+    assert run["model_bytes"] > 0
+    assert run["upload_bytes"] == (0 if zstd else run["model_bytes"])
+
+
 def test_a_rate_is_read_over_a_second_at_least() -> None:
     rate = Rate()
     assert rate.read(0, 100.0) == 0.0

@@ -25,6 +25,7 @@ from fedstream.server.strategies import (
     build_strategy,
 )
 from fedstream.server.strategies.base import MeanOfUpdates
+from fedstream.server.strategies.median import sort_columns
 from fedstream.server.updates import VerifiedUpdate
 
 from .conftest import TinyModel
@@ -113,6 +114,15 @@ def median_reference(ups: list[Model]) -> dict[str, torch.Tensor]:
 def test_median_is_the_coordinate_median_and_the_middle_pair_mean_for_even_n(n: int) -> None:
     ups = deltas(n)
     expect_step(Median(), ups, median_reference(ups))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 8, 33])
+def test_sort_columns_matches_torch_sort_with_ties(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    rows = torch.randint(-3, 4, (n, 1000), generator=g).float()  # many ties per column
+    rows[:, 0] = 2.0  # a column of equal values
+    expected = rows.sort(dim=0).values
+    torch.testing.assert_close(sort_columns(rows.clone()), expected, rtol=0, atol=0)
 
 
 def test_median_with_ties() -> None:
