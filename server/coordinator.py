@@ -22,14 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
-from fedstream.common.errors import InvalidCheckpoint
 from fedstream.common.memory import peak_rss_bytes
-from fedstream.common.weights import fit_weights, read_weights
 from fedstream.server.calls import (
     EvaluationClaim,
     JoinClaim,
@@ -45,6 +41,7 @@ from fedstream.server.clock import Changes, Clock, MonotonicClock
 from fedstream.server.config import ServerConfig
 from fedstream.server.errors import NotSelected, UpdateTooLarge, UploadInProgress, WrongRound
 from fedstream.server.global_model import GlobalModel
+from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
 from fedstream.server.membership import Membership
 from fedstream.server.phases import (
@@ -58,7 +55,8 @@ from fedstream.server.phases import (
 )
 from fedstream.server.registry import ClientRecord
 from fedstream.server.run_store import RunStore
-from fedstream.server.safeguards import Safeguards, all_finite
+from fedstream.server.safeguards import Safeguards
+from fedstream.server.starting_weights import load_starting_weights, record_round_zero
 from fedstream.server.strategies import Strategy
 from fedstream.server.updates import EvaluationReport
 from fedstream.tasks import BUILTIN_TASKS, Task, exchanged_names
@@ -101,6 +99,7 @@ class Coordinator:
         self.base_round_config = {**config.published(), **self.intake.uplink.round_config()}
         self.changes = Changes(self.clock)
         self.safeguards = Safeguards(config)
+        self.aggregation = GuardedAggregate(strategy, self.safeguards, self.model, store)
         self.observers: list[Callable[[Phase], None]] = []
         """Called with each phase the coordinator enters (the live state listens)."""
 
@@ -124,7 +123,7 @@ class Coordinator:
         resumed = self.store.resume(self.model.manifest)
         if resumed is None:
             if self.config.init_weights is not None:
-                self._start_from(self.config.init_weights)
+                load_starting_weights(self.model, self.store, self.config.init_weights)
             self.store.save(0, self.model.tensors, self.strategy.state_tensors(), [])
             log.info("new run in %s: %s", self.store.run_dir, self._summary())
             return
@@ -137,45 +136,10 @@ class Coordinator:
         where = f"{self.store.run_dir} at round {resumed.round} of {self.config.rounds}"
         log.info("resumed %s: %s", where, self._summary())
 
-    def _start_from(self, path: Path) -> None:
-        """Load the starting weights from `path` (InvalidCheckpoint naming the first tensor
-        that does not fit) and record where they came from in the run's metadata."""
-        try:
-            weights = read_weights(path)
-            self.model.load(fit_weights(weights, self.model.module, list(self.model.tensors)))
-        except InvalidCheckpoint as exc:
-            raise InvalidCheckpoint(f"--init-weights {path}: {exc}") from None
-        self.store.origin = {"init_weights": weights.source, "init_sha256": weights.sha256}
-        log.info("starting weights from %s (sha256 %s)", weights.source, weights.sha256)
-
-    async def _record_start(self) -> None:
-        """Round 0 of a run started from --init-weights: the starting model, evaluated
-        (the task's `evaluate`) and recorded with its source before round 1, once a run."""
-        started = self.clock.now()
-        evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
-        record = {
-            "round": 0,
-            "model_version": 0,
-            "time": time.time(),
-            "duration_s": round(self.clock.now() - started, 3),
-            "updates": 0,
-            "num_examples": 0,
-            "bytes_down": 0,
-            "bytes_up": 0,
-            **self.store.origin,
-        }
-        if evaluation is not None:
-            record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})
-        await asyncio.to_thread(
-            self.store.commit_round, 0, self.model.tensors, self.strategy.state_tensors(), record
-        )
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.startswith("eval_"))
-        log.info("round 0 (starting weights): %s", shown or "no metrics")
-
     async def run(self) -> None:
         """Run rounds until the configured number have completed."""
         if self.store.origin and self.completed == 0 and not self.store.history:
-            await self._record_start()
+            await record_round_zero(self.task, self.model, self.strategy, self.store, self.clock)
         while self.completed < self.config.rounds:
             number = self.completed + 1
             attempt = 1
@@ -286,7 +250,7 @@ class Coordinator:
             ) as update:
                 open_round.check_accepting()
                 self.safeguards.check_arrival(update)
-                if self._folds_on_arrival(open_round):
+                if self.aggregation.folds_on_arrival(len(open_round.selected)):
                     await asyncio.to_thread(self.strategy.accept, update)
                 open_round.book(update)
             if not (self.strategy.holds_updates or self.safeguards.holds_updates):
@@ -422,7 +386,7 @@ class Coordinator:
         and only then let it go on (DESIGN.md: aggregate -> checkpoint -> metrics -> next).
         False when no finite aggregate could be made: the round is to be run again."""
         try:
-            committed = await asyncio.to_thread(self._aggregate, open_round)
+            committed = await asyncio.to_thread(self.aggregation.into_model, open_round)
         finally:
             open_round.release_updates()
         if not committed:
@@ -458,44 +422,6 @@ class Coordinator:
             ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics",
         )
         return True
-
-    def _aggregate(self, open_round: OpenRound) -> bool:
-        """The round's aggregate into the global model, within the safeguards: outliers
-        left out and claims capped first; a non-finite result taken back (model and
-        strategy state from the last checkpoint) and made again without the update of
-        largest norm. False when no update is left."""
-        if not self.safeguards.enabled:
-            self.strategy.aggregate(open_round.updates, self.model.tensors)
-            return True
-        review = self.safeguards.review(
-            open_round.number, open_round.updates, open_round.safeguarded
-        )
-        folded = self._folds_on_arrival(open_round)
-        while review.kept:
-            if not self.strategy.holds_updates and (review.changed or not folded):
-                self.strategy.abort_round()
-                self.strategy.begin_round(self.model.tensors)
-                for update in review.kept:
-                    self.strategy.accept(update)
-            self.strategy.aggregate(review.kept, self.model.tensors)
-            if all_finite(self.model.tensors):
-                return True
-            self._take_back()
-            self.safeguards.leave_out_largest(open_round.number, review)
-        return False
-
-    def _folds_on_arrival(self, open_round: OpenRound) -> bool:
-        """Whether the strategy is handed each update as it arrives; a strategy that folds
-        them is handed the kept ones after the review when the safeguards may change what
-        it would fold (`Safeguards.may_reweigh`), so that each spool is folded once."""
-        selected = len(open_round.selected)
-        return self.strategy.holds_updates or not self.safeguards.may_reweigh(selected)
-
-    def _take_back(self) -> None:
-        """The global model and the strategy's state as the last checkpoint holds them."""
-        model, state = self.store.last_committed()
-        self.model.load(model)
-        self.strategy.load_state_tensors(state)
 
     async def _evaluate(self, trained: OpenRound) -> None:
         """Clients evaluate the checkpointed model version `trained.number` on their own

@@ -7,7 +7,7 @@ the server optimisers) does its work there, and the update's spool is released a
 `accept` returns, so the coordinator's disk holds only the uploads in flight. Where the
 safeguards may leave out or re-weigh an update of the round, the round keeps the spools
 and hands the kept updates to `accept` once it is reviewed instead, so that each is folded
-once, with its final weight (`Coordinator._folds_on_arrival`). A strategy that needs all
+once, with its final weight (`GuardedAggregate.folds_on_arrival`). A strategy that needs all
 of a round's updates at once (coordinate-wise median, Krum) sets `holds_updates`: the
 round then keeps every verified spool until its aggregate is committed, and `aggregate`
 reads them block by block. Either way the coordinator's memory is the model, the output

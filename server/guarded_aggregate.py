@@ -1,0 +1,63 @@
+"""A round's aggregate into the global model, within the safeguards (`safeguards.py`).
+
+Outliers are left out and claims capped first; then the strategy aggregates. A non-finite
+result is taken back (the model and the strategy's state as the last checkpoint holds
+them) and made again without the update of largest norm, until one is finite or no
+update is left: a non-finite model is never committed.
+"""
+
+from __future__ import annotations
+
+from fedstream.server.global_model import GlobalModel
+from fedstream.server.phases import OpenRound
+from fedstream.server.run_store import RunStore
+from fedstream.server.safeguards import Safeguards, all_finite
+from fedstream.server.strategies import Strategy
+
+
+class GuardedAggregate:
+    """The strategy's aggregate of a round, behind the safeguards."""
+
+    def __init__(
+        self, strategy: Strategy, safeguards: Safeguards, model: GlobalModel, store: RunStore
+    ) -> None:
+        self.strategy = strategy
+        self.safeguards = safeguards
+        self.model = model
+        self.store = store
+
+    def folds_on_arrival(self, selected: int) -> bool:
+        """Whether the strategy is handed each update as it arrives in a round of
+        `selected` clients. A strategy that folds updates is handed the kept ones after
+        the review instead when the safeguards may change what it would fold
+        (`Safeguards.may_reweigh`), so that each spool is folded once."""
+        return self.strategy.holds_updates or not self.safeguards.may_reweigh(selected)
+
+    def into_model(self, open_round: OpenRound) -> bool:
+        """The round's aggregate into the global model; False when no update is left
+        that gives a finite one (the round is to be run again)."""
+        if not self.safeguards.enabled:
+            self.strategy.aggregate(open_round.updates, self.model.tensors)
+            return True
+        review = self.safeguards.review(
+            open_round.number, open_round.updates, open_round.safeguarded
+        )
+        folded = self.folds_on_arrival(len(open_round.selected))
+        while review.kept:
+            if not self.strategy.holds_updates and (review.changed or not folded):
+                self.strategy.abort_round()
+                self.strategy.begin_round(self.model.tensors)
+                for update in review.kept:
+                    self.strategy.accept(update)
+            self.strategy.aggregate(review.kept, self.model.tensors)
+            if all_finite(self.model.tensors):
+                return True
+            self._take_back()
+            self.safeguards.leave_out_largest(open_round.number, review)
+        return False
+
+    def _take_back(self) -> None:
+        """The global model and the strategy's state as the last checkpoint holds them."""
+        model, state = self.store.last_committed()
+        self.model.load(model)
+        self.strategy.load_state_tensors(state)
