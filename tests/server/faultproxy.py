@@ -96,12 +96,20 @@ class FaultProxy:
 
     @staticmethod
     def _reset(pair: tuple[socket.socket, socket.socket]) -> None:
-        """Abort both ends with RST, as a dropped link or a crashed middlebox would."""
+        """Abort both ends with RST, as a dropped link or a crashed middlebox would.
+
+        The other pump may be blocked in `recv` on one of these sockets, which holds the
+        socket open past `close` (no RST) until its peer sends again: a client waiting
+        for the rest of a download sends nothing, so it would hang until its own timeout.
+        Shutting the read side first wakes that `recv`; the RST then goes out as the
+        last reference is dropped."""
         for sock in pair:
             with contextlib.suppress(OSError):
                 sock.setsockopt(
                     socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
                 )
+                sock.shutdown(socket.SHUT_RD)
+            with contextlib.suppress(OSError):
                 sock.close()
 
     def close(self) -> None:
