@@ -49,6 +49,12 @@ class ConfigError(ValueError):
     """A configuration value that cannot be used."""
 
 
+def require_positive(name: str, value: float) -> None:
+    """ConfigError unless `value` is above 0 (NaN is not)."""
+    if not value > 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
 def _docs_declared_in(cls: type) -> dict[str, str]:
     """The string literal under each annotated name in the body of `cls` itself."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))

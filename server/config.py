@@ -5,30 +5,23 @@ its own fields, so a part of the coordinator can be typed as taking just the com
 needs. `ServerConfig` inherits them all: its fields stay flat (`config.min_clients`,
 `--min-clients`, `FEDSTREAM_SERVER_MIN_CLIENTS`, `min_clients` in the TOML `[server]`
 table), and `fedstream server --help` lists the flags under one heading per component.
+The aggregation components (strategy, safeguards, privacy) live in `aggregation_config.py`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedstream.common.codecs import CODEC_NAMES
-from fedstream.common.config import CHOICES, DEFAULT_HELP, ConfigError
+from fedstream.common.config import DEFAULT_HELP, ConfigError, require_positive
 from fedstream.common.round_config import Scalar, parse_scalar
-from fedstream.server.strategies import STRATEGIES, class_defaults
+from fedstream.server.aggregation_config import PrivacyConfig, SafeguardsConfig, StrategyConfig
+from fedstream.server.strategies import STRATEGIES
 from fedstream.server.strategies.base import MeanOfUpdates
-from fedstream.server.strategies.build import ROBUST_OPTIMIZERS
-from fedstream.server.strategies.fedsgd import OPTIMIZERS
-from fedstream.server.strategies.robust import HoldingStrategy
 
 MIB = 1 << 20
-
-
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
 
 
 @dataclass
@@ -70,15 +63,15 @@ class TransportConfig:
                 f"chunk_bytes must be between 1 KiB and max_chunk_bytes "
                 f"({self.max_chunk_bytes}), got {self.chunk_bytes}"
             )
-        _positive("poll_timeout", self.poll_timeout)
-        _positive("client_timeout", self.client_timeout)
-        _positive("stall_timeout", self.stall_timeout)
+        require_positive("poll_timeout", self.poll_timeout)
+        require_positive("client_timeout", self.client_timeout)
+        require_positive("stall_timeout", self.stall_timeout)
         if not self.min_transfer_rate >= 0:
             raise ConfigError(f"min_transfer_rate must be at least 0, got {self.min_transfer_rate}")
-        _positive("transfer_window", self.transfer_window)
+        require_positive("transfer_window", self.transfer_window)
         if self.max_uploads < 1:
             raise ConfigError(f"max_uploads must be at least 1, got {self.max_uploads}")
-        _positive("heartbeat_seconds", self.heartbeat_seconds)
+        require_positive("heartbeat_seconds", self.heartbeat_seconds)
 
 
 def is_loopback(address: str) -> bool:
@@ -168,7 +161,7 @@ class RoundsConfig:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.min_reports < 1:
             raise ConfigError(f"min_reports must be at least 1, got {self.min_reports}")
-        _positive("round_timeout", self.round_timeout)
+        require_positive("round_timeout", self.round_timeout)
         if not self.proximal_mu >= 0:
             raise ConfigError(f"proximal_mu must be at least 0, got {self.proximal_mu}")
         if not self.done_grace >= 0:
@@ -196,173 +189,6 @@ class UplinkConfig:
 
 
 @dataclass
-class StrategyConfig:
-    """How a round's updates become the next global model. A hyper-parameter left unset
-    takes the strategy's own default."""
-
-    strategy: str = field(default="fedavg", metadata={CHOICES: tuple(STRATEGIES)})
-    """Aggregation strategy (fedavg weighs by examples, or by --client-weight)."""
-    client_weight: dict[str, str] = field(default_factory=dict)
-    """NAME=W: fedavg weighs client NAME's update by W instead of its number of examples
-    (clients not named weigh 1)."""
-    server_lr: float | None = field(
-        default=None, metadata={DEFAULT_HELP: class_defaults("default_lr")}
-    )
-    """Server learning rate of the strategies that step a server optimiser; unset, each
-    takes its own default."""
-    server_momentum: float | None = field(
-        default=None, metadata={DEFAULT_HELP: class_defaults("default_momentum")}
-    )
-    """Server momentum of the strategies that keep one; unset, each takes its own default."""
-    server_optimizer: str = field(default="sgd", metadata={CHOICES: OPTIMIZERS})
-    """fedsgd's optimiser over the mean gradient (sgd steps with --server-momentum)."""
-    beta1: float = 0.9
-    """First-moment decay of fedadam, fedyogi, fedadagrad, and of fedsgd's adam."""
-    beta2: float = 0.99
-    """Second-moment decay of fedadam and fedyogi, and of fedsgd's adam."""
-    tau: float = 1e-3
-    """Adaptivity of fedadam, fedyogi and fedadagrad (the epsilon of fedsgd's adam)."""
-    trim_fraction: float | None = field(
-        default=None, metadata={DEFAULT_HELP: class_defaults("default_trim_fraction")}
-    )
-    """trimmed-mean: fraction b of the updates dropped at each end, per coordinate
-    (floor(b*N) largest and smallest); below 0.5, so a value is left."""
-    krum_byzantine: int | None = field(
-        default=None, metadata={DEFAULT_HELP: class_defaults("default_byzantine")}
-    )
-    """krum: f, the Byzantine clients tolerated; a round with fewer than 2f+3 updates takes
-    their coordinate-wise median instead (logged)."""
-    krum_select: int | None = field(
-        default=None, metadata={DEFAULT_HELP: class_defaults("default_select")}
-    )
-    """krum: m, the updates of lowest score averaged (1 is Krum, more is Multi-Krum; at most
-    N-f are)."""
-    robust_optimizer: str = field(default="none", metadata={CHOICES: ROBUST_OPTIMIZERS})
-    """median, trimmed-mean, krum, geomedian: the server optimiser their aggregate drives as
-    its pseudo-gradient (with --server-lr, --server-momentum, --beta1, --beta2, --tau);
-    none steps by the aggregate itself."""
-    geomedian_iterations: int | None = field(
-        default=None, metadata={DEFAULT_HELP: class_defaults("default_iterations")}
-    )
-    """geomedian: Weiszfeld iterations (two passes over the round's spools each)."""
-
-    def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"strategy {self.strategy!r} is unknown: use one of {', '.join(STRATEGIES)}"
-            )
-        for name, weight in self.client_weight.items():
-            try:
-                value = float(weight)
-            except ValueError:
-                raise ConfigError(f"client_weight {name}: {weight!r} is not a number") from None
-            if not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"client_weight {name}: {weight} must be positive and finite")
-        if self.server_lr is not None:
-            _positive("server_lr", self.server_lr)
-        if self.server_momentum is not None and not 0 <= self.server_momentum < 1:
-            raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
-        if self.robust_optimizer not in ROBUST_OPTIMIZERS:
-            raise ConfigError(
-                f"robust_optimizer must be one of {', '.join(ROBUST_OPTIMIZERS)}, "
-                f"got {self.robust_optimizer!r}"
-            )
-        if self.robust_optimizer != "none" and not issubclass(
-            STRATEGIES[self.strategy].cls, HoldingStrategy
-        ):
-            raise ConfigError(
-                f"robust_optimizer needs a robust strategy (median, trimmed-mean, krum, "
-                f"geomedian), not {self.strategy}"
-            )
-        if self.server_optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"server_optimizer must be one of {', '.join(OPTIMIZERS)}, "
-                f"got {self.server_optimizer!r}"
-            )
-        if not 0 <= self.beta1 < 1:
-            raise ConfigError(f"beta1 must be in [0, 1), got {self.beta1}")
-        if not 0 <= self.beta2 < 1:
-            raise ConfigError(f"beta2 must be in [0, 1), got {self.beta2}")
-        _positive("tau", self.tau)
-        if self.trim_fraction is not None and not 0 <= self.trim_fraction < 0.5:
-            raise ConfigError(
-                f"trim_fraction must be in [0, 0.5) so that a value is left, "
-                f"got {self.trim_fraction}"
-            )
-        if self.krum_byzantine is not None and self.krum_byzantine < 0:
-            raise ConfigError(f"krum_byzantine must be at least 0, got {self.krum_byzantine}")
-        if self.krum_select is not None and self.krum_select < 1:
-            raise ConfigError(f"krum_select must be at least 1, got {self.krum_select}")
-        if self.geomedian_iterations is not None and self.geomedian_iterations < 1:
-            raise ConfigError(
-                f"geomedian_iterations must be at least 1, got {self.geomedian_iterations}"
-            )
-
-
-@dataclass
-class SafeguardsConfig:
-    """Safe defaults around every strategy (server/safeguards.py): how far one update may
-    move the model and how much its claimed examples may weigh."""
-
-    safeguards: bool = True
-    """Refuse outlier updates, cap claimed examples and never commit a non-finite model
-    (--no-safeguards turns all of them off)."""
-    outlier_factor: float = 10.0
-    """With 3 or more updates in a round, one whose L2 norm is over this many times the
-    round's median norm is left out of the aggregate (0: no outlier rule)."""
-    max_update_norm: float | None = None
-    """An update whose L2 norm is over this bound is refused as it arrives."""
-    max_examples: int | None = None
-    """The most examples one update may claim for its weight; larger claims are capped."""
-    claim_cap_factor: float = 1.0
-    """No update weighs more than this many times the round's median claimed examples
-    (0: no relative cap; raise it where sites legitimately differ in size)."""
-
-    def validate(self) -> None:
-        if not self.outlier_factor >= 0:
-            raise ConfigError(f"outlier_factor must be at least 0, got {self.outlier_factor}")
-        if self.outlier_factor and self.outlier_factor <= 1:
-            raise ConfigError(
-                f"outlier_factor must be over 1 (or 0 for none), got {self.outlier_factor}"
-            )
-        if self.max_update_norm is not None:
-            _positive("max_update_norm", self.max_update_norm)
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ConfigError(f"max_examples must be at least 1, got {self.max_examples}")
-        if not self.claim_cap_factor >= 0:
-            raise ConfigError(f"claim_cap_factor must be at least 0, got {self.claim_cap_factor}")
-        if self.claim_cap_factor and self.claim_cap_factor < 1:
-            raise ConfigError(
-                f"claim_cap_factor must be at least 1 (or 0 for none), got {self.claim_cap_factor}"
-            )
-
-
-@dataclass
-class PrivacyConfig:
-    """Central differential privacy (server/strategies/private.py): each update clipped
-    to an L2 norm, Gaussian noise on the mean, the privacy spent accounted every round."""
-
-    dp_clip: float | None = None
-    """Clip each update to this L2 norm and weigh updates equally (turns central DP on)."""
-    dp_noise_multiplier: float = 0.0
-    """z: the noise on the sum of clipped updates has standard deviation z * dp_clip."""
-    dp_delta: float = 1e-5
-    """The delta at which the epsilon spent is reported."""
-
-    def validate(self) -> None:
-        if self.dp_clip is not None:
-            _positive("dp_clip", self.dp_clip)
-        elif self.dp_noise_multiplier:
-            raise ConfigError("dp_noise_multiplier needs dp_clip: noise is scaled to the clip")
-        if not self.dp_noise_multiplier >= 0:
-            raise ConfigError(
-                f"dp_noise_multiplier must be at least 0, got {self.dp_noise_multiplier}"
-            )
-        if not 0 < self.dp_delta < 1:
-            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
-
-
-@dataclass
 class EvaluationConfig:
     """Federated evaluation: selected clients score the new global model on their own
     held-out data."""
@@ -376,7 +202,7 @@ class EvaluationConfig:
     def validate(self) -> None:
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be at least 0, got {self.eval_every}")
-        _positive("eval_timeout", self.eval_timeout)
+        require_positive("eval_timeout", self.eval_timeout)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedstream.server.config import SafeguardsConfig
+from fedstream.server.aggregation_config import SafeguardsConfig
 from fedstream.server.errors import UpdateTooLarge
 from fedstream.server.updates import VerifiedUpdate
 

@@ -30,7 +30,7 @@ from fedstream.server.strategies.trimmed_mean import TrimmedMean
 
 if TYPE_CHECKING:
     # Only a type: server/config.py imports this package to list the strategies in --help.
-    from fedstream.server.config import StrategyConfig
+    from fedstream.server.aggregation_config import StrategyConfig
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from fedstream.server.strategies.base import MeanOfUpdates, Strategy
 from fedstream.server.updates import DeltaBlock, VerifiedUpdate
 
 if TYPE_CHECKING:
-    from fedstream.server.config import PrivacyConfig
+    from fedstream.server.aggregation_config import PrivacyConfig
 
 
 def clip_factor(norm: float, clip: float) -> float:

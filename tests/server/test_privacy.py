@@ -13,7 +13,8 @@ import torch
 
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.config import ConfigError
-from fedstream.server.config import PrivacyConfig, ServerConfig
+from fedstream.server.aggregation_config import PrivacyConfig
+from fedstream.server.config import ServerConfig
 from fedstream.server.strategies import FedAvg, Median
 from fedstream.server.strategies.private import (
     DifferentiallyPrivate,

@@ -13,7 +13,7 @@ import torch
 
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.config import ConfigError
-from fedstream.server.config import StrategyConfig
+from fedstream.server.aggregation_config import StrategyConfig
 from fedstream.server.strategies import (
     STRATEGIES,
     DeltaBlock,

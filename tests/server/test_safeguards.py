@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedstream.common.checkpoint import load_checkpoint
-from fedstream.server.config import SafeguardsConfig
+from fedstream.server.aggregation_config import SafeguardsConfig
 from fedstream.server.errors import UpdateTooLarge
 from fedstream.server.safeguards import MIN_FOR_OUTLIERS, Safeguards
 from fedstream.server.strategies import FedAdam, FedAvg, Median

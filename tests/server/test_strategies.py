@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedstream.common.config import ConfigError, add_arguments
-from fedstream.server.config import ServerConfig, StrategyConfig
+from fedstream.server.aggregation_config import StrategyConfig
+from fedstream.server.config import ServerConfig
 from fedstream.server.strategies import (
     STRATEGIES,
     DeltaBlock,
