@@ -24,7 +24,7 @@ back to the coordinate-wise median of the reports (`median.py`, robust to any mi
 with a logged warning, rather than losing the round.
 
 With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
-pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
+pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_blocks`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ The round's spools are read block by block in lockstep (`robust.lockstep`) and e
 of the median is added to the model as it is made: memory is the model and N blocks.
 
 With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
-pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
+pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_blocks`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def coordinate_median(rows: torch.Tensor) -> torch.Tensor:
     upper = ordered[n // 2]
     if n % 2:
         return upper
-    return upper.add(ordered[n // 2 - 1]).div_(2)
+    return upper.add_(ordered[n // 2 - 1]).div_(2)
 
 
 def median_blocks(updates: Sequence[VerifiedUpdate]) -> Iterator[Block]:

@@ -16,7 +16,7 @@ sorted in place (`median.sort_columns`) and its trimmed mean added to the model 
 made: memory is the model and N blocks.
 
 With `--robust-optimizer fedavgm|fedadam|...` the aggregate is that server optimiser's
-pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_step`).
+pseudo-gradient instead of the step itself (`robust.HoldingStrategy.apply_blocks`).
 """
 
 from __future__ import annotations
