@@ -19,7 +19,7 @@ import torch
 
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import METHODS, bearer_metadata, stub
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.tasks import exchanged_names, load_task
 
 MIB = 1 << 20

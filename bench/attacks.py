@@ -45,9 +45,9 @@ from bench.adversary import (
     start_client,
 )
 from bench.attacks_disk import metrics_attack, run_dir_attacks, spool_attack
-from fedstream.common.framing import frame_data
 from fedstream.common.service import METHODS
 from fedstream.common.tokens import new_token, token_hash
+from fedstream.common.wire.framing import frame_data
 
 # ---- the attacks ----------------------------------------------------------------------
 

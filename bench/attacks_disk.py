@@ -25,7 +25,7 @@ from bench.adversary import (
     update_bytes,
 )
 from fedstream.common.checkpoint import load_checkpoint, save_checkpoint
-from fedstream.common.framing import frame_data
+from fedstream.common.wire.framing import frame_data
 
 
 def run_dir_attacks(work: Path) -> None:

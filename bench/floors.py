@@ -53,7 +53,7 @@ FOLD_BLOCK = 4 * MIB
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
-    from fedstream.common.tensor_codec import tensor_bytes  # torch only in the children
+    from fedstream.common.wire.stream import tensor_bytes  # torch only in the children
 
     return tensor_bytes(tensor)
 

@@ -23,12 +23,12 @@ import torch
 from fedstream.client.held_model import HeldModel
 from fedstream.common.codecs import wire_chunks
 from fedstream.common.errors import WireError
-from fedstream.common.framing import MalformedChunk, frame_data
 from fedstream.common.progress import LogLines, ProgressView, Tracker
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import bearer_metadata, stub
-from fedstream.common.tensor_codec import Manifest
 from fedstream.common.tls import client_credentials
+from fedstream.common.wire.framing import MalformedChunk, frame_data
+from fedstream.common.wire.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

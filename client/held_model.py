@@ -18,7 +18,8 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from fedstream.common.errors import WireError
-from fedstream.common.tensor_codec import Manifest, TensorEntry, tensor_bytes
+from fedstream.common.wire.manifest import Manifest, TensorEntry
+from fedstream.common.wire.stream import tensor_bytes
 
 BLOCK_ELEMENTS = 1 << 20
 """Elements of the global model read back at a time when loading it onto a device."""

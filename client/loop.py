@@ -35,7 +35,7 @@ from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.tasks import BUILTIN_TASKS, Task, TaskError, exchanged_names, load_task
 
 log = logging.getLogger(__name__)

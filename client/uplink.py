@@ -19,7 +19,7 @@ import torch
 
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.codecs.base import Raw
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 
 Deltas = Callable[..., Iterator[torch.Tensor]]
 """local - global in manifest order: blocks by default, whole tensors given None."""

@@ -1,1 +1,1 @@
-"""Shared pieces of fedstream: wire contract, tensor codec, config, checkpoints."""
+"""Shared pieces of fedstream: wire contract and format, compression codecs, config, checkpoints."""

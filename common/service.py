@@ -2,7 +2,7 @@
 
 The generated `coordinator_pb2_grpc` stubs send every message through the protobuf
 library. The bulk chunk messages (`ModelChunk`, `UpdateChunk`) are framed by hand instead
-(`common/framing.py`), so the server registers, and the client calls, the service through
+(`common/wire/framing.py`), so the server registers, and the client calls, the service through
 this table. The table is read from the service's descriptor, so it cannot drift from
 protos/: the only thing written here is which messages are framed by hand.
 """
@@ -17,8 +17,8 @@ import grpc
 from google.protobuf.descriptor import Descriptor, MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 
-from fedstream.common.framing import ChunkParser, MalformedMessage, serialize_chunk
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.wire.framing import ChunkParser, MalformedMessage, serialize_chunk
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
 SERVICE_NAME: str = _SERVICE.full_name

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import Scalar
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.server.errors import InvalidUpdate
 from fedstream.server.registry import ClientRecord
 

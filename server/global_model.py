@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 from fedstream.server.calls import ModelStream
 from fedstream.server.errors import OffsetOutOfRange, WrongRound
 

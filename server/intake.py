@@ -20,7 +20,7 @@ from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.logs import RateLimitedLog
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest, ManifestLimits
+from fedstream.common.wire.manifest import Manifest, ManifestLimits
 from fedstream.server.config import UplinkConfig
 from fedstream.server.spool import SpoolFiles, SpoolFull, UploadSpool
 from fedstream.server.transfer import RateFloor, release_refused

@@ -51,8 +51,8 @@ import torch
 from fedstream.common.checkpoint import load_checkpoint, save_checkpoint, sync_to_disk
 from fedstream.common.config import ConfigError
 from fedstream.common.errors import FedstreamError, InvalidCheckpoint, InvalidManifest
-from fedstream.common.tensor_codec import Manifest
 from fedstream.common.weights import STRATEGY_PREFIX
+from fedstream.common.wire.manifest import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 This is the one place protobuf messages are built from the coordinator's plain results
 (`server/calls.py`) and the one place domain errors become gRPC statuses. Bulk methods
-use the hand framing of `common/framing.py`, so the service is registered with explicit
+use the hand framing of `common/wire/framing.py`, so the service is registered with explicit
 method handlers rather than the generated `add_CoordinatorServicer_to_server`.
 """
 
@@ -23,12 +23,12 @@ from fedstream.common.errors import (
     NonFiniteValues,
     WireError,
 )
-from fedstream.common.framing import MalformedChunk, MalformedMessage, frame_data
 from fedstream.common.logs import RateLimitedLog
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import to_proto as config_to_proto
 from fedstream.common.service import bearer_token, method_handlers
 from fedstream.common.tls import peer_identity
+from fedstream.common.wire.framing import MalformedChunk, MalformedMessage, frame_data
 from fedstream.server.calls import (
     EvaluateWork,
     EvaluationClaim,

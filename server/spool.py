@@ -35,7 +35,8 @@ from fedstream.common.codecs import UplinkCodec
 from fedstream.common.codecs.base import Raw
 from fedstream.common.codecs.zstd import ZstdError
 from fedstream.common.errors import LimitExceeded, NonFiniteValues, WireError
-from fedstream.common.tensor_codec import Manifest, TensorEntry, tensor_bytes
+from fedstream.common.wire.manifest import Manifest, TensorEntry
+from fedstream.common.wire.stream import tensor_bytes
 from fedstream.server.updates import DeltaBlock
 
 # Received chunks are immutable `bytes`; the scan only reads the tensors it views them as.

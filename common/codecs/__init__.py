@@ -29,7 +29,8 @@ from fedstream.common.codecs.halfprec import BFloat16, Float16
 from fedstream.common.codecs.int8 import Int8
 from fedstream.common.codecs.topk import TopK
 from fedstream.common.round_config import Scalar
-from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 
 CODEC_NAMES = ("raw", "fp16", "bf16", "int8", "topk")
 ZSTD_SUFFIX = "+zstd"

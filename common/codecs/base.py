@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.common.tensor_codec import TensorEntry
+from fedstream.common.wire.manifest import TensorEntry
 
 
 class Codec(ABC):

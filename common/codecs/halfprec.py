@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from fedstream.common.codecs.base import Codec
-from fedstream.common.tensor_codec import TensorEntry
+from fedstream.common.wire.manifest import TensorEntry
 
 
 class HalfPrecision(Codec):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from fedstream.common.codecs.base import Codec
-from fedstream.common.tensor_codec import TensorEntry
+from fedstream.common.wire.manifest import TensorEntry
 
 BLOCK = 256
 """Elements sharing one scale: 1/64 of a byte of scale per element."""

@@ -19,7 +19,7 @@ import torch
 
 from fedstream.common.codecs.base import Codec
 from fedstream.common.errors import WireError
-from fedstream.common.tensor_codec import TensorEntry
+from fedstream.common.wire.manifest import TensorEntry
 
 
 def index_dtype(numel: int) -> torch.dtype:

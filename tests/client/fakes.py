@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import torch
 
-from fedstream.common.framing import frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest, iter_chunks, tensor_bytes
+from fedstream.common.wire.framing import frame_data
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks, tensor_bytes
 from fedstream.tasks import ConfigScalar, Task, TrainResult
 
 Answer = Callable[[list[bytes]], list[bytes]]

@@ -12,7 +12,7 @@ import torch
 from fedstream.client import connection
 from fedstream.client.connection import Connection, Heartbeat, Session, negotiated_chunk_bytes
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 
 from .fakes import (
     FakeChannel,

@@ -8,7 +8,8 @@ import torch
 from fedstream.client import held_model
 from fedstream.client.held_model import HeldModel
 from fedstream.common.errors import WireError
-from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 
 
 def model() -> dict[str, torch.Tensor]:

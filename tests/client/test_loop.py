@@ -20,7 +20,7 @@ from fedstream.client.config import ClientConfig
 from fedstream.client.connection import Backoff, Connection
 from fedstream.client.loop import EXIT_DONE, EXIT_REFUSED, EXIT_UNREACHABLE, FederatedClient
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 
 from .fakes import (
     FakeChannel,

@@ -8,7 +8,7 @@ import torch
 
 from fedstream.client.uplink import UplinkEncoder
 from fedstream.common.codecs import UplinkCodec
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 
 DELTAS = {
     "w": torch.tensor([[4.0, -1.0], [0.5, 3.0]]),

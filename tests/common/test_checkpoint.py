@@ -17,7 +17,8 @@ from fedstream.common.checkpoint import (
     write_json_atomic,
 )
 from fedstream.common.errors import InvalidCheckpoint
-from fedstream.common.tensor_codec import DTYPES, tensor_bytes
+from fedstream.common.wire.manifest import DTYPES
+from fedstream.common.wire.stream import tensor_bytes
 
 
 def random_bits(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from fedstream.common.codecs import (
 from fedstream.common.codecs.int8 import BLOCK
 from fedstream.common.codecs.zstd import compressed_bound, decompressing_reader
 from fedstream.common.errors import WireError
-from fedstream.common.tensor_codec import Manifest, TensorEntry
+from fedstream.common.wire.manifest import Manifest, TensorEntry
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=32)
 vectors = st.lists(finite, min_size=0, max_size=700).map(

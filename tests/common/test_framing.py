@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from google.protobuf.message import Message
 
-from fedstream.common.framing import (
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.wire.framing import (
     DATA_TAG,
     ChunkParser,
     MalformedChunk,
@@ -15,7 +16,6 @@ from fedstream.common.framing import (
     frame_data,
     serialize_chunk,
 )
-from fedstream.common.proto.v1 import coordinator_pb2 as pb
 
 CHUNK_TYPES = [
     pytest.param(pb.ModelChunk, id="ModelChunk"),

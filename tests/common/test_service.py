@@ -1,4 +1,4 @@
-"""The service table both sides use: every RPC with its cardinality and wire codec, and
+"""The service table both sides use: every RPC with its cardinality and (de)serializers, and
 the bearer credentials. Handlers and stubs are inspected directly; one test serves junk
 over real gRPC on loopback."""
 
@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import pytest
 
-from fedstream.common.framing import MalformedChunk, MalformedMessage, frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import (
     BEARER_PREFIX,
@@ -24,6 +23,7 @@ from fedstream.common.service import (
     method_handlers,
     stub,
 )
+from fedstream.common.wire.framing import MalformedChunk, MalformedMessage, frame_data
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
 

@@ -7,7 +7,7 @@ import torch
 
 from fedstream.common.errors import InvalidManifest, LimitExceeded
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest, ManifestLimits, TensorTie, find_ties
+from fedstream.common.wire.manifest import Manifest, ManifestLimits, TensorTie, find_ties
 
 
 class Tied(torch.nn.Module):

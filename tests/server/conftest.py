@@ -16,7 +16,7 @@ import torch
 from fedstream.client.config import ClientConfig
 from fedstream.client.loop import FederatedClient
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.server.config import ServerConfig
 from fedstream.server.daemon import CoordinatorDaemon
 from fedstream.tasks import ConfigScalar, EvalResult, Task, TrainResult, exchanged_names

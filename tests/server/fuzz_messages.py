@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from fedstream.common.framing import frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.common.wire.framing import frame_data
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 
 from .conftest import TINY_DIGEST, TinyModel
 

@@ -19,10 +19,11 @@ import torch
 
 from fedstream.client.connection import Connection
 from fedstream.common.checkpoint import load_checkpoint
-from fedstream.common.framing import frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import METHODS, bearer_metadata, stub
-from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.common.wire.framing import frame_data
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 
 from .conftest import (
     ClientThread,

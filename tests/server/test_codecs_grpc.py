@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fedstream.common.codecs import UplinkCodec
-from fedstream.common.framing import frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.framing import frame_data
+from fedstream.common.wire.manifest import Manifest
 
 from .conftest import TinyModel, start_client, tiny_join
 from .test_bad_requests import RawPeer, expect

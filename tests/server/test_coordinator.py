@@ -19,7 +19,8 @@ import torch
 
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.errors import NonFiniteValues
-from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 from fedstream.server.calls import (
     EvaluateWork,
     EvaluationClaim,

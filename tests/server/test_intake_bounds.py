@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from fedstream.common.logs import RateLimitedLog
-from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 from fedstream.server.config import UplinkConfig
 from fedstream.server.errors import TransferStalled
 from fedstream.server.intake import UploadIntake

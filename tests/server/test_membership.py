@@ -11,11 +11,12 @@ import grpc
 import pytest
 import torch
 
-from fedstream.common.framing import frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import bearer_metadata, stub
-from fedstream.common.tensor_codec import Manifest, iter_chunks
 from fedstream.common.tokens import new_token, token_hash
+from fedstream.common.wire.framing import frame_data
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 from fedstream.server.errors import IdentityMismatch, UnknownClient
 from fedstream.server.identity import Authenticator
 

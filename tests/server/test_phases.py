@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.server.calls import EvaluationClaim, TrainWork, UpdateClaim
 from fedstream.server.errors import InvalidUpdate, NotSelected, WrongRound
 from fedstream.server.phases import (

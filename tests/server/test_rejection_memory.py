@@ -20,10 +20,10 @@ from typing import Any
 import grpc
 import pytest
 
-from fedstream.common.framing import frame_data
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import METHODS, bearer_metadata, stub
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.framing import frame_data
+from fedstream.common.wire.manifest import Manifest
 from fedstream.tasks import load_task
 from fedstream.tasks.task import exchanged_names
 

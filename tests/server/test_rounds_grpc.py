@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedstream.client.connection import Connection
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 
 from .conftest import (
     ClientThread,

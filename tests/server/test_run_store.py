@@ -19,7 +19,7 @@ import torch
 from fedstream.common.checkpoint import load_checkpoint, read_checkpoint_metadata
 from fedstream.common.config import ConfigError
 from fedstream.common.errors import InvalidCheckpoint
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.server import run_store
 from fedstream.server.run_store import RunIdentity, RunStore, strict_json
 

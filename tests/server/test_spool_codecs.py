@@ -10,7 +10,7 @@ import zstandard
 
 from fedstream.common.codecs import UplinkCodec, wire_chunks
 from fedstream.common.errors import NonFiniteValues, WireError
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.server.spool import SpoolFiles, UploadSpool
 
 MODEL = {"a": torch.randn(300), "b": torch.randn(7, 5).to(torch.bfloat16)}

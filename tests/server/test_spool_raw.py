@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedstream.common.errors import NonFiniteValues, WireError
-from fedstream.common.tensor_codec import Manifest, iter_chunks
+from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import iter_chunks
 from fedstream.server.spool import SpoolFiles, UploadSpool
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]

@@ -13,7 +13,7 @@ from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.server.coordinator import select_clients
 from fedstream.server.strategies import STRATEGIES
 

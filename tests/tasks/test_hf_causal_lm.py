@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.tasks import TaskError, exchanged_names, load_task
 
 pytest.importorskip("transformers")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedstream.cli import main
-from fedstream.common.tensor_codec import Manifest
+from fedstream.common.wire.manifest import Manifest
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.tasks import Task, exchanged_names, load_task
 

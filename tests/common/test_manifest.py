@@ -1,4 +1,4 @@
-"""Tests of the tensor wire codec: manifests, chunking, assembly, and the trust boundary."""
+"""Tests of the wire format: manifests, chunking, assembly, and the trust boundary."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ from hypothesis import strategies as st
 from fedstream.client.held_model import HeldModel
 from fedstream.common.errors import InvalidManifest, LimitExceeded, WireError
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.tensor_codec import (
-    DTYPES,
-    Manifest,
-    ManifestLimits,
-    TensorEntry,
-    dtype_name,
-    iter_chunks,
-    tensor_bytes,
-)
+from fedstream.common.wire.manifest import DTYPES, Manifest, ManifestLimits, TensorEntry, dtype_name
+from fedstream.common.wire.stream import iter_chunks, tensor_bytes
 
 LAYOUTS = ("contiguous", "transposed", "sliced")
 
