@@ -16,11 +16,13 @@ COPY client ./client
 COPY tasks ./tasks
 COPY fedstream ./fedstream
 
+# The import check runs from / so that it sees the installed package, not the source
+# folder fedstream/ of the working directory (which lacks fedstream.common and the rest).
 # constraints.txt pins torch; the PyTorch CPU index supplies that version as a CPU-only
 # wheel (2.x.y+cpu sorts above PyPI's CUDA build), which keeps the image small.
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu \
         -c constraints.txt . \
-    && python -c "import fedstream.cli, torch; assert not torch.version.cuda, torch.version.cuda"
+    && cd / && python -c "import fedstream.cli, fedstream.server.daemon, torch; assert not torch.version.cuda, torch.version.cuda"
 
 # Run unprivileged. /runs and /certs are where the compose file mounts its named volumes;
 # creating them here makes a fresh volume belong to this user (so `fedstream certs` can
