@@ -95,13 +95,38 @@ def _clear_run_dir(run_dir: Path) -> None:
     shutil.rmtree(run_dir)
 
 
-def _wait_for_address(path: Path, server: subprocess.Popen[bytes], timeout: float) -> str:
+LAST_LOG_LINES = 15
+"""How much of a failed process's log the demo shows."""
+
+
+class ProcessFailed(RuntimeError):
+    """A process of the cluster exited with a non-zero code: the demo ends at once."""
+
+    def __init__(self, name: str, code: int, log: Path) -> None:
+        lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+        tail = "\n".join(f"  | {line}" for line in lines[-LAST_LOG_LINES:])
+        super().__init__(
+            f"{name} exited with code {code}; the last lines of {log}:\n{tail or '  (empty)'}"
+        )
+
+
+def _check_exits(processes: dict[str, subprocess.Popen[bytes]], logs: Path) -> None:
+    """ProcessFailed for the first process that has exited with a non-zero code."""
+    for name, proc in processes.items():
+        code = proc.poll()
+        if code is not None and code != 0:
+            raise ProcessFailed(name, code, logs / f"{name}.log")
+
+
+def _wait_for_coordinator(
+    path: Path, processes: dict[str, subprocess.Popen[bytes]], logs: Path, timeout: float
+) -> dict[str, Any]:
+    """The coordinator's record (address, status page) once it listens."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited early with code {server.returncode}")
+        _check_exits(processes, logs)
         if path.exists():
-            return str(json.loads(path.read_text())["address"])
+            return dict(json.loads(path.read_text()))
         time.sleep(0.1)
     raise RuntimeError("server did not start listening in time")
 
@@ -175,7 +200,7 @@ def main(config: DemoConfig) -> int:
     )
     deadline = time.monotonic() + config.timeout
     try:
-        server = start(
+        start(
             "server",
             [
                 "server",
@@ -190,8 +215,11 @@ def main(config: DemoConfig) -> int:
                 *config.server_flags(),
             ],
         )  # fmt: skip
-        address = _wait_for_address(config.run_dir / "coordinator.json", server, 120.0)
+        record = _wait_for_coordinator(config.run_dir / "coordinator.json", processes, logs, 120.0)
+        address = str(record["address"])
         print(f"server listening on {address}; logs in {logs}")
+        if record.get("status_url"):
+            print(f"status page: {record['status_url']}")
         for i in range(config.clients):
             start(
                 f"client-{i}",
@@ -218,6 +246,7 @@ def main(config: DemoConfig) -> int:
         try:
             while running:
                 running = any(p.poll() is None for p in processes.values())
+                _check_exits(processes, logs)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"demo did not finish within {config.timeout:.0f}s")
                 history = _read_metrics(config.run_dir / "metrics.jsonl")
@@ -236,7 +265,7 @@ def main(config: DemoConfig) -> int:
         finally:
             view.close()
     except (TimeoutError, RuntimeError, KeyboardInterrupt) as exc:
-        print(f"demo failed: {exc!r}", file=sys.stderr)
+        print(f"demo failed: {exc or type(exc).__name__}", file=sys.stderr)
         for proc in processes.values():
             if proc.poll() is None:
                 proc.terminate()
@@ -245,10 +274,6 @@ def main(config: DemoConfig) -> int:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        return 1
-    failed = {name: p.returncode for name, p in processes.items() if p.returncode != 0}
-    if failed:
-        print(f"demo failed: processes exited with {failed}; see {logs}", file=sys.stderr)
         return 1
     history = _read_metrics(config.run_dir / "metrics.jsonl")
     print()

@@ -73,6 +73,7 @@ def test_demo_in_a_terminal_draws_bars_and_its_logs_hold_plain_lines(tmp_path: P
     assert ESCAPE.search(shown) and BAR in shown
     text = ESCAPE.sub("", shown)
     assert "coordinator: waiting for clients" in text
+    assert re.search(r"status page: http://127\.0\.0\.1:\d+/", text)
     assert "coordinator: done: 1 of 1 rounds" in text  # the last state stays on the screen
     assert re.search(r"client-0: upload for round 1 \S+ [\d.]+ KiB of [\d.]+ KiB \(100%\)", text)
     assert "round 1/1: 1 updates" in text
