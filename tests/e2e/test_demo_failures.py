@@ -35,7 +35,7 @@ def test_a_crashed_process_is_named_with_its_last_log_lines(tmp_path: Path) -> N
     log = tmp_path / "client-1.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "print('loading'); print('boom: bad data'); raise SystemExit(3)"],
+            [sys.executable, "-c", "print('loading'); print('boom: bad data'); exit(3)"],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
