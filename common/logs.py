@@ -9,6 +9,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+from fedstream.common.config import ConfigError
+
 
 class CurrentStderr:
     """sys.stderr as it is at each write: while a live progress display is drawn, it stands
@@ -21,8 +23,13 @@ class CurrentStderr:
         sys.stderr.flush()
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def setup_logging(level: str, role: str) -> None:
     """Timestamped lines on stderr, tagged with the process's role (server, client-0, ...)."""
+    if level.upper() not in LEVELS:
+        raise ConfigError(f"log_level {level!r} is unknown: use one of {', '.join(LEVELS)}")
     logging.basicConfig(
         level=level.upper(),
         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",

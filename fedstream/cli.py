@@ -10,46 +10,84 @@ which beats the file, which beats the default.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any
 
-from fedstream.certs import CertsConfig, TokenConfig
-from fedstream.client.config import ClientConfig
 from fedstream.common.config import ConfigError, add_arguments, field_docs, load_config
 from fedstream.common.errors import FedstreamError
 from fedstream.common.logs import setup_logging
-from fedstream.demo import DemoConfig
-from fedstream.export import ExportConfig
-from fedstream.scaffold import NewConfig
-from fedstream.server.config import ServerConfig
-from fedstream.status import StatusConfig
 
-Config = (
-    ServerConfig
-    | ClientConfig
-    | DemoConfig
-    | StatusConfig
-    | CertsConfig
-    | TokenConfig
-    | ExportConfig
-    | NewConfig
-)
-
-COMMANDS: dict[str, tuple[type[Config], str]] = {
-    "server": (ServerConfig, "run the coordinator daemon"),
-    "client": (ClientConfig, "run a client process against a coordinator"),
-    "demo": (DemoConfig, "run a local cluster: one server and N clients as processes"),
-    "status": (StatusConfig, "show a running coordinator's clients and rounds (--watch)"),
-    "certs": (CertsConfig, "make a development CA, a server and client certificates"),
+COMMAND_SPECS: dict[str, tuple[str, str, str]] = {
+    "server": (
+        "fedstream.server.config:ServerConfig",
+        "fedstream.server.daemon:main",
+        "run the coordinator daemon",
+    ),
+    "client": (
+        "fedstream.client.config:ClientConfig",
+        "fedstream.client.loop:main",
+        "run a client process against a coordinator",
+    ),
+    "demo": (
+        "fedstream.demo:DemoConfig",
+        "fedstream.demo:main",
+        "run a local cluster: one server and N clients as processes",
+    ),
+    "status": (
+        "fedstream.status:StatusConfig",
+        "fedstream.status:status_main",
+        "show a running coordinator's clients and rounds (--watch)",
+    ),
+    "certs": (
+        "fedstream.certs:CertsConfig",
+        "fedstream.certs:certs_main",
+        "make a development CA, a server and client certificates",
+    ),
     "token": (
-        TokenConfig,
+        "fedstream.certs:TokenConfig",
+        "fedstream.certs:token_main",
         "make a client token: the token on stdout, the --tokens file line on stderr",
     ),
-    "export": (ExportConfig, "write a run's model as a plain state dict (or pretrained dir)"),
-    "new": (NewConfig, "scaffold a project: a package with your own Task, a test, sample data"),
+    "export": (
+        "fedstream.export:ExportConfig",
+        "fedstream.export:main",
+        "write a run's model as a plain state dict (or pretrained dir)",
+    ),
+    "new": (
+        "fedstream.scaffold:NewConfig",
+        "fedstream.scaffold:main",
+        "scaffold a project: a package with your own Task, a test, sample data",
+    ),
 }
+"""Command -> (its config class, the function that runs it, its summary), by import path:
+a command imports only its own modules, so `fedstream --help`, `token`, `certs`, `status`
+and `new` start without importing torch."""
+
+
+def _load(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class Commands(Mapping[str, tuple[type, str]]):
+    """Command -> (config class, summary), importing a command's config class only when
+    it is looked up."""
+
+    def __getitem__(self, name: str) -> tuple[type, str]:
+        config_path, _, summary = COMMAND_SPECS[name]
+        return _load(config_path), summary
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(COMMAND_SPECS)
+
+    def __len__(self) -> int:
+        return len(COMMAND_SPECS)
+
+
+COMMANDS = Commands()
 
 POSITIONAL: dict[str, tuple[str, ...]] = {
     "token": ("name",),
@@ -61,7 +99,9 @@ POSITIONAL: dict[str, tuple[str, ...]] = {
 `fedstream new task NAME`); they take no --config file."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `only`, the other commands are listed but their
+    options are left out (and their modules not imported)."""
     parser = argparse.ArgumentParser(
         prog="fedstream",
         description="Federated learning for large models over streamed gRPC.",
@@ -69,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         "[command] table of --config FILE > default.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (cls, summary) in COMMANDS.items():
+    for name, (_, _, summary) in COMMAND_SPECS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
+        if only is not None and name not in only:
+            continue
+        cls = COMMANDS[name][0]
         if name in POSITIONAL:
-            docs = field_docs(cast(type, cls))  # the class, not its (unhashable) instances
+            docs = field_docs(cls)
             for field in POSITIONAL[name]:
                 metavar = "ADDRESS|RUN_DIR" if name == "status" else field.upper()
                 sub.add_argument(field, metavar=metavar, help=docs[field])
@@ -86,49 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    named = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = vars(build_parser(only={named} if named else ()).parse_args(argv))
     command = args.pop("command")
     config_file = args.pop("config", None)
-    cls = COMMANDS[command][0]
+    config_path, runner_path, _ = COMMAND_SPECS[command]
     try:
-        config: Config = load_config(cls, command, args, config_file)
+        config = load_config(_load(config_path), command, args, config_file)
     except ConfigError as exc:
         print(f"fedstream {command}: {exc}", file=sys.stderr)
         return 2
     try:
-        if isinstance(config, ServerConfig):
-            from fedstream.server.daemon import main as server_main
-
-            setup_logging(config.log_level, "server")
-            return server_main(config)
-        if isinstance(config, ClientConfig):
-            from fedstream.client.loop import main as client_main
-
-            setup_logging(config.log_level, config.name)
-            return client_main(config)
-        if isinstance(config, CertsConfig):
-            from fedstream.certs import certs_main
-
-            return certs_main(config)
-        if isinstance(config, StatusConfig):
-            from fedstream.status import status_main
-
-            return status_main(config)
-        if isinstance(config, TokenConfig):
-            from fedstream.certs import token_main
-
-            return token_main(config)
-        if isinstance(config, ExportConfig):
-            from fedstream.export import main as export_main
-
-            return export_main(config)
-        if isinstance(config, NewConfig):
-            from fedstream.scaffold import main as new_main
-
-            return new_main(config)
-        from fedstream.demo import main as demo_main
-
-        return demo_main(config)
+        if command in ("server", "client"):
+            setup_logging(config.log_level, "server" if command == "server" else config.name)
+        return int(_load(runner_path)(config))
     except (ConfigError, FedstreamError) as exc:
         print(f"fedstream {command}: {exc}", file=sys.stderr)
         return 2
