@@ -2,7 +2,7 @@
 
     NAME/                 the project (run everything from here)
       NAME/task.py        a Task subclass: a small classifier on each site's own CSV file
-      tests/test_task.py  its test (python -m pytest -q tests)
+      tests/test_task.py  its test (python -m unittest: nothing to install)
       data/*.csv          sample files: one per site, and the coordinator's held-out one
       README.md           the commands below
 
@@ -53,7 +53,7 @@ def commands(name: str) -> list[str]:
     task = f"{name}.task:{class_name(name)}"
     run = f"PYTHONPATH=. fedstream {{}} --task {task} --task-opt data=data/{{}}.csv"
     return [
-        "python -m pytest -q tests",
+        "python -m unittest discover -s tests -v",
         run.format("server", "heldout") + f" --rounds 2 --run-dir runs/{name}",
         run.format("client", "site-0") + " --name site-0",
         run.format("client", "site-1") + " --name site-1",
@@ -165,11 +165,14 @@ class {cls}(Task):
         return EvalResult(num_examples=len(y), metrics={{"loss": loss, "accuracy": accuracy}})
 '''
 
-TEST_TEMPLATE = '''"""{cls}: training lowers the held-out loss; a missing data file is refused."""
+TEST_TEMPLATE = '''"""{cls}: training lowers the held-out loss; a missing data file is refused.
 
+Plain unittest, so it runs where fedstream runs with nothing more installed
+(`python -m unittest discover -s tests -v`); pytest runs it too.
+"""
+
+import unittest
 from pathlib import Path
-
-import pytest
 
 from fedstream.tasks import TaskError
 from {name}.task import {cls}
@@ -177,22 +180,26 @@ from {name}.task import {cls}
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-def test_a_round_of_training_lowers_the_held_out_loss() -> None:
-    task = {cls}({{"data": str(DATA / "site-0.csv")}})
-    task.load_data(0, 1)
-    model = task.build_model()
-    held_out = {cls}({{"data": str(DATA / "heldout.csv")}})
-    before = held_out.evaluate(model)
-    result = task.train(model, {{"lr": 0.05, "local_epochs": 5}})
-    after = held_out.evaluate(model)
-    assert before is not None and after is not None
-    assert result.num_examples > 0
-    assert after.metrics["loss"] < before.metrics["loss"]
+class {cls}Test(unittest.TestCase):
+    def test_a_round_of_training_lowers_the_held_out_loss(self) -> None:
+        task = {cls}({{"data": str(DATA / "site-0.csv")}})
+        task.load_data(0, 1)
+        model = task.build_model()
+        held_out = {cls}({{"data": str(DATA / "heldout.csv")}})
+        before = held_out.evaluate(model)
+        result = task.train(model, {{"lr": 0.05, "local_epochs": 5}})
+        after = held_out.evaluate(model)
+        assert before is not None and after is not None
+        self.assertGreater(result.num_examples, 0)
+        self.assertLess(after.metrics["loss"], before.metrics["loss"])
+
+    def test_a_missing_data_file_is_a_task_error(self) -> None:
+        with self.assertRaisesRegex(TaskError, "does not exist"):
+            {cls}({{"data": str(DATA / "nowhere.csv")}})
 
 
-def test_a_missing_data_file_is_a_task_error() -> None:
-    with pytest.raises(TaskError, match="does not exist"):
-        {cls}({{"data": str(DATA / "nowhere.csv")}})
+if __name__ == "__main__":
+    unittest.main()
 '''
 
 README_TEMPLATE = """# {name}
