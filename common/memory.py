@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import resource
 
+import psutil
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
@@ -44,5 +46,12 @@ def reuse_chunk_buffers() -> None:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far, as the OS counts it."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory so far.
+
+    Linux updates the high-water mark that `getrusage` reports lazily (its counters are
+    cached per CPU), so alone it is often a little below the current resident memory;
+    the peak is the larger of the two."""
+    return max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        psutil.Process().memory_info().rss,
+    )

@@ -124,6 +124,7 @@ class LiveState:
         coordinator = self.coordinator
         now = coordinator.clock.now()
         clients = [self._client(record, now) for record in coordinator.members.registry.all()]
+        rss = self._process.memory_info().rss
         return {
             "schema_version": SCHEMA_VERSION,
             "time": time.time(),
@@ -135,8 +136,8 @@ class LiveState:
                 "down_rate_Bps": sum(c["down_rate_Bps"] for c in clients),
                 "up_rate_Bps": sum(c["up_rate_Bps"] for c in clients),
                 "rejected_updates": dict(sorted(self.rejected_updates.items())),
-                "resident_memory_bytes": self._process.memory_info().rss,
-                "peak_resident_memory_bytes": peak_rss_bytes(),
+                "resident_memory_bytes": rss,
+                "peak_resident_memory_bytes": max(peak_rss_bytes(), rss),
             },
             "rounds": [dict(record) for record in list(coordinator.store.history)],
         }
