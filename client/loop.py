@@ -26,8 +26,17 @@ import grpc
 import torch
 
 from fedstream.client.config import ClientConfig
-from fedstream.client.connection import RETRYABLE, Backoff, Connection, Heartbeat, Session
+from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
+from fedstream.client.retry import (
+    DEFERRED_AT_JOIN,
+    REFUSED_AT_JOIN,
+    RETRYABLE,
+    Backoff,
+    Refused,
+    rpc_status,
+)
+from fedstream.client.session import Heartbeat, Session
 from fedstream.client.uplink import Deltas, UplinkEncoder
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import FedstreamError, InvalidManifest
@@ -46,24 +55,6 @@ DELTA_BLOCK_ELEMENTS = 1 << 18
 EXIT_DONE = 0
 EXIT_UNREACHABLE = 1
 EXIT_REFUSED = 2
-
-REFUSED_AT_JOIN = {
-    grpc.StatusCode.FAILED_PRECONDITION: "this client's model or task is not the coordinator's",
-    grpc.StatusCode.INVALID_ARGUMENT: "the join request is not valid",
-    grpc.StatusCode.PERMISSION_DENIED: "this client may not join under its name",
-    grpc.StatusCode.UNAUTHENTICATED: "the coordinator does not accept this client's credentials",
-}
-"""Join statuses that no retry turns into a session, as the client is configured."""
-
-DEFERRED_AT_JOIN = {
-    grpc.StatusCode.ALREADY_EXISTS: "a live session holds this name; it may expire",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "the coordinator is full (--max-clients)",
-}
-"""Join statuses that may turn into a session later: retried with backoff."""
-
-
-class Refused(Exception):
-    """The coordinator will never accept this client as configured (wrong task, say)."""
 
 
 class FederatedClient:
@@ -135,8 +126,7 @@ class FederatedClient:
         try:
             session = self.connection.join(request, token=self.config.token)
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
-            details = exc.details()  # type: ignore[attr-defined]
+            code, details = rpc_status(exc)
             if code in REFUSED_AT_JOIN:
                 raise Refused(
                     f"coordinator refused to join as {self.config.name} "
@@ -251,15 +241,10 @@ class FederatedClient:
         try:
             reply = self.connection.report_evaluation(self.session, report)
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            code, details = rpc_status(exc)
             if code in RETRYABLE or code == grpc.StatusCode.UNAUTHENTICATED:
                 raise
-            log.warning(
-                "round %d: report refused (%s): %s",
-                task.round,
-                code.name,
-                exc.details(),  # type: ignore[attr-defined]
-            )
+            log.warning("round %d: report refused (%s): %s", task.round, code.name, details)
             return False
         self._contacted()
         log.info(
@@ -292,16 +277,11 @@ class FederatedClient:
                 self._contacted()
                 update.commit()
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
+                code, details = rpc_status(exc)
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     raise  # the session is gone: join again
                 if code not in RETRYABLE or time.monotonic() + backoff.base > deadline:
-                    log.warning(
-                        "round %d: update refused (%s): %s",
-                        task.round,
-                        code.name,
-                        exc.details(),  # type: ignore[attr-defined]
-                    )
+                    log.warning("round %d: update refused (%s): %s", task.round, code.name, details)
                     return False
                 log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
                 backoff.sleep()
@@ -362,8 +342,7 @@ class FederatedClient:
 
     def _recover(self, exc: grpc.RpcError) -> bool:
         """Decide what a failed call means; False when it is time to give up."""
-        code = exc.code()  # type: ignore[attr-defined]
-        details = exc.details()  # type: ignore[attr-defined]
+        code, details = rpc_status(exc)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             log.info("coordinator does not know our session (%s); joining again", details)
             self.session = None
