@@ -20,11 +20,12 @@ import logging
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
 
+from fedstream.client import steps
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
@@ -38,12 +39,10 @@ from fedstream.client.retry import (
 )
 from fedstream.client.session import Heartbeat, Session
 from fedstream.client.uplink import Deltas, UplinkEncoder
-from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import FedstreamError, InvalidManifest
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.wire.manifest import Manifest
 from fedstream.tasks import BUILTIN_TASKS, Task, TaskError, exchanged_names, load_task
 
@@ -78,7 +77,6 @@ class FederatedClient:
         self.session: Session | None = None
         self.held: HeldModel | None = None
         """The global model last downloaded (on disk), reused while its version is current."""
-        self.held_version = -1
         self.backoff = Backoff(cap=config.max_backoff)
         self.refusals = Backoff(cap=config.max_backoff)
         """Paces polling after refused updates and reports; reset by an accepted update."""
@@ -158,7 +156,7 @@ class FederatedClient:
     def _pull(self, model_version: int) -> None:
         """Make the model hold global version `model_version`, downloading it unless held."""
         assert self.session is not None
-        if self.held is None or self.held_version != model_version:
+        if self.held is None or self.held.version != model_version:
             self._forget_model()
             try:
                 self.held = self.connection.download(self.session, model_version, self.layout)
@@ -172,72 +170,46 @@ class FederatedClient:
                     f"cannot keep the downloaded model on local disk in "
                     f"{tempfile.gettempdir()} (TMPDIR chooses another place): {exc}"
                 ) from exc
-            self.held_version = model_version
             self._contacted()
-        self._load_held()
+        self.held.load_into(self.model.state_dict())
+
+    def _in_round(self, round_number: int, work: Callable[[], bool]) -> bool:
+        """Do `work` with the heartbeat beating, and pause after a refusal; whether what
+        it sent was accepted."""
+        assert self.session is not None
+        with Heartbeat(self.connection, self.session, round_number):
+            accepted = work()
+        if not accepted:
+            self._pause_after_refusal()
+        return accepted
 
     def _train_round(self, task: pb.TrainTask) -> None:
-        assert self.session is not None
-        with Heartbeat(self.connection, self.session, task.round):
-            accepted = self._train(task)
-        if accepted:
+        if self._in_round(task.round, lambda: self._train(task)):
             self.refusals.reset()
-        else:
-            self._pause_after_refusal()
 
     def _train(self, task: pb.TrainTask) -> bool:
         """Train (or compute the gradient) and push the update; whether it was accepted."""
         self._pull(task.model_version)
-        config = config_from_proto(task.config)
-        try:
-            self.uplink.configure(UplinkCodec.from_round_config(config))
-        except ValueError as exc:
-            raise Refused(f"cannot encode updates as the coordinator asks: {exc}") from exc
-        started = time.monotonic()
-        gradient = config.get("mode") == "gradient"
-        what = "computing the gradient" if gradient else "training"
-        with self.progress.track("train", f"round {task.round}: {what}", 0, "steps") as bar:
-            self.task.progress_hook = bar.update
-            try:
-                if gradient:
-                    result = self.task.compute_gradient(self.model, config)
-                else:
-                    result = self.task.train(self.model, config)
-            finally:
-                self.task.progress_hook = None
-        log.info(
-            "round %d: %s on %d examples in %.1fs (%s)",
-            task.round,
-            "computed the gradient" if gradient else "trained",
-            result.num_examples,
-            time.monotonic() - started,
-            ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()),
-        )
+        plan = steps.read_round_config(task)
+        self.uplink.configure(plan.uplink)
+        result = steps.train(self.task, self.model, plan, task.round, self.progress)
         header = pb.UpdateHeader(
             round=task.round,
             model_version=task.model_version,
             num_examples=result.num_examples,
             metrics=result.metrics,
         )
-        return self._upload(header, task, self._gradients if gradient else self._deltas)
+        return self._upload(header, task, self._gradients if plan.gradient else self._deltas)
 
     def _evaluate_round(self, task: pb.EvaluateTask) -> None:
         """Evaluate global version `task.model_version` on our own held-out data; report."""
-        assert self.session is not None
-        with Heartbeat(self.connection, self.session, task.round):
-            accepted = self._evaluate(task)
-        if not accepted:
-            self._pause_after_refusal()
+        self._in_round(task.round, lambda: self._evaluate(task))
 
     def _evaluate(self, task: pb.EvaluateTask) -> bool:
         """Evaluate and report; whether the report was accepted."""
         assert self.session is not None
         self._pull(task.model_version)
-        result = self.task.evaluate_local(self.model)
-        report = pb.EvaluationReport(round=task.round, model_version=task.model_version)
-        if result is not None:
-            report.num_examples = result.num_examples
-            report.metrics.update(result.metrics)
+        report = steps.evaluate(self.task, self.model, task)
         try:
             reply = self.connection.report_evaluation(self.session, report)
         except grpc.RpcError as exc:
@@ -252,7 +224,7 @@ class FederatedClient:
             task.round,
             task.model_version,
             report.num_examples,
-            ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items()) or "no metrics",
+            steps.shown(report.metrics) or "no metrics",
             reply.detail,
         )
         return reply.accepted
@@ -302,10 +274,6 @@ class FederatedClient:
         log.info("polling again in %.1fs", delay)
         self.refusals.sleep_for(delay)
 
-    def _load_held(self) -> None:
-        assert self.held is not None
-        self.held.load_into(self.model.state_dict())
-
     def _deltas(self, block_elements: int | None = DELTA_BLOCK_ELEMENTS) -> Iterator[torch.Tensor]:
         """local - global, in manifest order, a block of elements at a time (with None,
         a whole tensor at a time, for the codecs that encode tensors whole).
@@ -318,23 +286,15 @@ class FederatedClient:
         yield from self.held.deltas(self.model.state_dict(), block_elements)
 
     def _gradients(self, block_elements: int | None = None) -> Iterator[torch.Tensor]:
-        """The gradient the task left in each exchanged parameter (zeros for tensors that
-        have none, such as buffers), in manifest order, in place of the delta: whole
-        tensors (the gradients exist whole anyway), whatever `block_elements` asks."""
+        """The gradients in place of the delta: whole tensors, whatever `block_elements`
+        asks (steps.gradients)."""
         assert self.held is not None
-        params = dict(self.model.named_parameters())
-        for entry in self.held.manifest.entries:
-            param = params.get(entry.name)
-            if param is None or param.grad is None:
-                yield torch.zeros(entry.shape, dtype=entry.dtype)
-            else:
-                yield param.grad.detach().to("cpu", entry.dtype).view(entry.shape)
+        return steps.gradients(self.model, self.held.manifest)
 
     def _forget_model(self) -> None:
         if self.held is not None:
             self.held.close()
         self.held = None
-        self.held_version = -1
 
     def _contacted(self) -> None:
         self.last_contact = time.monotonic()
