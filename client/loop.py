@@ -12,6 +12,9 @@ refused for what the client is (its model, its name, its credentials) ends it wi
 EXIT_REFUSED; one refused for now (the name's old session still lives, the coordinator
 is full) is retried. A refused update or report is followed by a growing pause before the
 next poll, so a client the coordinator keeps turning away does not retrain in a loop.
+
+The decisions are here; the local work is in steps.py, the calls in connection.py, and
+which statuses are retried in retry.py.
 """
 
 from __future__ import annotations
