@@ -12,6 +12,9 @@ refused for what the client is (its model, its name, its credentials) ends it wi
 EXIT_REFUSED; one refused for now (the name's old session still lives, the coordinator
 is full) is retried. A refused update or report is followed by a growing pause before the
 next poll, so a client the coordinator keeps turning away does not retrain in a loop.
+
+The decisions are here; the local work is in steps.py, the calls in connection.py, and
+which statuses are retried in retry.py.
 """
 
 from __future__ import annotations
@@ -20,21 +23,29 @@ import logging
 import resource
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import torch
 
+from fedstream.client import steps
 from fedstream.client.config import ClientConfig
-from fedstream.client.connection import RETRYABLE, Backoff, Connection, Heartbeat, Session
+from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
+from fedstream.client.retry import (
+    DEFERRED_AT_JOIN,
+    REFUSED_AT_JOIN,
+    RETRYABLE,
+    Backoff,
+    Refused,
+    rpc_status,
+)
+from fedstream.client.session import Heartbeat, Session
 from fedstream.client.uplink import Deltas, UplinkEncoder
-from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import FedstreamError, InvalidManifest
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.round_config import from_proto as config_from_proto
 from fedstream.common.wire.manifest import Manifest
 from fedstream.tasks import BUILTIN_TASKS, Task, TaskError, exchanged_names, load_task
 
@@ -46,24 +57,6 @@ DELTA_BLOCK_ELEMENTS = 1 << 18
 EXIT_DONE = 0
 EXIT_UNREACHABLE = 1
 EXIT_REFUSED = 2
-
-REFUSED_AT_JOIN = {
-    grpc.StatusCode.FAILED_PRECONDITION: "this client's model or task is not the coordinator's",
-    grpc.StatusCode.INVALID_ARGUMENT: "the join request is not valid",
-    grpc.StatusCode.PERMISSION_DENIED: "this client may not join under its name",
-    grpc.StatusCode.UNAUTHENTICATED: "the coordinator does not accept this client's credentials",
-}
-"""Join statuses that no retry turns into a session, as the client is configured."""
-
-DEFERRED_AT_JOIN = {
-    grpc.StatusCode.ALREADY_EXISTS: "a live session holds this name; it may expire",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "the coordinator is full (--max-clients)",
-}
-"""Join statuses that may turn into a session later: retried with backoff."""
-
-
-class Refused(Exception):
-    """The coordinator will never accept this client as configured (wrong task, say)."""
 
 
 class FederatedClient:
@@ -87,7 +80,6 @@ class FederatedClient:
         self.session: Session | None = None
         self.held: HeldModel | None = None
         """The global model last downloaded (on disk), reused while its version is current."""
-        self.held_version = -1
         self.backoff = Backoff(cap=config.max_backoff)
         self.refusals = Backoff(cap=config.max_backoff)
         """Paces polling after refused updates and reports; reset by an accepted update."""
@@ -135,8 +127,7 @@ class FederatedClient:
         try:
             session = self.connection.join(request, token=self.config.token)
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
-            details = exc.details()  # type: ignore[attr-defined]
+            code, details = rpc_status(exc)
             if code in REFUSED_AT_JOIN:
                 raise Refused(
                     f"coordinator refused to join as {self.config.name} "
@@ -168,7 +159,7 @@ class FederatedClient:
     def _pull(self, model_version: int) -> None:
         """Make the model hold global version `model_version`, downloading it unless held."""
         assert self.session is not None
-        if self.held is None or self.held_version != model_version:
+        if self.held is None or self.held.version != model_version:
             self._forget_model()
             try:
                 self.held = self.connection.download(self.session, model_version, self.layout)
@@ -182,84 +173,53 @@ class FederatedClient:
                     f"cannot keep the downloaded model on local disk in "
                     f"{tempfile.gettempdir()} (TMPDIR chooses another place): {exc}"
                 ) from exc
-            self.held_version = model_version
             self._contacted()
-        self._load_held()
+        self.held.load_into(self.model.state_dict())
+
+    def _in_round(self, round_number: int, work: Callable[[], bool]) -> bool:
+        """Do `work` with the heartbeat beating, and pause after a refusal; whether what
+        it sent was accepted."""
+        assert self.session is not None
+        with Heartbeat(self.connection, self.session, round_number):
+            accepted = work()
+        if not accepted:
+            self._pause_after_refusal()
+        return accepted
 
     def _train_round(self, task: pb.TrainTask) -> None:
-        assert self.session is not None
-        with Heartbeat(self.connection, self.session, task.round):
-            accepted = self._train(task)
-        if accepted:
+        if self._in_round(task.round, lambda: self._train(task)):
             self.refusals.reset()
-        else:
-            self._pause_after_refusal()
 
     def _train(self, task: pb.TrainTask) -> bool:
         """Train (or compute the gradient) and push the update; whether it was accepted."""
         self._pull(task.model_version)
-        config = config_from_proto(task.config)
-        try:
-            self.uplink.configure(UplinkCodec.from_round_config(config))
-        except ValueError as exc:
-            raise Refused(f"cannot encode updates as the coordinator asks: {exc}") from exc
-        started = time.monotonic()
-        gradient = config.get("mode") == "gradient"
-        what = "computing the gradient" if gradient else "training"
-        with self.progress.track("train", f"round {task.round}: {what}", 0, "steps") as bar:
-            self.task.progress_hook = bar.update
-            try:
-                if gradient:
-                    result = self.task.compute_gradient(self.model, config)
-                else:
-                    result = self.task.train(self.model, config)
-            finally:
-                self.task.progress_hook = None
-        log.info(
-            "round %d: %s on %d examples in %.1fs (%s)",
-            task.round,
-            "computed the gradient" if gradient else "trained",
-            result.num_examples,
-            time.monotonic() - started,
-            ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()),
-        )
+        plan = steps.read_round_config(task)
+        self.uplink.configure(plan.uplink)
+        result = steps.train(self.task, self.model, plan, task.round, self.progress)
         header = pb.UpdateHeader(
             round=task.round,
             model_version=task.model_version,
             num_examples=result.num_examples,
             metrics=result.metrics,
         )
-        return self._upload(header, task, self._gradients if gradient else self._deltas)
+        return self._upload(header, task, self._gradients if plan.gradient else self._deltas)
 
     def _evaluate_round(self, task: pb.EvaluateTask) -> None:
         """Evaluate global version `task.model_version` on our own held-out data; report."""
-        assert self.session is not None
-        with Heartbeat(self.connection, self.session, task.round):
-            accepted = self._evaluate(task)
-        if not accepted:
-            self._pause_after_refusal()
+        self._in_round(task.round, lambda: self._evaluate(task))
 
     def _evaluate(self, task: pb.EvaluateTask) -> bool:
         """Evaluate and report; whether the report was accepted."""
         assert self.session is not None
         self._pull(task.model_version)
-        result = self.task.evaluate_local(self.model)
-        report = pb.EvaluationReport(round=task.round, model_version=task.model_version)
-        if result is not None:
-            report.num_examples = result.num_examples
-            report.metrics.update(result.metrics)
+        report = steps.evaluate(self.task, self.model, task)
         try:
             reply = self.connection.report_evaluation(self.session, report)
         except grpc.RpcError as exc:
-            code = exc.code()  # type: ignore[attr-defined]
+            code, details = rpc_status(exc)
             if code in RETRYABLE or code == grpc.StatusCode.UNAUTHENTICATED:
                 raise
-            log.warning(
-                "round %d: report refused (%s): %s",
-                task.round,
-                code.name,
-                exc.details(),  # type: ignore[attr-defined]
-            )
+            log.warning("round %d: report refused (%s): %s", task.round, code.name, details)
             return False
         self._contacted()
         log.info(
@@ -267,7 +227,7 @@ class FederatedClient:
             task.round,
             task.model_version,
             report.num_examples,
-            ", ".join(f"{k}={v:.4f}" for k, v in report.metrics.items()) or "no metrics",
+            steps.shown(report.metrics) or "no metrics",
             reply.detail,
         )
         return reply.accepted
@@ -292,16 +252,11 @@ class FederatedClient:
                 self._contacted()
                 update.commit()
             except grpc.RpcError as exc:
-                code = exc.code()  # type: ignore[attr-defined]
+                code, details = rpc_status(exc)
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     raise  # the session is gone: join again
                 if code not in RETRYABLE or time.monotonic() + backoff.base > deadline:
-                    log.warning(
-                        "round %d: update refused (%s): %s",
-                        task.round,
-                        code.name,
-                        exc.details(),  # type: ignore[attr-defined]
-                    )
+                    log.warning("round %d: update refused (%s): %s", task.round, code.name, details)
                     return False
                 log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
                 backoff.sleep()
@@ -322,10 +277,6 @@ class FederatedClient:
         log.info("polling again in %.1fs", delay)
         self.refusals.sleep_for(delay)
 
-    def _load_held(self) -> None:
-        assert self.held is not None
-        self.held.load_into(self.model.state_dict())
-
     def _deltas(self, block_elements: int | None = DELTA_BLOCK_ELEMENTS) -> Iterator[torch.Tensor]:
         """local - global, in manifest order, a block of elements at a time (with None,
         a whole tensor at a time, for the codecs that encode tensors whole).
@@ -338,23 +289,15 @@ class FederatedClient:
         yield from self.held.deltas(self.model.state_dict(), block_elements)
 
     def _gradients(self, block_elements: int | None = None) -> Iterator[torch.Tensor]:
-        """The gradient the task left in each exchanged parameter (zeros for tensors that
-        have none, such as buffers), in manifest order, in place of the delta: whole
-        tensors (the gradients exist whole anyway), whatever `block_elements` asks."""
+        """The gradients in place of the delta: whole tensors, whatever `block_elements`
+        asks (steps.gradients)."""
         assert self.held is not None
-        params = dict(self.model.named_parameters())
-        for entry in self.held.manifest.entries:
-            param = params.get(entry.name)
-            if param is None or param.grad is None:
-                yield torch.zeros(entry.shape, dtype=entry.dtype)
-            else:
-                yield param.grad.detach().to("cpu", entry.dtype).view(entry.shape)
+        return steps.gradients(self.model, self.held.manifest)
 
     def _forget_model(self) -> None:
         if self.held is not None:
             self.held.close()
         self.held = None
-        self.held_version = -1
 
     def _contacted(self) -> None:
         self.last_contact = time.monotonic()
@@ -362,8 +305,7 @@ class FederatedClient:
 
     def _recover(self, exc: grpc.RpcError) -> bool:
         """Decide what a failed call means; False when it is time to give up."""
-        code = exc.code()  # type: ignore[attr-defined]
-        details = exc.details()  # type: ignore[attr-defined]
+        code, details = rpc_status(exc)
         if code == grpc.StatusCode.UNAUTHENTICATED:
             log.info("coordinator does not know our session (%s); joining again", details)
             self.session = None

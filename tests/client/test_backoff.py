@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fedstream.client.connection import Backoff
+from fedstream.client.retry import Backoff
 
 from .fakes import UpperBound
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fedstream.client import connection
-from fedstream.client.connection import Connection, Heartbeat, Session, negotiated_chunk_bytes
+from fedstream.client.connection import Connection
+from fedstream.client.session import Heartbeat, Session, negotiated_chunk_bytes
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.manifest import Manifest
 

@@ -17,8 +17,9 @@ import torch
 
 from fedstream.certs import CertsConfig, make_certs
 from fedstream.client.config import ClientConfig
-from fedstream.client.connection import Backoff, Connection
+from fedstream.client.connection import Connection
 from fedstream.client.loop import EXIT_DONE, EXIT_REFUSED, EXIT_UNREACHABLE, FederatedClient
+from fedstream.client.retry import Backoff
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.manifest import Manifest
 

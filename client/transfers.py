@@ -1,0 +1,172 @@
+"""Moving models over the bulk channel: the global model down, the client's update up.
+
+A download goes to a `HeldModel` on disk as its bytes arrive; one that breaks (the link
+drops, or `StallWatchdog` cancels it after `stall_timeout` seconds without a byte)
+resumes from the last byte received. An upload streams the header, then the update's
+bytes cut to the session's chunk size, framed by hand (common/wire/framing.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+import torch
+
+from fedstream.client.held_model import HeldModel
+from fedstream.client.retry import RETRYABLE, Backoff, rpc_status
+from fedstream.client.session import Session
+from fedstream.common.codecs import wire_chunks
+from fedstream.common.errors import WireError
+from fedstream.common.progress import ProgressView, Tracker
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.wire.framing import MalformedChunk, frame_data
+from fedstream.common.wire.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+class StallWatchdog:
+    """Cancels a streaming call that has moved no bytes for `timeout` seconds."""
+
+    def __init__(self, call: Any, timeout: float) -> None:
+        self.call = call
+        self.timeout = timeout
+        self.last = time.monotonic()
+        self.stalled = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            if time.monotonic() - self.last > self.timeout:
+                self.stalled = True
+                self.call.cancel()
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _resume_reason(exc: BaseException, watchdog: StallWatchdog) -> str | None:
+    """Why a download that failed with `exc` may resume from its last byte ("stalled", or
+    the status it ended with); None when it may not.
+
+    CANCELLED without a stall is the coordinator closing the round: not retried.
+    """
+    if not isinstance(exc, grpc.RpcError):
+        return None
+    if watchdog.stalled:
+        return "stalled"
+    code = rpc_status(exc)[0]
+    return code.name if code in RETRYABLE and code != grpc.StatusCode.CANCELLED else None
+
+
+def download(
+    call: Callable[..., Any],
+    session: Session,
+    version: int,
+    expected: Manifest,
+    stall_timeout: float,
+    progress_view: ProgressView,
+    attempts: int = 5,
+) -> HeldModel:
+    """The global model `version` through the Download stub `call`, resuming from the
+    last byte received after a break.
+
+    The bytes go to a `HeldModel` on disk as they arrive, never to a second copy of
+    the model in memory. InvalidManifest, before any model bytes are received, when
+    the coordinator's model is not laid out as `expected` (the client's own model).
+    """
+    held: HeldModel | None = None
+    backoff = Backoff(cap=5.0)
+    progress: Tracker | None = None
+    for attempt in range(1, attempts + 1):
+        offset = held.bytes_written if held is not None else 0
+        request = pb.DownloadRequest(
+            model_version=version, offset=offset, chunk_bytes=session.chunk_bytes
+        )
+        stream = call(request, metadata=session.metadata)
+        watchdog = StallWatchdog(stream, stall_timeout)
+        started = False
+        try:
+            for item in stream:
+                watchdog.progress()
+                if isinstance(item, memoryview):
+                    if held is None or not started:
+                        raise WireError("model data arrived before the model header")
+                    held.write(item)
+                    if progress is not None:
+                        progress.advance(len(item))
+                elif isinstance(item, pb.ModelHeader):
+                    received = Manifest.from_proto(item.manifest)
+                    expected.require_same_layout(received)
+                    if held is None:
+                        held = HeldModel(received, version)
+                        progress = progress_view.start(
+                            "download", f"download of model v{version}", received.total_bytes
+                        )
+                    else:
+                        held.manifest.require_same_layout(received)
+                    if item.offset != offset:
+                        raise WireError(f"download resumed at {item.offset}, asked {offset}")
+                    started = True
+                elif isinstance(item, MalformedChunk):
+                    raise WireError(item.reason)
+            if held is None or not held.complete:
+                got = held.bytes_written if held else 0
+                total = held.manifest.total_bytes if held else "?"
+                raise WireError(f"download ended after {got} of {total} bytes")
+            if progress is not None:
+                progress.finish()
+            return held
+        except BaseException as exc:
+            reason = _resume_reason(exc, watchdog)
+            if reason is None or attempt == attempts:
+                if progress is not None:
+                    progress.finish()
+                if held is not None:
+                    held.close()  # a failed download leaves no file behind
+                raise
+            log.warning(
+                "download of model v%d broke at byte %d (%s); resuming",
+                version,
+                held.bytes_written if held else 0,
+                reason,
+            )
+            backoff.sleep()
+        finally:
+            watchdog.close()
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def upload(
+    call: Callable[..., Any],
+    session: Session,
+    header: pb.UpdateHeader,
+    manifest: Manifest,
+    pieces: Iterable[torch.Tensor],
+    progress_view: ProgressView,
+) -> pb.UploadReply:
+    """Stream one update through the Upload stub `call`: the header, then the bytes of
+    `pieces` (in manifest order)."""
+    header.manifest.CopyFrom(manifest.to_proto())
+
+    def messages(progress: Tracker) -> Iterator[pb.UpdateChunk | bytes]:
+        yield pb.UpdateChunk(header=header)
+        for chunk in wire_chunks(manifest, pieces, session.chunk_bytes):
+            yield frame_data(chunk)
+            progress.advance(len(chunk))
+
+    label = f"upload for round {header.round}"
+    with progress_view.track("upload", label, manifest.total_bytes) as progress:
+        reply: pb.UploadReply = call(messages(progress), metadata=session.metadata)
+    return reply
