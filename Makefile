@@ -84,9 +84,10 @@ lint: $(STAMP)
 
 # The reference pages are generated from the code (fedstream/docs_reference.py); strict mode
 # turns every warning (a broken link, a page missing from the nav) into a failure.
+# NO_MKDOCS_2_WARNING quiets Material's banner about MkDocs 2.0.
 docs: $(STAMP)
 	$(BIN)/python -m fedstream.docs_reference
-	$(BIN)/python -m mkdocs build --strict --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir build/site
 
 # The full grid takes about half an hour on 2 cores; BENCH_ARGS='--params 100e6' narrows it.
 bench: $(STAMP)
