@@ -130,6 +130,24 @@ def test_architecture_map_covers_the_tree() -> None:
     assert not unmapped, f"docs/architecture.md's map leaves out {unmapped}"
 
 
+TOP_FOLDERS = "fedstream|common|server|client|tasks|tests|bench|protos|report"
+TREE_PATH = re.compile(rf"`((?:{TOP_FOLDERS})/[^`\s]*)`")
+"""A path of the tree in backticks: `server/coordinator.py`, `common/codecs/`."""
+
+
+def test_paths_named_in_the_docs_exist() -> None:
+    """A file or folder of the tree named in the README or a docs page is there, so a move
+    lists every page to update."""
+    named = {
+        (page.relative_to(ROOT).as_posix(), path)
+        for page in [ROOT / "README.md", *DOCS.rglob("*.md")]
+        for path in TREE_PATH.findall(page.read_text())
+    }
+    assert len(named) > 50
+    gone = sorted((page, path) for page, path in named if not (ROOT / path).exists())
+    assert not gone, f"docs name paths that do not exist: {gone}"
+
+
 def _mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         pytest.skip("mkdocs and mkdocs-material are not installed: pip install '.[docs]'")
