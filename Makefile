@@ -15,13 +15,14 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv demo test lint bench protos quality robust clean distclean
+.PHONY: help venv demo test lint docs bench protos quality robust clean distclean
 
 help:
 	@echo "make venv       create .venv and install fedstream with its dev tools"
 	@echo "make demo       local cluster: 1 server + 3 clients train digits (runs/demo)"
 	@echo "make test       the test suite (PYTEST_ARGS='-k compose' to narrow it)"
 	@echo "make lint       ruff check, ruff format --check, mypy"
+	@echo "make docs       regenerate docs/reference/ and build the docs site, strict (build/site)"
 	@echo "make bench      transfer benchmark grid against TCP/grpcio/memcpy (runs/bench)"
 	@echo "make protos     regenerate common/proto/v1 from protos/"
 	@echo "make quality    learning-quality report: strategies vs centralised (report/)"
@@ -80,6 +81,13 @@ lint: $(STAMP)
 	for pkg in common server client tasks; do ln -s $(CURDIR)/$$pkg $(TYPECHECK)/fedstream/$$pkg; done
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy -p fedstream -p bench
 	MYPYPATH=$(TYPECHECK) $(BIN)/mypy tests
+
+# The reference pages are generated from the code (fedstream/docs_reference.py); strict mode
+# turns every warning (a broken link, a page missing from the nav) into a failure.
+# NO_MKDOCS_2_WARNING quiets Material's banner about MkDocs 2.0.
+docs: $(STAMP)
+	$(BIN)/python -m fedstream.docs_reference
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir build/site
 
 # The full grid takes about half an hour on 2 cores; BENCH_ARGS='--params 100e6' narrows it.
 bench: $(STAMP)

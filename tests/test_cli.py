@@ -2,7 +2,8 @@
 
 Adding, renaming or removing a config field changes a flag, an environment variable and
 a TOML key that users and deployments rely on. When that is intended, update the sets
-below (and README.md's configuration reference) in the same change.
+below and run `make docs` (docs/reference/cli.md; tests/test_docs.py checks it) in the
+same change.
 """
 
 from __future__ import annotations
@@ -142,8 +143,6 @@ OPTIONS: dict[str, set[str]] = {
 
 HELP_SUFFIX = re.compile(r"\s*\((default: .*|repeatable)\)$")
 """What `add_arguments` appends to a field's documentation."""
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -290,57 +289,3 @@ def test_bad_values_exit_2_with_a_message(
     err = capsys.readouterr().err
     assert err.startswith(f"fedstream {argv[0]}: ")
     assert named in err
-
-
-README_TABLES_START = "The tables below are generated from"
-README_TABLES_END = "\n## Wire protocol"
-
-
-def reference_tables() -> str:
-    """README.md's flag tables, made from what `--help` says of each flag."""
-    blocks: list[str] = []
-    for command, (_, summary) in COMMANDS.items():
-        blocks.append(f"#### `fedstream {command}`: {summary}")
-        for group in subparsers()[command]._action_groups:
-            actions = [a for a in group._group_actions if a.dest not in ("help", "config")]
-            if not actions:
-                continue
-            if group.title not in ("options", "positional arguments"):
-                blocks.append(f"**{group.title}**: {group.description}")
-            rows = [
-                "| Flag | Environment variable | Default | Meaning |",
-                "| --- | --- | --- | --- |",
-            ]
-            for action in actions:
-                help_text = action.help or ""
-                if not action.option_strings:  # a positional argument
-                    cell = HELP_SUFFIX.sub("", help_text).replace("|", "\\|")
-                    name = action.metavar or action.dest.upper()
-                    rows.append(f"| `{name}` | | (required) | {cell} |")
-                    continue
-                if help_text.endswith(" (repeatable)"):
-                    meaning, default = help_text.removesuffix(" (repeatable)"), ""
-                else:
-                    meaning, _, default = help_text.rpartition(" (default: ")
-                    default = default.removesuffix(")")
-                shown = "(none)" if default in ("None", "") else f"`{default}`"
-                flags = ", ".join(f"`{option}`" for option in action.option_strings)
-                if action.metavar == "KEY=VALUE":
-                    flags = f"`{action.option_strings[0]} KEY=VALUE`"
-                env = f"`FEDSTREAM_{command.upper()}_{action.dest.upper()}`"
-                cell = meaning.replace("|", "\\|")
-                rows.append(f"| {flags} | {env} | {shown} | {cell} |")
-            blocks.append("\n".join(rows))
-    return "\n\n".join(blocks) + "\n"
-
-
-def test_readme_flag_tables_are_what_help_says() -> None:
-    """README.md's configuration reference cannot drift from the config dataclasses."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index(README_TABLES_START) : readme.index(README_TABLES_END)]
-    tables = section[section.index("\n#### ") + 1 :]
-    expected = reference_tables()
-    assert tables == expected, (
-        "README.md's flag tables are stale; replace everything from the first `#### "
-        f"`fedstream` heading up to `## Wire protocol` with:\n\n{expected}"
-    )
