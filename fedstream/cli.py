@@ -24,13 +24,13 @@ from fedstream.demo import DemoConfig
 from fedstream.export import ExportConfig
 from fedstream.scaffold import NewConfig
 from fedstream.server.config import ServerConfig
-from fedstream.status import StatusConfig
+from fedstream.status import StatusQuery
 
 Config = (
     ServerConfig
     | ClientConfig
     | DemoConfig
-    | StatusConfig
+    | StatusQuery
     | CertsConfig
     | TokenConfig
     | ExportConfig
@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[type[Config], str]] = {
     "server": (ServerConfig, "run the coordinator daemon"),
     "client": (ClientConfig, "run a client process against a coordinator"),
     "demo": (DemoConfig, "run a local cluster: one server and N clients as processes"),
-    "status": (StatusConfig, "show a running coordinator's clients and rounds (--watch)"),
+    "status": (StatusQuery, "show a running coordinator's clients and rounds (--watch)"),
     "certs": (CertsConfig, "make a development CA, a server and client certificates"),
     "token": (
         TokenConfig,
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedstream.certs import certs_main
 
             return certs_main(config)
-        if isinstance(config, StatusConfig):
+        if isinstance(config, StatusQuery):
             from fedstream.status import status_main
 
             return status_main(config)
