@@ -1,42 +1,62 @@
-"""Who takes part in the run: Joins checked, sessions held, clients live or gone.
+"""The door: a Join checked and given a session, and each later call's session found.
 
 A Join is checked in this order: the claim's fields, the client's identity
-(`server/identity.py`), its task and model layout (a client whose model differs would be
+(`identity.py`), its task and model layout (a client whose model differs would be
 selected and never send a usable update), then whether its name is free (an
 unauthenticated claim never evicts a live session) and whether there is room
-(`--max-clients`; sessions that are gone make room first).
+(`--max-clients`; sessions that are gone make room first). Every later call presents the
+session token its Join was given (`sessions.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import grpc
+
+from fedstream.common.service import bearer_token
 from fedstream.common.tokens import load_tokens
+from fedstream.server.admission.identity import Authenticator
+from fedstream.server.admission.sessions import ClientRecord, ClientRegistry
+from fedstream.server.admission.tls import peer_identity
 from fedstream.server.calls import JoinClaim
-from fedstream.server.config import ServerConfig
+from fedstream.server.config import SecurityConfig, TransportConfig
 from fedstream.server.errors import AlreadyJoined, TaskMismatch, TooManyClients
-from fedstream.server.identity import Authenticator
-from fedstream.server.registry import ClientRecord, ClientRegistry
 
 TASK_SILENCE = 3
 """Heartbeat intervals a client holding a task may miss before it is released."""
 
 
-class Membership:
-    def __init__(self, config: ServerConfig, model_digest: str, clock: Callable[[], float]):
-        self.config = config
+class Admission:
+    """Who may talk to the coordinator, and as whom; which of them are live."""
+
+    def __init__(
+        self,
+        security: SecurityConfig,
+        transport: TransportConfig,
+        task: str,
+        model_digest: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.task = task
         self.model_digest = model_digest
-        self.registry = ClientRegistry(clock, TASK_SILENCE * config.heartbeat_seconds)
-        self.authenticator = Authenticator(
-            config.client_ca is not None, load_tokens(config.tokens) if config.tokens else None
-        )
+        self.max_clients = security.max_clients
+        self.client_timeout = transport.client_timeout
+        self.registry = ClientRegistry(clock, TASK_SILENCE * transport.heartbeat_seconds)
+        tokens = load_tokens(security.tokens) if security.tokens else None
+        self.authenticator = Authenticator(security.client_ca is not None, tokens)
+
+    @staticmethod
+    def credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
+        """A call's credentials: its verified client certificate's name, and its token."""
+        return peer_identity(context.auth_context()), bearer_token(context.invocation_metadata())
 
     def join(self, claim: JoinClaim) -> ClientRecord:
         claim.check()
         identity = self.authenticator.identify(claim.name, claim.peer_name, claim.token)
-        if claim.task != self.config.task:
+        if claim.task != self.task:
             raise TaskMismatch(
-                f"client runs task {claim.task!r}; this coordinator runs {self.config.task!r}"
+                f"client runs task {claim.task!r}; this coordinator runs {self.task!r}"
             )
         if claim.model_digest != self.model_digest:
             raise TaskMismatch(
@@ -50,24 +70,24 @@ class Membership:
                 f"{identity.name} has a live session; a second client cannot join under "
                 "that name until the first is gone"
             )
-        if existing is None and len(self.registry) >= self.config.max_clients:
-            self.registry.forget_gone(self.config.client_timeout)
-            if len(self.registry) >= self.config.max_clients:
+        if existing is None and len(self.registry) >= self.max_clients:
+            self.registry.forget_gone(self.client_timeout)
+            if len(self.registry) >= self.max_clients:
                 raise TooManyClients(
-                    f"the coordinator holds {self.config.max_clients} sessions (--max-clients)"
+                    f"the coordinator holds {self.max_clients} sessions (--max-clients)"
                 )
         return self.registry.join(identity.name, claim.partition, claim.num_partitions)
 
-    def authenticate(self, token: str | None) -> ClientRecord:
-        """The client whose session `token` is, marked as seen now."""
-        return self.registry.authenticate(token)
+    def caller(self, context: grpc.aio.ServicerContext) -> ClientRecord:
+        """The client whose session the call's token is, marked as seen now."""
+        return self.registry.authenticate(bearer_token(context.invocation_metadata()))
 
     def alive(self, name: str) -> bool:
         record = self.registry.get(name)
-        return record is not None and self.registry.is_live(record, self.config.client_timeout)
+        return record is not None and self.registry.is_live(record, self.client_timeout)
 
     def live(self) -> list[ClientRecord]:
-        return self.registry.live(self.config.client_timeout)
+        return self.registry.live(self.client_timeout)
 
     def release_tasks(self) -> None:
         """The phase the clients held tasks for is over."""
