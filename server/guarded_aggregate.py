@@ -1,4 +1,5 @@
-"""A round's aggregate into the global model, within the safeguards (`safeguards.py`).
+"""A round's aggregate into the global model, within the safeguards (`safeguards.py`), and
+its checkpoint with the round's record.
 
 Outliers are left out and claims capped first; then the strategy aggregates. A non-finite
 result is taken back (the model and the strategy's state as the last checkpoint holds
@@ -8,11 +9,16 @@ update is left: a non-finite model is never committed.
 
 from __future__ import annotations
 
+from typing import Any
+
+from fedstream.common.memory import peak_rss_bytes
+from fedstream.server.finite import all_finite
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.phases import OpenRound
 from fedstream.server.run_store import RunStore
-from fedstream.server.safeguards import Safeguards, all_finite
+from fedstream.server.safeguards import Safeguards
 from fedstream.server.strategies import Strategy
+from fedstream.tasks import EvalResult
 
 
 class GuardedAggregate:
@@ -55,6 +61,23 @@ class GuardedAggregate:
             self._take_back()
             self.safeguards.leave_out_largest(open_round.number, review)
         return False
+
+    def checkpoint(
+        self, open_round: OpenRound, evaluation: EvalResult | None, now: float
+    ) -> dict[str, Any]:
+        """The aggregated round's record (its counts, the safeguards' and the strategy's,
+        the coordinator's own evaluation), checkpointed with the model it made."""
+        record = open_round.record(self.model.version, now)
+        record["coordinator_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        if self.safeguards.enabled:
+            record.update(open_round.safeguarded)
+        record.update(self.strategy.round_metrics(open_round.number))
+        if evaluation is not None:
+            record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})
+        self.store.commit_round(
+            open_round.number, self.model.tensors, self.strategy.state_tensors(), record
+        )
+        return record
 
     def _take_back(self) -> None:
         """The global model and the strategy's state as the last checkpoint holds them."""

@@ -53,6 +53,7 @@ from fedstream.common.config import ConfigError
 from fedstream.common.errors import FedstreamError, InvalidCheckpoint, InvalidManifest
 from fedstream.common.weights import STRATEGY_PREFIX
 from fedstream.common.wire.manifest import Manifest
+from fedstream.server.finite import is_finite
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ class RunStore:
     """The run directory of one coordinator: RunDirLocked when another one holds it,
     until `close`."""
 
-    def __init__(self, run_dir: Path, identity: RunIdentity, keep: int = 3) -> None:
+    def __init__(
+        self, run_dir: Path, identity: RunIdentity, keep: int = 3, run_id: str = ""
+    ) -> None:
         self.run_dir = run_dir
         self.identity = identity
         self.keep = keep
@@ -143,8 +146,9 @@ class RunStore:
         """Where the run's starting weights came from (ORIGIN_KEYS), when not from the task."""
         self._last_plot = -math.inf
         self._plot_pending = False
-        self.run_id = ""
-        """The coordinator's run id, for the plot's title."""
+        self.run_id = run_id
+        """The coordinator's run id (its clients re-join when it changes), for the plot's
+        title."""
         self.checkpoint_dir = run_dir / "checkpoints"
         self.metrics_path = run_dir / "metrics.jsonl"
         self.plot_path = run_dir / "metrics.png"
@@ -379,12 +383,5 @@ def _check_model(path: Path, model: Mapping[str, torch.Tensor], expected: Manife
     except InvalidManifest as exc:
         raise InvalidCheckpoint(f"{path} does not hold this model: {exc}") from None
     for name, tensor in model.items():
-        if tensor.is_floating_point() and tensor.numel() and not _all_finite(tensor):
+        if not is_finite(tensor):
             raise InvalidCheckpoint(f"{path}: model tensor {name!r} holds NaN or infinite values")
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """NaN propagates into the minimum and maximum, and an infinity is one of them: two
-    scalars instead of a mask as large as the tensor."""
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
