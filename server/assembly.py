@@ -14,6 +14,7 @@ The daemon (`daemon.py`) adds the transport around the result: gRPC, TLS, the st
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from fedstream.server.admission.door import Admission
@@ -25,10 +26,13 @@ from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.safeguards import Safeguards
+from fedstream.server.starting_weights import restore
 from fedstream.server.strategies import Strategy
 from fedstream.server.strategies.build import build_strategy
 from fedstream.server.strategies.private import with_privacy
 from fedstream.tasks import Task, exchanged_names, load_task
+
+log = logging.getLogger(__name__)
 
 
 def run_identity(config: ServerConfig, task: Task) -> RunIdentity:
@@ -67,7 +71,14 @@ def assemble(
         max_uploads=config.max_uploads,
     )
     safeguards = Safeguards(config)
-    coordinator = Coordinator(
+    resumed = restore(model, strategy, store, config.init_weights)
+    summary = f"task {config.task}, {model.summary()}, uplink {intake.uplink.spec}"
+    if resumed is None:
+        log.info("new run in %s: %s", config.run_dir, summary)
+    else:
+        where = f"{config.run_dir} at round {resumed} of {config.rounds}"
+        log.info("resumed %s: %s", where, summary)
+    return Coordinator(
         task=task,
         model=model,
         strategy=strategy,
@@ -75,11 +86,10 @@ def assemble(
         admission=Admission(config, config, config.task, model.manifest.digest(), clock.now),
         intake=intake,
         safeguards=safeguards,
-        aggregation=GuardedAggregate(strategy, safeguards, model, store),
+        aggregation=GuardedAggregate(strategy, safeguards, model, store, task),
         clock=clock,
         rounds=config,
         evaluation=config,
         transport=config,
+        completed=resumed or 0,
     )
-    coordinator.restore(config.init_weights)
-    return coordinator

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 from fedstream.server.admission.door import Admission
 from fedstream.server.admission.sessions import ClientRecord
@@ -40,7 +39,7 @@ from fedstream.server.calls import (
 )
 from fedstream.server.clock import Changes, Clock
 from fedstream.server.config import EvaluationConfig, RoundsConfig, TransportConfig
-from fedstream.server.errors import NotSelected, UpdateTooLarge, UploadInProgress, WrongRound
+from fedstream.server.errors import NotSelected, WrongRound
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
@@ -55,7 +54,7 @@ from fedstream.server.phases import (
 )
 from fedstream.server.run_store import RunStore
 from fedstream.server.safeguards import Safeguards
-from fedstream.server.starting_weights import load_starting_weights, record_round_zero
+from fedstream.server.starting_weights import record_round_zero
 from fedstream.server.strategies import Strategy
 from fedstream.server.updates import EvaluationReport
 from fedstream.tasks import BUILTIN_TASKS, Task
@@ -85,6 +84,7 @@ class Coordinator:
         rounds: RoundsConfig,
         evaluation: EvaluationConfig,
         transport: TransportConfig,
+        completed: int = 0,
     ) -> None:
         self.task = task
         self.model = model
@@ -99,7 +99,8 @@ class Coordinator:
         self.evaluation_config = evaluation
         self.transport = transport
         self.phase: Phase = Waiting(rounds.min_clients)
-        self.completed = 0
+        self.completed = completed
+        """Rounds done: those of the checkpoint the run resumed from, then each committed."""
         self.base_round_config = {**rounds.published(), **intake.uplink.round_config()}
         self.changes = Changes(clock)
         self.observers: list[Callable[[Phase], None]] = []
@@ -123,25 +124,6 @@ class Coordinator:
         return self.phase if isinstance(self.phase, OpenEvaluation) else None
 
     # ---- life cycle -------------------------------------------------------------------
-
-    def restore(self, init_weights: Path | None = None) -> None:
-        """Continue from the run directory's newest checkpoint, or write round 0's (from
-        `init_weights` when given: not applied again on resume)."""
-        resumed = self.store.resume(self.model.manifest)
-        if resumed is None:
-            if init_weights is not None:
-                load_starting_weights(self.model, self.store, init_weights)
-            self.store.save(0, self.model.tensors, self.strategy.state_tensors(), [])
-            log.info("new run in %s: %s", self.store.run_dir, self._summary())
-            return
-        if init_weights is not None:
-            log.info("resuming: --init-weights is not applied again")
-        self.model.load(resumed.model)
-        self.model.version = resumed.round
-        self.strategy.load_state_tensors(resumed.strategy_state)
-        self.completed = resumed.round
-        where = f"{self.store.run_dir} at round {resumed.round} of {self.rounds.rounds}"
-        log.info("resumed %s: %s", where, self._summary())
 
     async def run(self) -> None:
         """Run rounds until the configured number have completed."""
@@ -243,34 +225,24 @@ class Coordinator:
         if client.name in open_round.reported:
             return Receipt(False, f"update for round {open_round.number} already booked")
         manifest = self.intake.check_manifest(claim.manifest)
-        if client.name in open_round.uploading:
-            raise UploadInProgress(f"an upload from {client.name} is already streaming")
-        open_round.uploading.add(client.name)
         label = f"r{open_round.number}-{client.name}"
         try:
-            async with self.intake.receive(
-                label,
-                client.name,
-                claim.num_examples,
-                claim.metrics,
-                manifest,
-                open_round.while_open(chunks),
-            ) as update:
-                open_round.check_accepting()
-                self.safeguards.check_arrival(update)
-                if self.aggregation.folds_on_arrival(len(open_round.selected)):
-                    await asyncio.to_thread(self.strategy.accept, update)
-                open_round.book(update)
-            if not (self.strategy.holds_updates or self.safeguards.holds_updates):
-                update.release()
-        except BaseException as exc:
-            open_round.rejected += 1
-            if isinstance(exc, UpdateTooLarge):
-                open_round.safeguarded["refused_max_norm"] += 1
-            raise
+            with open_round.upload_from(client.name):
+                async with self.intake.receive(
+                    label,
+                    client.name,
+                    claim.num_examples,
+                    claim.metrics,
+                    manifest,
+                    open_round.while_open(chunks),
+                ) as update:
+                    open_round.check_accepting()
+                    await self.aggregation.arrived(update, len(open_round.selected))
+                    open_round.book(update)
         finally:
-            open_round.uploading.discard(client.name)
             self.changes.notify()
+        if not self.aggregation.keeps_updates:
+            update.release()
         client.busy = False
         log.info(
             "round %d: update from %s (%d examples, %s reported)",
@@ -357,10 +329,11 @@ class Coordinator:
         )
         self.strategy.begin_round(self.model.tensors)
         self._enter(open_round)
+        total = self.rounds.rounds
         log.info(
             "round %d/%d started: %d of %d clients selected",
             number,
-            self.rounds.rounds,
+            total,
             len(selected),
             len(live),
         )
@@ -379,13 +352,9 @@ class Coordinator:
         reached = await phase.until_reported(self.clock, self.changes, self.admission.alive, every)
         if reached is not None:
             kind = "evaluation" if isinstance(phase, OpenEvaluation) else "round"
+            progress = phase.progress()
             log.warning(
-                "round %d: %s %s reached with %s %s",
-                phase.number,
-                kind,
-                reached,
-                phase.progress(),
-                what,
+                "round %d: %s %s reached with %s %s", phase.number, kind, reached, progress, what
             )
         self.admission.release_tasks()
 
@@ -393,30 +362,19 @@ class Coordinator:
         """Aggregate the round into the next global model, checkpoint it with its record,
         and only then let it go on (DESIGN.md: aggregate -> checkpoint -> metrics -> next).
         False when no finite aggregate could be made: the round is to be run again."""
-        try:
-            committed = await asyncio.to_thread(self.aggregation.into_model, open_round)
-        finally:
-            open_round.release_updates()
-        if not committed:
+        record = await self.aggregation.commit(open_round, self.clock.now)
+        if record is None:
             log.warning(
                 "round %d: no finite aggregate without leaving out every update; running it again",
                 open_round.number,
             )
             return False
-        self.model.version = open_round.number
-        evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
-        record = await asyncio.to_thread(
-            self.aggregation.checkpoint, open_round, evaluation, self.clock.now()
-        )
         self.completed = open_round.number
         shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_"))}
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics"
+        done = f"round {open_round.number}/{self.rounds.rounds} done"
         log.info(
-            "round %d/%d done in %.1fs: %d updates, %s",
-            open_round.number,
-            self.rounds.rounds,
-            record["duration_s"],
-            record["updates"],
-            ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics",
+            "%s in %.1fs: %d updates, %s", done, record["duration_s"], record["updates"], metrics
         )
         return True
 
@@ -435,13 +393,10 @@ class Coordinator:
         await self._until_reported(evaluation, "reports")
         metrics = self.strategy.aggregate_evaluation(evaluation.reports)
         await asyncio.to_thread(self.store.add_to_record, evaluation.number, metrics)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         log.info(
             "round %d evaluated by %d clients: %s",
             evaluation.number,
             len(evaluation.reports),
-            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+            shown,
         )
-
-    def _summary(self) -> str:
-        task = self.store.identity.task
-        return f"task {task}, {self.model.summary()}, uplink {self.intake.uplink.spec}"

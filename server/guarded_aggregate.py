@@ -9,6 +9,8 @@ update is left: a non-finite model is never committed.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fedstream.common.memory import peak_rss_bytes
@@ -18,15 +20,23 @@ from fedstream.server.phases import OpenRound
 from fedstream.server.run_store import RunStore
 from fedstream.server.safeguards import Safeguards
 from fedstream.server.strategies import Strategy
-from fedstream.tasks import EvalResult
+from fedstream.server.updates import VerifiedUpdate
+from fedstream.tasks import EvalResult, Task
 
 
 class GuardedAggregate:
     """The strategy's aggregate of a round, behind the safeguards."""
 
     def __init__(
-        self, strategy: Strategy, safeguards: Safeguards, model: GlobalModel, store: RunStore
+        self,
+        strategy: Strategy,
+        safeguards: Safeguards,
+        model: GlobalModel,
+        store: RunStore,
+        task: Task,
     ) -> None:
+        self.task = task
+        """Evaluates each new global model on the coordinator's own data, if it has any."""
         self.strategy = strategy
         self.safeguards = safeguards
         self.model = model
@@ -38,6 +48,18 @@ class GuardedAggregate:
         the review instead when the safeguards may change what it would fold
         (`Safeguards.may_reweigh`), so that each spool is folded once."""
         return self.strategy.holds_updates or not self.safeguards.may_reweigh(selected)
+
+    async def arrived(self, update: VerifiedUpdate, selected: int) -> None:
+        """An update verified whole in a round of `selected` clients: refused when over
+        the absolute norm bound, else handed to the strategy now if it folds on arrival."""
+        self.safeguards.check_arrival(update)
+        if self.folds_on_arrival(selected):
+            await asyncio.to_thread(self.strategy.accept, update)
+
+    @property
+    def keeps_updates(self) -> bool:
+        """Whether the round must keep its updates' spools until it is aggregated."""
+        return self.strategy.holds_updates or self.safeguards.holds_updates
 
     def into_model(self, open_round: OpenRound) -> bool:
         """The round's aggregate into the global model; False when no update is left
@@ -61,6 +83,22 @@ class GuardedAggregate:
             self._take_back()
             self.safeguards.leave_out_largest(open_round.number, review)
         return False
+
+    async def commit(
+        self, open_round: OpenRound, now: Callable[[], float]
+    ) -> dict[str, Any] | None:
+        """Aggregate the round into the next global model, then checkpoint it with its
+        record (aggregate -> checkpoint -> metrics -> next); the record, or None when no
+        finite aggregate could be made (the round is to be run again)."""
+        try:
+            committed = await asyncio.to_thread(self.into_model, open_round)
+        finally:
+            open_round.release_updates()
+        if not committed:
+            return None
+        self.model.version = open_round.number
+        evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
+        return await asyncio.to_thread(self.checkpoint, open_round, evaluation, now())
 
     def checkpoint(
         self, open_round: OpenRound, evaluation: EvalResult | None, now: float
