@@ -178,10 +178,10 @@ class Checkpoints:
         finally:
             self._lock.close()
 
-    def last_committed(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The model and strategy state of the newest checkpoint this run wrote (to take
-        back an aggregate that may not be committed)."""
-        round_number = self.history[-1]["round"] if self.history else 0
+    def model_and_state(
+        self, round_number: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The model and strategy state of round `round_number`'s checkpoint."""
         tensors, _ = load_checkpoint(self.checkpoint_path(round_number))
         model = {k: v for k, v in tensors.items() if not k.startswith(STRATEGY_PREFIX)}
         state = {

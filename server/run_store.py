@@ -110,6 +110,11 @@ class RunStore(Checkpoints):
         self.history = history
         return Resumed(newest.round, newest.model, newest.strategy_state, history)
 
+    def last_committed(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The model and strategy state of the newest checkpoint this run wrote (to take
+        back an aggregate that may not be committed)."""
+        return self.model_and_state(self.history[-1]["round"] if self.history else 0)
+
     def plot_title(self) -> str:
         run = f"run {self.run_id}" if self.run_id else f"run {self.run_dir.name}"
         return f"{run} · task {self.identity.task}"
