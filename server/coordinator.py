@@ -360,7 +360,7 @@ class Coordinator:
 
     async def _commit(self, open_round: OpenRound) -> bool:
         """Aggregate the round into the next global model, checkpoint it with its record,
-        and only then let it go on (DESIGN.md: aggregate -> checkpoint -> metrics -> next).
+        and only then let it go on (aggregate -> checkpoint -> metrics -> next).
         False when no finite aggregate could be made: the round is to be run again."""
         record = await self.aggregation.commit(open_round, self.clock.now)
         if record is None:
