@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from fedstream.server.config import ServerConfig
-from fedstream.server.strategies import DeltaBlock, build_strategy
+from fedstream.server.strategies import DeltaBlock
+from fedstream.server.strategies.build import build_strategy
 from fedstream.server.updates import VerifiedUpdate
 from fedstream.tasks import EvalResult, Task, load_task
 

@@ -37,7 +37,7 @@ COMMAND_SPECS: dict[str, tuple[str, str, str]] = {
         "run a local cluster: one server and N clients as processes",
     ),
     "status": (
-        "fedstream.status:StatusConfig",
+        "fedstream.status:StatusQuery",
         "fedstream.status:status_main",
         "show a running coordinator's clients and rounds (--watch)",
     ),

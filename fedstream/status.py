@@ -28,7 +28,11 @@ FETCH_TIMEOUT_S = 10.0
 
 
 @dataclass
-class StatusConfig:
+class StatusQuery:
+    """What `fedstream status` asks for: which coordinator's status page, how often, and
+    the credentials to read it (the coordinator's own status page is `StatusConfig` in
+    server/config.py)."""
+
     target: str = ""
     """The coordinator's status address (HOST:PORT or URL), or its run directory (the
     address is read from RUN_DIR/coordinator.json)."""
@@ -52,7 +56,7 @@ class StatusConfig:
             raise ConfigError("cert and key go together: give both or neither")
 
 
-def status_url(config: StatusConfig) -> str:
+def status_url(config: StatusQuery) -> str:
     """The URL of /status.json for `config.target`."""
     target = config.target
     run_dir = Path(target)
@@ -136,7 +140,7 @@ def render(snapshot: dict[str, Any]) -> Group:
     return Group(*lines)
 
 
-def status_main(config: StatusConfig) -> int:
+def status_main(config: StatusQuery) -> int:
     """Print the table once, or redraw it with --watch; 1 when the coordinator cannot be
     read."""
     context = None

@@ -8,10 +8,15 @@ import math
 from dataclasses import dataclass, field
 
 from fedstream.common.config import CHOICES, DEFAULT_HELP, ConfigError, require_positive
-from fedstream.server.strategies import STRATEGIES, class_defaults
-from fedstream.server.strategies.build import ROBUST_OPTIMIZERS
+from fedstream.server.strategies.catalog import (
+    ROBUST_OPTIMIZERS,
+    STRATEGIES,
+    class_defaults,
+    require_mean_based,
+    require_robust,
+    strategy_class,
+)
 from fedstream.server.strategies.fedsgd import OPTIMIZERS
-from fedstream.server.strategies.robust import HoldingStrategy
 
 
 @dataclass
@@ -66,10 +71,7 @@ class StrategyConfig:
     """geomedian: Weiszfeld iterations (two passes over the round's spools each)."""
 
     def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"strategy {self.strategy!r} is unknown: use one of {', '.join(STRATEGIES)}"
-            )
+        strategy_class(self.strategy)
         for name, weight in self.client_weight.items():
             try:
                 value = float(weight)
@@ -86,13 +88,7 @@ class StrategyConfig:
                 f"robust_optimizer must be one of {', '.join(ROBUST_OPTIMIZERS)}, "
                 f"got {self.robust_optimizer!r}"
             )
-        if self.robust_optimizer != "none" and not issubclass(
-            STRATEGIES[self.strategy].cls, HoldingStrategy
-        ):
-            raise ConfigError(
-                f"robust_optimizer needs a robust strategy (median, trimmed-mean, krum, "
-                f"geomedian), not {self.strategy}"
-            )
+        require_robust(self.strategy, self.robust_optimizer)
         if self.server_optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"server_optimizer must be one of {', '.join(OPTIMIZERS)}, "
@@ -179,3 +175,15 @@ class PrivacyConfig:
             )
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+
+
+def validate_aggregation(
+    strategy: StrategyConfig, safeguards: SafeguardsConfig, privacy: PrivacyConfig
+) -> None:
+    """Each aggregation component's checks, then the rule between two of them: central
+    DP wraps only a mean-based strategy."""
+    StrategyConfig.validate(strategy)  # not strategy.validate(): it may be a ServerConfig
+    SafeguardsConfig.validate(safeguards)
+    PrivacyConfig.validate(privacy)
+    if privacy.dp_clip is not None:
+        require_mean_based(strategy_class(strategy.strategy))

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import Scalar
 from fedstream.common.wire.manifest import Manifest
-from fedstream.server.errors import InvalidUpdate
-from fedstream.server.registry import ClientRecord
+from fedstream.server.admission.sessions import ClientRecord
+from fedstream.server.errors import InvalidJoin
 
 MAX_NAME = 128
 MAX_TASK = 256
@@ -31,18 +31,16 @@ class JoinClaim:
     """The client token presented with the Join (--tokens)."""
 
     def check(self) -> None:
-        """InvalidUpdate unless the name, the task and the partition are usable. Names and
+        """InvalidJoin unless the name, the task and the partition are usable. Names and
         tasks reach logs and status messages: no control characters, bounded lengths."""
         if not 0 < len(self.name) <= MAX_NAME or not self.name.isprintable():
-            raise InvalidUpdate(f"client name must be 1 to {MAX_NAME} printable characters")
+            raise InvalidJoin(f"client name must be 1 to {MAX_NAME} printable characters")
         if not 0 < len(self.task) <= MAX_TASK or not self.task.isprintable():
-            raise InvalidUpdate(f"task must be 1 to {MAX_TASK} printable characters")
+            raise InvalidJoin(f"task must be 1 to {MAX_TASK} printable characters")
         if self.num_partitions < 1:
-            raise InvalidUpdate(f"num_partitions {self.num_partitions} must be at least 1")
+            raise InvalidJoin(f"num_partitions {self.num_partitions} must be at least 1")
         if not 0 <= self.partition < self.num_partitions:
-            raise InvalidUpdate(
-                f"partition {self.partition} is outside 0..{self.num_partitions - 1}"
-            )
+            raise InvalidJoin(f"partition {self.partition} is outside 0..{self.num_partitions - 1}")
 
 
 @dataclass(frozen=True)

@@ -10,16 +10,19 @@ The aggregation components (strategy, safeguards, privacy) live in `aggregation_
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedstream.common.codecs import CODEC_NAMES
 from fedstream.common.config import DEFAULT_HELP, ConfigError, require_positive
 from fedstream.common.round_config import Scalar, parse_scalar
-from fedstream.server.aggregation_config import PrivacyConfig, SafeguardsConfig, StrategyConfig
-from fedstream.server.strategies import STRATEGIES
-from fedstream.server.strategies.base import MeanOfUpdates
+from fedstream.server.admission.exposure import require_tls_off_loopback
+from fedstream.server.aggregation_config import (
+    PrivacyConfig,
+    SafeguardsConfig,
+    StrategyConfig,
+    validate_aggregation,
+)
 
 MIB = 1 << 20
 
@@ -72,17 +75,6 @@ class TransportConfig:
         if self.max_uploads < 1:
             raise ConfigError(f"max_uploads must be at least 1, got {self.max_uploads}")
         require_positive("heartbeat_seconds", self.heartbeat_seconds)
-
-
-def is_loopback(address: str) -> bool:
-    """Whether HOST:PORT names a loopback host (127.0.0.0/8, ::1, localhost)."""
-    host = address.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass
@@ -267,32 +259,17 @@ class ServerConfig(
         """Every component's checks, then the run's own."""
         TransportConfig.validate(self)
         SecurityConfig.validate(self)
-        if not self.tls and not self.insecure and not is_loopback(self.address):
-            raise ConfigError(
-                f"address {self.address} is not loopback: give --tls-cert and --tls-key, "
-                "or --insecure to serve plaintext on the network"
-            )
+        require_tls_off_loopback("address", self.address, self.tls, self.insecure)
         RoundsConfig.validate(self)
         UplinkConfig.validate(self)
-        StrategyConfig.validate(self)
-        SafeguardsConfig.validate(self)
-        PrivacyConfig.validate(self)
-        if self.dp_clip is not None and not issubclass(
-            STRATEGIES[self.strategy].cls, MeanOfUpdates
-        ):
-            raise ConfigError(
-                f"dp_clip needs a mean-based strategy (the noise is calibrated to a mean), "
-                f"not {self.strategy}"
-            )
+        validate_aggregation(self, self, self)
         EvaluationConfig.validate(self)
         if self.init_weights is not None and not Path(self.init_weights).is_file():
             raise ConfigError(f"init_weights: {self.init_weights} is not a readable file")
         StatusConfig.validate(self)
-        status = self.status_address
-        if status and not self.tls and not self.insecure and not is_loopback(status):
-            raise ConfigError(
-                f"status_address {status} is not loopback: give --tls-cert and --tls-key, "
-                "or --insecure to serve the status page in plaintext on the network"
+        if self.status_address:
+            require_tls_off_loopback(
+                "status_address", self.status_address, self.tls, self.insecure, "the status page"
             )
         if self.keep_checkpoints < 1:
             raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")

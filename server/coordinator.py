@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 
-from fedstream.common.memory import peak_rss_bytes
+from fedstream.server.admission.door import Admission
+from fedstream.server.admission.sessions import ClientRecord
 from fedstream.server.calls import (
     EvaluationClaim,
     JoinClaim,
@@ -37,13 +37,12 @@ from fedstream.server.calls import (
     UpdateClaim,
     Work,
 )
-from fedstream.server.clock import Changes, Clock, MonotonicClock
-from fedstream.server.config import ServerConfig
-from fedstream.server.errors import NotSelected, UpdateTooLarge, UploadInProgress, WrongRound
+from fedstream.server.clock import Changes, Clock
+from fedstream.server.config import EvaluationConfig, RoundsConfig, TransportConfig
+from fedstream.server.errors import NotSelected, WrongRound
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
-from fedstream.server.membership import Membership
 from fedstream.server.phases import (
     Aggregating,
     Done,
@@ -53,55 +52,63 @@ from fedstream.server.phases import (
     Waiting,
     select_clients,
 )
-from fedstream.server.registry import ClientRecord
 from fedstream.server.run_store import RunStore
 from fedstream.server.safeguards import Safeguards
-from fedstream.server.starting_weights import load_starting_weights, record_round_zero
+from fedstream.server.starting_weights import record_round_zero
 from fedstream.server.strategies import Strategy
 from fedstream.server.updates import EvaluationReport
-from fedstream.tasks import BUILTIN_TASKS, Task, exchanged_names
+from fedstream.tasks import BUILTIN_TASKS, Task
 
 log = logging.getLogger(__name__)
 
-HARD_END = 2
-"""A round (or an evaluation) ends at the latest this many timeouts after it opened,
-uploads still arriving or not."""
+HARD_END_TIMEOUTS = 2
+"""A multiplier: a round (or an evaluation) ends at the latest this many of its timeouts
+after it opened, uploads still arriving or not."""
 
 
 class Coordinator:
+    """The run's rounds over parts built elsewhere (`server/assembly.py`)."""
+
     def __init__(
         self,
-        config: ServerConfig,
+        *,
         task: Task,
+        model: GlobalModel,
         strategy: Strategy,
         store: RunStore,
-        clock: Clock | None = None,
+        admission: Admission,
+        intake: UploadIntake,
+        safeguards: Safeguards,
+        aggregation: GuardedAggregate,
+        clock: Clock,
+        rounds: RoundsConfig,
+        evaluation: EvaluationConfig,
+        transport: TransportConfig,
+        completed: int = 0,
     ) -> None:
-        self.config = config
         self.task = task
+        self.model = model
         self.strategy = strategy
         self.store = store
-        self.clock = clock or MonotonicClock()
-        module = task.build_model()
-        self.model = GlobalModel(module, exchanged_names(task, module))
-        self.members = Membership(config, self.model.manifest.digest(), self.clock.now)
-        self.run_id = uuid.uuid4().hex
-        self.phase: Phase = Waiting(config.min_clients)
-        self.completed = 0
-        self.intake = UploadIntake(
-            config,
-            self.model.manifest,
-            config.spool_path,
-            min_rate=config.min_transfer_rate,
-            window=config.transfer_window,
-            max_uploads=config.max_uploads,
-        )
-        self.base_round_config = {**config.published(), **self.intake.uplink.round_config()}
-        self.changes = Changes(self.clock)
-        self.safeguards = Safeguards(config)
-        self.aggregation = GuardedAggregate(strategy, self.safeguards, self.model, store)
+        self.admission = admission
+        self.intake = intake
+        self.safeguards = safeguards
+        self.aggregation = aggregation
+        self.clock = clock
+        self.rounds = rounds
+        self.evaluation_config = evaluation
+        self.transport = transport
+        self.phase: Phase = Waiting(rounds.min_clients)
+        self.completed = completed
+        """Rounds done: those of the checkpoint the run resumed from, then each committed."""
+        self.base_round_config = {**rounds.published(), **intake.uplink.round_config()}
+        self.changes = Changes(clock)
         self.observers: list[Callable[[Phase], None]] = []
         """Called with each phase the coordinator enters (the live state listens)."""
+
+    @property
+    def run_id(self) -> str:
+        return self.store.run_id
 
     @property
     def round(self) -> OpenRound | None:
@@ -118,29 +125,11 @@ class Coordinator:
 
     # ---- life cycle -------------------------------------------------------------------
 
-    def restore(self) -> None:
-        """Continue from the run directory's newest checkpoint, or write round 0's."""
-        resumed = self.store.resume(self.model.manifest)
-        if resumed is None:
-            if self.config.init_weights is not None:
-                load_starting_weights(self.model, self.store, self.config.init_weights)
-            self.store.save(0, self.model.tensors, self.strategy.state_tensors(), [])
-            log.info("new run in %s: %s", self.store.run_dir, self._summary())
-            return
-        if self.config.init_weights is not None:
-            log.info("resuming: --init-weights is not applied again")
-        self.model.load(resumed.model)
-        self.model.version = resumed.round
-        self.strategy.load_state_tensors(resumed.strategy_state)
-        self.completed = resumed.round
-        where = f"{self.store.run_dir} at round {resumed.round} of {self.config.rounds}"
-        log.info("resumed %s: %s", where, self._summary())
-
     async def run(self) -> None:
         """Run rounds until the configured number have completed."""
         if self.store.origin and self.completed == 0 and not self.store.history:
             await record_round_zero(self.task, self.model, self.strategy, self.store, self.clock)
-        while self.completed < self.config.rounds:
+        while self.completed < self.rounds.rounds:
             number = self.completed + 1
             attempt = 1
             while True:
@@ -157,7 +146,8 @@ class Coordinator:
                 self.strategy.abort_round()
                 open_round.release_updates()
                 attempt += 1
-            if self.config.eval_every and number % self.config.eval_every == 0:
+            every = self.evaluation_config.eval_every
+            if every and number % every == 0:
                 await self._evaluate(open_round)
         await asyncio.to_thread(self.store.finish)
         self._enter(Done(self.completed))
@@ -169,9 +159,9 @@ class Coordinator:
         waits for its clients to come back and hear it)."""
         deadline = self.clock.now() + grace
         while self.clock.now() < deadline:
-            live = self.members.live()
+            live = self.admission.live()
             told = sum(r.told_done for r in live)
-            if told == len(live) and told >= self.config.min_clients:
+            if told == len(live) and told >= self.rounds.min_clients:
                 return
             await self.changes.wait(deadline - self.clock.now())
 
@@ -181,19 +171,19 @@ class Coordinator:
     # ---- calls from clients ------------------------------------------------------------
 
     def join(self, claim: JoinClaim) -> Joined:
-        record = self.members.join(claim)
-        if self.config.task in BUILTIN_TASKS:
+        record = self.admission.join(claim)  # every check of a Join is admission's
+        if self.store.identity.task in BUILTIN_TASKS:
             log.info("client %s joined (partition %d)", record.name, record.partition)
         else:  # a user's own task loads each site's own data: partitions mean nothing
             log.info("client %s joined", record.name)
         self.changes.notify()
         return Joined(
-            record, self.run_id, self.config.max_chunk_bytes, self.config.heartbeat_seconds
+            record, self.run_id, self.transport.max_chunk_bytes, self.transport.heartbeat_seconds
         )
 
     async def poll(self, client: ClientRecord) -> Work:
         """Work for `client`, waiting up to the poll timeout for some to appear."""
-        deadline = self.clock.now() + self.config.poll_timeout
+        deadline = self.clock.now() + self.transport.poll_timeout
         while True:
             work = self._work_for(client)
             if not isinstance(work, NoWork):
@@ -211,7 +201,7 @@ class Coordinator:
             raise WrongRound("no round is open for download")
         if client.name not in phase.selected:
             raise NotSelected(f"client {client.name} is not selected for round {phase.number}")
-        chunk = min(chunk_bytes or self.config.chunk_bytes, self.config.max_chunk_bytes)
+        chunk = min(chunk_bytes or self.transport.chunk_bytes, self.transport.max_chunk_bytes)
         kind = "round" if isinstance(phase, OpenRound) else "evaluation of round"
         return self.model.download(
             version,
@@ -235,34 +225,24 @@ class Coordinator:
         if client.name in open_round.reported:
             return Receipt(False, f"update for round {open_round.number} already booked")
         manifest = self.intake.check_manifest(claim.manifest)
-        if client.name in open_round.uploading:
-            raise UploadInProgress(f"an upload from {client.name} is already streaming")
-        open_round.uploading.add(client.name)
         label = f"r{open_round.number}-{client.name}"
         try:
-            async with self.intake.receive(
-                label,
-                client.name,
-                claim.num_examples,
-                claim.metrics,
-                manifest,
-                open_round.while_open(chunks),
-            ) as update:
-                open_round.check_accepting()
-                self.safeguards.check_arrival(update)
-                if self.aggregation.folds_on_arrival(len(open_round.selected)):
-                    await asyncio.to_thread(self.strategy.accept, update)
-                open_round.book(update)
-            if not (self.strategy.holds_updates or self.safeguards.holds_updates):
-                update.release()
-        except BaseException as exc:
-            open_round.rejected += 1
-            if isinstance(exc, UpdateTooLarge):
-                open_round.safeguarded["refused_max_norm"] += 1
-            raise
+            with open_round.upload_from(client.name):
+                async with self.intake.receive(
+                    label,
+                    client.name,
+                    claim.num_examples,
+                    claim.metrics,
+                    manifest,
+                    open_round.while_open(chunks),
+                ) as update:
+                    open_round.check_accepting()
+                    await self.aggregation.arrived(update, len(open_round.selected))
+                    open_round.book(update)
         finally:
-            open_round.uploading.discard(client.name)
             self.changes.notify()
+        if not self.aggregation.keeps_updates:
+            update.release()
         client.busy = False
         log.info(
             "round %d: update from %s (%d examples, %s reported)",
@@ -316,26 +296,26 @@ class Coordinator:
         return NoWork()
 
     def _live(self) -> list[str]:
-        return [r.name for r in self.members.live()]
+        return [r.name for r in self.admission.live()]
 
     async def _wait_for_clients(self) -> None:
         """Between rounds: until at least min_clients are live."""
-        self._enter(Waiting(self.config.min_clients))
+        self._enter(Waiting(self.rounds.min_clients))
         announced = -1
         while True:
             live = len(self._live())
-            if live >= self.config.min_clients:
+            if live >= self.rounds.min_clients:
                 return
             if live != announced:
-                log.info("waiting for clients: %d of %d joined", live, self.config.min_clients)
+                log.info("waiting for clients: %d of %d joined", live, self.rounds.min_clients)
                 announced = live
             await self.changes.wait(1.0)
 
     def _open_round(self, number: int, attempt: int) -> OpenRound:
         live = self._live()
-        selected = select_clients(
-            live, self.config.fraction, self.config.min_clients, self.config.seed, number, attempt
-        )
+        rounds = self.rounds
+        seed = self.store.identity.seed
+        selected = select_clients(live, rounds.fraction, rounds.min_clients, seed, number, attempt)
         now = self.clock.now()
         open_round = OpenRound(
             number=number,
@@ -344,15 +324,16 @@ class Coordinator:
             selected=selected,
             config=self.strategy.configure_round(number, self.base_round_config),
             started=now,
-            deadline=now + self.config.round_timeout,
-            hard_end=now + HARD_END * self.config.round_timeout,
+            deadline=now + self.rounds.round_timeout,
+            hard_end=now + HARD_END_TIMEOUTS * self.rounds.round_timeout,
         )
         self.strategy.begin_round(self.model.tensors)
         self._enter(open_round)
+        total = self.rounds.rounds
         log.info(
             "round %d/%d started: %d of %d clients selected",
             number,
-            self.config.rounds,
+            total,
             len(selected),
             len(live),
         )
@@ -363,63 +344,37 @@ class Coordinator:
         await self._until_reported(open_round, "updates")
         self._enter(Aggregating(open_round))
         async with self.intake.readback:  # an update being read back finishes first
-            needed = min(self.config.min_reports, len(open_round.selected))
+            needed = min(self.rounds.min_reports, len(open_round.selected))
             return len(open_round.reported) >= max(1, needed)
 
     async def _until_reported(self, phase: OpenRound | OpenEvaluation, what: str) -> None:
-        every = self.config.heartbeat_seconds
-        reached = await phase.until_reported(self.clock, self.changes, self.members.alive, every)
+        every = self.transport.heartbeat_seconds
+        reached = await phase.until_reported(self.clock, self.changes, self.admission.alive, every)
         if reached is not None:
             kind = "evaluation" if isinstance(phase, OpenEvaluation) else "round"
+            progress = phase.progress()
             log.warning(
-                "round %d: %s %s reached with %s %s",
-                phase.number,
-                kind,
-                reached,
-                phase.progress(),
-                what,
+                "round %d: %s %s reached with %s %s", phase.number, kind, reached, progress, what
             )
-        self.members.release_tasks()
+        self.admission.release_tasks()
 
     async def _commit(self, open_round: OpenRound) -> bool:
         """Aggregate the round into the next global model, checkpoint it with its record,
-        and only then let it go on (DESIGN.md: aggregate -> checkpoint -> metrics -> next).
+        and only then let it go on (aggregate -> checkpoint -> metrics -> next).
         False when no finite aggregate could be made: the round is to be run again."""
-        try:
-            committed = await asyncio.to_thread(self.aggregation.into_model, open_round)
-        finally:
-            open_round.release_updates()
-        if not committed:
+        record = await self.aggregation.commit(open_round, self.clock.now)
+        if record is None:
             log.warning(
                 "round %d: no finite aggregate without leaving out every update; running it again",
                 open_round.number,
             )
             return False
-        self.model.version = open_round.number
-        evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
-        record = open_round.record(self.model.version, self.clock.now())
-        record["coordinator_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
-        if self.safeguards.enabled:
-            record.update(open_round.safeguarded)
-        record.update(self.strategy.round_metrics(open_round.number))
-        if evaluation is not None:
-            record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})
-        await asyncio.to_thread(
-            self.store.commit_round,
-            open_round.number,
-            self.model.tensors,
-            self.strategy.state_tensors(),
-            record,
-        )
         self.completed = open_round.number
         shown = {k: v for k, v in record.items() if k.startswith(("eval_", "train_"))}
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics"
+        done = f"round {open_round.number}/{self.rounds.rounds} done"
         log.info(
-            "round %d/%d done in %.1fs: %d updates, %s",
-            open_round.number,
-            self.config.rounds,
-            record["duration_s"],
-            record["updates"],
-            ", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "no metrics",
+            "%s in %.1fs: %d updates, %s", done, record["duration_s"], record["updates"], metrics
         )
         return True
 
@@ -431,19 +386,17 @@ class Coordinator:
         evaluation = OpenEvaluation(
             number=trained.number,
             selected=self.strategy.configure_evaluation(trained.number, trained.selected & live),
-            deadline=now + self.config.eval_timeout,
-            hard_end=now + HARD_END * self.config.eval_timeout,
+            deadline=now + self.evaluation_config.eval_timeout,
+            hard_end=now + HARD_END_TIMEOUTS * self.evaluation_config.eval_timeout,
         )
         self._enter(evaluation)
         await self._until_reported(evaluation, "reports")
         metrics = self.strategy.aggregate_evaluation(evaluation.reports)
         await asyncio.to_thread(self.store.add_to_record, evaluation.number, metrics)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         log.info(
             "round %d evaluated by %d clients: %s",
             evaluation.number,
             len(evaluation.reports),
-            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+            shown,
         )
-
-    def _summary(self) -> str:
-        return f"task {self.config.task}, {self.model.summary()}, uplink {self.intake.uplink.spec}"

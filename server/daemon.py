@@ -16,17 +16,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedstream.common.checkpoint import write_json_atomic
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.service import SERVICE_NAME
-from fedstream.common.tls import server_credentials
-from fedstream.server.config import ServerConfig, is_loopback
+from fedstream.server.admission.tls import add_port, describe, status_ssl_context
+from fedstream.server.assembly import assemble
+from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.live_state import LiveState
 from fedstream.server.progress_line import RoundLine
-from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.servicer import CoordinatorServicer
 from fedstream.server.status_server import StatusServer
-from fedstream.server.strategies import build_strategy
-from fedstream.server.strategies.private import with_privacy
-from fedstream.tasks import Task, load_task
+from fedstream.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -62,51 +60,35 @@ def grpc_options(max_chunk_bytes: int, headroom: int = MANIFEST_HEADROOM) -> lis
     ]
 
 
-def run_identity(config: ServerConfig, task: Task) -> RunIdentity:
-    """What a resume must agree on: the task's site options (a data path) may change."""
-    shaping = {k: v for k, v in config.task_opt.items() if k not in task.site_options}
-    return RunIdentity(config.task, shaping, config.seed, config.strategy)
-
-
 class CoordinatorDaemon:
     """The coordinator behind a gRPC server with the standard health service, and its
     status page on a port of its own."""
 
     def __init__(self, config: ServerConfig, task: Task | None = None) -> None:
         self.config = config
-        task = task or load_task(config.task, config.task_opt, config.seed)
-        strategy = with_privacy(build_strategy(config), config, config.fraction)
-        identity = run_identity(config, task)
-        store = RunStore(config.run_dir, identity, keep=config.keep_checkpoints)
-        self.coordinator = Coordinator(config, task, strategy, store)
-        store.run_id = self.coordinator.run_id
-        self.coordinator.restore()
+        self.coordinator = assemble(config, task)
         options = grpc_options(config.max_chunk_bytes, header_room(self.coordinator))
         self.server = grpc.aio.server(options=options)
         self.live = LiveState(self.coordinator)
-        servicer = CoordinatorServicer(self.coordinator, config, self.live)
+        servicer = CoordinatorServicer(
+            self.coordinator, self.coordinator.admission, config, self.live
+        )
         self.server.add_generic_rpc_handlers((servicer.handler(),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = ""
         self._round_line: asyncio.Task[None] | None = None
-        self.status = StatusServer(self.live, config) if config.status_address else None
+        self.status = (
+            StatusServer(self.live, config.status_address, status_ssl_context(config))
+            if config.status_address
+            else None
+        )
 
     async def start(self) -> str:
         """Listen (TLS when configured), mark the service SERVING, and record the bound
         address in the run dir."""
         config = self.config
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = server_credentials(config.tls_cert, config.tls_key, config.client_ca)
-            port = self.server.add_secure_port(config.address, credentials)
-        else:
-            port = self.server.add_insecure_port(config.address)
-            if not is_loopback(config.address):
-                log.warning(
-                    "serving PLAINTEXT on %s (--insecure): anyone on the network can read the "
-                    "model and join; give --tls-cert and --tls-key for TLS",
-                    config.address,
-                )
+        port = add_port(self.server, config.address, config)
         self.address = f"{config.address.rpartition(':')[0]}:{port}"
         await self.server.start()
         status_url = await self.status.start() if self.status is not None else None
@@ -124,11 +106,10 @@ class CoordinatorDaemon:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         line = RoundLine(self.coordinator, file=config.progress_file)
         self._round_line = asyncio.create_task(line.run())
-        security = "mutual TLS" if config.client_ca else "TLS" if config.tls else "plaintext"
         log.info(
             "coordinator listening on %s, %s (run %s)",
             self.address,
-            security,
+            describe(config),
             self.coordinator.run_id,
         )
         if status_url is not None:

@@ -27,6 +27,10 @@ class TransferStalled(FedstreamError):
     """A transfer that moved no bytes for longer than the stall timeout."""
 
 
+class InvalidJoin(FedstreamError):
+    """A Join whose fields are out of bounds (its name, task or partition)."""
+
+
 class InvalidUpdate(FedstreamError):
     """An update header whose fields are out of bounds (examples, metrics, codec)."""
 

@@ -1,4 +1,5 @@
-"""A round's aggregate into the global model, within the safeguards (`safeguards.py`).
+"""A round's aggregate into the global model, within the safeguards (`safeguards.py`), and
+its checkpoint with the round's record.
 
 Outliers are left out and claims capped first; then the strategy aggregates. A non-finite
 result is taken back (the model and the strategy's state as the last checkpoint holds
@@ -8,19 +9,34 @@ update is left: a non-finite model is never committed.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from fedstream.common.memory import peak_rss_bytes
+from fedstream.server.finite import all_finite
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.phases import OpenRound
 from fedstream.server.run_store import RunStore
-from fedstream.server.safeguards import Safeguards, all_finite
+from fedstream.server.safeguards import Safeguards
 from fedstream.server.strategies import Strategy
+from fedstream.server.updates import VerifiedUpdate
+from fedstream.tasks import EvalResult, Task
 
 
 class GuardedAggregate:
     """The strategy's aggregate of a round, behind the safeguards."""
 
     def __init__(
-        self, strategy: Strategy, safeguards: Safeguards, model: GlobalModel, store: RunStore
+        self,
+        strategy: Strategy,
+        safeguards: Safeguards,
+        model: GlobalModel,
+        store: RunStore,
+        task: Task,
     ) -> None:
+        self.task = task
+        """Evaluates each new global model on the coordinator's own data, if it has any."""
         self.strategy = strategy
         self.safeguards = safeguards
         self.model = model
@@ -32,6 +48,18 @@ class GuardedAggregate:
         the review instead when the safeguards may change what it would fold
         (`Safeguards.may_reweigh`), so that each spool is folded once."""
         return self.strategy.holds_updates or not self.safeguards.may_reweigh(selected)
+
+    async def arrived(self, update: VerifiedUpdate, selected: int) -> None:
+        """An update verified whole in a round of `selected` clients: refused when over
+        the absolute norm bound, else handed to the strategy now if it folds on arrival."""
+        self.safeguards.check_arrival(update)
+        if self.folds_on_arrival(selected):
+            await asyncio.to_thread(self.strategy.accept, update)
+
+    @property
+    def keeps_updates(self) -> bool:
+        """Whether the round must keep its updates' spools until it is aggregated."""
+        return self.strategy.holds_updates or self.safeguards.holds_updates
 
     def into_model(self, open_round: OpenRound) -> bool:
         """The round's aggregate into the global model; False when no update is left
@@ -55,6 +83,39 @@ class GuardedAggregate:
             self._take_back()
             self.safeguards.leave_out_largest(open_round.number, review)
         return False
+
+    async def commit(
+        self, open_round: OpenRound, now: Callable[[], float]
+    ) -> dict[str, Any] | None:
+        """Aggregate the round into the next global model, then checkpoint it with its
+        record (aggregate -> checkpoint -> metrics -> next); the record, or None when no
+        finite aggregate could be made (the round is to be run again)."""
+        try:
+            committed = await asyncio.to_thread(self.into_model, open_round)
+        finally:
+            open_round.release_updates()
+        if not committed:
+            return None
+        self.model.version = open_round.number
+        evaluation = await asyncio.to_thread(self.task.evaluate, self.model.module)
+        return await asyncio.to_thread(self.checkpoint, open_round, evaluation, now())
+
+    def checkpoint(
+        self, open_round: OpenRound, evaluation: EvalResult | None, now: float
+    ) -> dict[str, Any]:
+        """The aggregated round's record (its counts, the safeguards' and the strategy's,
+        the coordinator's own evaluation), checkpointed with the model it made."""
+        record = open_round.record(self.model.version, now)
+        record["coordinator_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        if self.safeguards.enabled:
+            record.update(open_round.safeguarded)
+        record.update(self.strategy.round_metrics(open_round.number))
+        if evaluation is not None:
+            record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})
+        self.store.commit_round(
+            open_round.number, self.model.tensors, self.strategy.state_tensors(), record
+        )
+        return record
 
     def _take_back(self) -> None:
         """The global model and the strategy's state as the last checkpoint holds them."""

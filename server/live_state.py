@@ -29,8 +29,8 @@ from fedstream.common.memory import peak_rss_bytes
 from fedstream.server.phases import Aggregating, Done, OpenEvaluation, OpenRound, Phase, Waiting
 
 if TYPE_CHECKING:
+    from fedstream.server.admission.sessions import ClientRecord
     from fedstream.server.coordinator import Coordinator
-    from fedstream.server.registry import ClientRecord
 
 SCHEMA_VERSION = 1
 CLIENT_STATES = ("joined", "downloading", "training", "uploading", "reported", "evaluating", "gone")
@@ -123,7 +123,7 @@ class LiveState:
         """The whole live state as JSON data (`server/status_schema.json`)."""
         coordinator = self.coordinator
         now = coordinator.clock.now()
-        clients = [self._client(record, now) for record in coordinator.members.registry.all()]
+        clients = [self._client(record, now) for record in coordinator.admission.registry.all()]
         rss = self._process.memory_info().rss
         return {
             "schema_version": SCHEMA_VERSION,
@@ -148,9 +148,9 @@ class LiveState:
         open_phase = phase.round if isinstance(phase, Aggregating) else phase
         run: dict[str, Any] = {
             "run_id": coordinator.run_id,
-            "task": coordinator.config.task,
-            "strategy": coordinator.config.strategy,
-            "rounds": coordinator.config.rounds,
+            "task": coordinator.store.identity.task,
+            "strategy": coordinator.store.identity.strategy,
+            "rounds": coordinator.rounds.rounds,
             "completed": coordinator.completed,
             "phase": phase_name(phase),
             "phase_seconds": round(now - self.phase_entered, 3),
@@ -172,7 +172,7 @@ class LiveState:
         if isinstance(open_phase, OpenRound):
             run["attempt"] = open_phase.attempt
         elif (
-            isinstance(phase, Waiting | Done) and coordinator.completed < coordinator.config.rounds
+            isinstance(phase, Waiting | Done) and coordinator.completed < coordinator.rounds.rounds
         ):
             run["round"] = coordinator.completed + 1
         return run
@@ -199,7 +199,7 @@ class LiveState:
     def _state(self, record: ClientRecord) -> str:
         coordinator = self.coordinator
         name = record.name
-        if not coordinator.members.alive(name):
+        if not coordinator.admission.alive(name):
             return "gone"
         meter = self.meter(name)
         if meter.uploads:

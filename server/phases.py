@@ -8,17 +8,24 @@ from phase to phase is `server/coordinator.py`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedstream.common.round_config import Scalar
 from fedstream.server.calls import EvaluateWork, TrainWork
 from fedstream.server.clock import Changes, Clock
-from fedstream.server.errors import InvalidUpdate, NotSelected, WrongRound
+from fedstream.server.errors import (
+    InvalidUpdate,
+    NotSelected,
+    UpdateTooLarge,
+    UploadInProgress,
+    WrongRound,
+)
 
 if TYPE_CHECKING:
     from fedstream.server.calls import EvaluationClaim, UpdateClaim
@@ -162,6 +169,23 @@ class OpenRound(OpenPhase):
 
     def arriving(self) -> bool:
         return bool(self.uploading)
+
+    @contextlib.contextmanager
+    def upload_from(self, client: str) -> Iterator[None]:
+        """While `client`'s upload streams: UploadInProgress for a second one, and one
+        more rejected upload (and refused norm) when it fails."""
+        if client in self.uploading:
+            raise UploadInProgress(f"an upload from {client} is already streaming")
+        self.uploading.add(client)
+        try:
+            yield
+        except BaseException as exc:
+            self.rejected += 1
+            if isinstance(exc, UpdateTooLarge):
+                self.safeguarded["refused_max_norm"] += 1
+            raise
+        finally:
+            self.uploading.discard(client)
 
     def work(self, model_version: int, now: float) -> TrainWork:
         """What a selected client that owes its update is told to do."""

@@ -88,10 +88,10 @@ class RoundLine:
     def read(self) -> RoundView:
         """The line's content now; also advances the byte rate."""
         coordinator = self.coordinator
-        rounds = coordinator.config.rounds
+        rounds = coordinator.rounds.rounds
         phase = coordinator.phase
         if isinstance(phase, Waiting):  # reported: clients joined; selected: clients needed
-            joined = len(coordinator.members.live())
+            joined = len(coordinator.admission.live())
             return RoundView("waiting", coordinator.completed, rounds, 1, joined, phase.needed)
         if isinstance(phase, Done):
             return RoundView("done", phase.completed, rounds)

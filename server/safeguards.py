@@ -32,10 +32,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
 
 from fedstream.server.aggregation_config import SafeguardsConfig
 from fedstream.server.errors import UpdateTooLarge
@@ -180,13 +178,3 @@ class Safeguards:
                 review.kept[i] = dataclasses.replace(update, num_examples=cap)
                 review.counts["capped_examples"] += 1
                 review.changed = True
-
-
-def all_finite(tensors: Mapping[str, torch.Tensor]) -> bool:
-    """Whether every floating tensor holds only finite values (two scalars per tensor)."""
-    for tensor in tensors.values():
-        if tensor.is_floating_point() and tensor.numel():
-            low, high = torch.aminmax(tensor)
-            if not (torch.isfinite(low) and torch.isfinite(high)):
-                return False
-    return True

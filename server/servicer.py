@@ -26,9 +26,10 @@ from fedstream.common.errors import (
 from fedstream.common.logs import RateLimitedLog
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import to_proto as config_to_proto
-from fedstream.common.service import bearer_token, method_handlers
-from fedstream.common.tls import peer_identity
+from fedstream.common.service import method_handlers
 from fedstream.common.wire.framing import MalformedChunk, MalformedMessage, frame_data
+from fedstream.server.admission.door import Admission
+from fedstream.server.admission.sessions import ClientRecord
 from fedstream.server.calls import (
     EvaluateWork,
     EvaluationClaim,
@@ -44,6 +45,7 @@ from fedstream.server.coordinator import Coordinator
 from fedstream.server.errors import (
     AlreadyJoined,
     IdentityMismatch,
+    InvalidJoin,
     InvalidUpdate,
     NotSelected,
     OffsetOutOfRange,
@@ -56,7 +58,6 @@ from fedstream.server.errors import (
     WrongRound,
 )
 from fedstream.server.live_state import LiveState, TransferMeter
-from fedstream.server.registry import ClientRecord
 from fedstream.server.transfer import RateFloor, release_refused
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ STATUS_OF: dict[type[FedstreamError], grpc.StatusCode] = {
     UploadInProgress: grpc.StatusCode.ABORTED,
     TransferStalled: grpc.StatusCode.DEADLINE_EXCEEDED,
     OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    InvalidJoin: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidUpdate: grpc.StatusCode.INVALID_ARGUMENT,
     UpdateTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidManifest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -149,9 +151,15 @@ def _receipt(receipt: Receipt) -> dict[str, Any]:
 
 class CoordinatorServicer:
     def __init__(
-        self, coordinator: Coordinator, config: TransportConfig, live: LiveState | None = None
+        self,
+        coordinator: Coordinator,
+        admission: Admission,
+        config: TransportConfig,
+        live: LiveState | None = None,
     ) -> None:
         self.coordinator = coordinator
+        self.admission = admission
+        """Who each call is (`server/admission/`): asked here, and nowhere else."""
         self.live = live or LiveState(coordinator)
         self.stall_timeout = config.stall_timeout
         self.max_chunk_bytes = config.max_chunk_bytes
@@ -159,21 +167,22 @@ class CoordinatorServicer:
         self.transfer_window = config.transfer_window
 
     def _client(self, context: grpc.aio.ServicerContext) -> ClientRecord:
-        return self.coordinator.members.authenticate(bearer_token(context.invocation_metadata()))
+        return self.admission.caller(context)
 
     async def join(
         self, message: pb.JoinRequest | MalformedMessage, context: grpc.aio.ServicerContext
     ) -> pb.JoinReply:
         try:
             request = _decoded(message)
+            peer_name, token = self.admission.credentials(context)
             claim = JoinClaim(
                 request.name,
                 request.task,
                 request.partition,
                 request.num_partitions,
                 request.model_digest,
-                peer_name=peer_identity(context.auth_context()),
-                token=bearer_token(context.invocation_metadata()),
+                peer_name=peer_name,
+                token=token,
             )
             joined = self.coordinator.join(claim)
         except FedstreamError as exc:

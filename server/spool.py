@@ -37,6 +37,7 @@ from fedstream.common.codecs.zstd import ZstdError
 from fedstream.common.errors import LimitExceeded, NonFiniteValues, WireError
 from fedstream.common.wire.manifest import Manifest, TensorEntry
 from fedstream.common.wire.stream import tensor_bytes
+from fedstream.server.finite import is_finite
 from fedstream.server.updates import DeltaBlock
 
 # Received chunks are immutable `bytes`; the scan only reads the tensors it views them as.
@@ -59,13 +60,6 @@ def _read_exactly(f: BinaryIO, into: memoryview, name: str) -> None:
         if not n:
             raise WireError(f"spool {name} is shorter than its manifest")
         done += n
-
-
-def _all_finite(values: torch.Tensor) -> bool:
-    """NaN propagates into the minimum and maximum, and an infinity is one of them: two
-    scalars to check instead of a mask as large as the block."""
-    low, high = torch.aminmax(values)
-    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def sum_of_squares(values: torch.Tensor) -> float:
@@ -125,7 +119,7 @@ class FiniteScan:
         self._carry = bytes(part[whole:])
 
     def _check(self, entry: TensorEntry, values: torch.Tensor) -> None:
-        if not _all_finite(values):
+        if not is_finite(values):
             raise _non_finite(entry.name)
         self.sum_squares += sum_of_squares(values)
 
@@ -307,7 +301,7 @@ class UploadSpool:
         total = 0.0
         for block in self.blocks():
             if block.values.is_floating_point():
-                if not _all_finite(block.values):
+                if not is_finite(block.values):
                     raise _non_finite(block.name)
                 total += sum_of_squares(block.values)
         self._sum_squares = total

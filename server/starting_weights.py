@@ -1,5 +1,6 @@
-"""A run started from weights (`--init-weights`): loading them into the global model, and
-round 0, the starting model evaluated and recorded before round 1."""
+"""Where a run starts: the run directory's newest checkpoint, or round 0, the task's model or
+the weights of `--init-weights` (loaded into the global model), evaluated and recorded
+before round 1."""
 
 from __future__ import annotations
 
@@ -17,6 +18,26 @@ from fedstream.server.strategies import Strategy
 from fedstream.tasks import Task
 
 log = logging.getLogger(__name__)
+
+
+def restore(
+    model: GlobalModel, strategy: Strategy, store: RunStore, init_weights: Path | None
+) -> int | None:
+    """Continue from the run directory's newest checkpoint, or write round 0's (from
+    `init_weights` when given: not applied again on resume); the round resumed at, or
+    None for a new run."""
+    resumed = store.resume(model.manifest)
+    if resumed is None:
+        if init_weights is not None:
+            load_starting_weights(model, store, init_weights)
+        store.save(0, model.tensors, strategy.state_tensors(), [])
+        return None
+    if init_weights is not None:
+        log.info("resuming: --init-weights is not applied again")
+    model.load(resumed.model)
+    model.version = resumed.round
+    strategy.load_state_tensors(resumed.strategy_state)
+    return resumed.round
 
 
 def load_starting_weights(model: GlobalModel, store: RunStore, path: Path) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fedstream.common.tls import server_ssl_context
-from fedstream.server.config import ServerConfig
 from fedstream.server.live_state import LiveState
 from fedstream.server.status_metrics import metrics_registry
 
@@ -43,11 +42,13 @@ SECURITY_HEADERS = {
 
 
 class StatusServer:
-    """Serves `live` on `config.status_address`, with TLS when the coordinator has it."""
+    """Serves `live` on `address`, with TLS when given the coordinator's SSL context
+    (`server/admission/tls.py`)."""
 
-    def __init__(self, live: LiveState, config: ServerConfig) -> None:
+    def __init__(self, live: LiveState, address: str, context: ssl.SSLContext | None) -> None:
         self.live = live
-        self.config = config
+        self.address = address
+        self.context = context
         self.registry = metrics_registry(live)
         self.files = {
             route: ((PAGE_DIR / name).read_bytes(), kind) for route, (name, kind) in STATIC.items()
@@ -63,11 +64,8 @@ class StatusServer:
 
     async def start(self) -> str:
         """Listen; the page's URL (with the port bound when 0 was asked for)."""
-        config = self.config
-        context = None
-        if config.tls_cert is not None and config.tls_key is not None:
-            context = server_ssl_context(config.tls_cert, config.tls_key, config.client_ca)
-        host, _, port = config.status_address.rpartition(":")
+        context = self.context
+        host, _, port = self.address.rpartition(":")
         await self.runner.setup()
         site = web.TCPSite(self.runner, host.strip("[]"), int(port), ssl_context=context)
         await site.start()

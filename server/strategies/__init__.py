@@ -1,18 +1,15 @@
 """Aggregation strategies: one module per strategy, each citing its paper.
 
-`build_strategy` turns the coordinator's strategy flags into a strategy (build.py); the
-server learning rate and momentum default per strategy, on each strategy's class.
+The choices by name and the rules on combining them are in catalog.py; `build.py` turns
+the coordinator's strategy flags into a strategy, and `private.py` wraps one in central
+DP. The server learning rate and momentum default per strategy, on each strategy's class.
+Nothing here imports the coordinator's transport (tests/test_layering.py).
 """
 
 from __future__ import annotations
 
 from fedstream.server.strategies.base import DeltaBlock, DeltaStream, Strategy
-from fedstream.server.strategies.build import (
-    STRATEGIES,
-    NamedStrategy,
-    build_strategy,
-    class_defaults,
-)
+from fedstream.server.strategies.catalog import STRATEGIES, NamedStrategy, class_defaults
 from fedstream.server.strategies.fedadagrad import FedAdagrad
 from fedstream.server.strategies.fedadam import FedAdam
 from fedstream.server.strategies.fedavg import FedAvg
@@ -42,6 +39,5 @@ __all__ = [
     "NamedStrategy",
     "Strategy",
     "TrimmedMean",
-    "build_strategy",
     "class_defaults",
 ]

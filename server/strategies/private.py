@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from fedstream.common.config import ConfigError
 from fedstream.common.round_config import Scalar
+from fedstream.server.aggregation_config import PrivacyConfig
 from fedstream.server.strategies.base import MeanOfUpdates, Strategy
+from fedstream.server.strategies.catalog import require_mean_based
 from fedstream.server.updates import DeltaBlock, VerifiedUpdate
-
-if TYPE_CHECKING:
-    from fedstream.server.aggregation_config import PrivacyConfig
 
 
 def clip_factor(norm: float, clip: float) -> float:
@@ -120,11 +117,8 @@ def with_privacy(strategy: Strategy, config: PrivacyConfig, sampling_rate: float
     that is not a mean (the noise is calibrated to a mean's sensitivity)."""
     if config.dp_clip is None:
         return strategy
-    if not isinstance(strategy, MeanOfUpdates):
-        raise ConfigError(
-            f"central DP (--dp-clip) needs a mean-based strategy (fedavg, mean, fedavgm, "
-            f"fedadam, fedyogi, fedadagrad, fedsgd), not {type(strategy).__name__}"
-        )
+    require_mean_based(type(strategy))
+    assert isinstance(strategy, MeanOfUpdates)
     return DifferentiallyPrivate(
         strategy,
         config.dp_clip,

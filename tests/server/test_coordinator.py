@@ -21,6 +21,8 @@ from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.errors import NonFiniteValues
 from fedstream.common.wire.manifest import Manifest
 from fedstream.common.wire.stream import iter_chunks
+from fedstream.server.admission.sessions import ClientRecord
+from fedstream.server.assembly import assemble
 from fedstream.server.calls import (
     EvaluateWork,
     EvaluationClaim,
@@ -31,11 +33,9 @@ from fedstream.server.calls import (
     UpdateClaim,
 )
 from fedstream.server.config import ServerConfig
-from fedstream.server.coordinator import Coordinator
 from fedstream.server.errors import NotSelected, WrongRound
 from fedstream.server.phases import Done, OpenEvaluation, OpenRound, Waiting
-from fedstream.server.registry import ClientRecord
-from fedstream.server.run_store import RunIdentity, RunStore
+from fedstream.server.run_store import RunStore
 from fedstream.server.strategies import FedAvg, Strategy
 from fedstream.server.updates import VerifiedUpdate
 
@@ -68,11 +68,7 @@ class Harness:
         )
         config.validate()
         self.clock = FakeClock()
-        store = RunStore(run_dir, RunIdentity("tiny", {}, 0, config.strategy))
-        self.coordinator = Coordinator(
-            config, tiny_task(), strategy or FedAvg(), store, clock=self.clock
-        )
-        self.coordinator.restore()
+        self.coordinator = assemble(config, tiny_task(), strategy or FedAvg(), self.clock)
         self.clients: dict[str, ClientRecord] = {}
 
     def join(self, name: str, partition: int) -> ClientRecord:

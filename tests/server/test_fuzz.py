@@ -251,7 +251,7 @@ class Fuzzer:
         # read after the answer that is not Done means the answer had to be SERVING
         if not self.run_done():
             assert status == health_pb2.HealthCheckResponse.SERVING, status
-        registry = self.running.coordinator.members.registry
+        registry = self.running.coordinator.admission.registry
         mallory = registry.get("mallory")
         assert mallory is not None and mallory.token == self.token, "mallory was evicted"
         assert len(registry) == 2, [r.name for r in registry.all()]

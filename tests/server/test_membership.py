@@ -17,8 +17,8 @@ from fedstream.common.tokens import new_token, token_hash
 from fedstream.common.wire.framing import frame_data
 from fedstream.common.wire.manifest import Manifest
 from fedstream.common.wire.stream import iter_chunks
+from fedstream.server.admission.identity import Authenticator
 from fedstream.server.errors import IdentityMismatch, UnknownClient
-from fedstream.server.identity import Authenticator
 
 from .conftest import TinyModel, start_client, tiny_join, wait_for
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from fedstream.server.admission.sessions import ClientRegistry
 from fedstream.server.errors import UnknownClient
-from fedstream.server.registry import ClientRegistry
 
 
 class Clock:

@@ -22,9 +22,9 @@ from fedstream.server.strategies import (
     Median,
     Strategy,
     TrimmedMean,
-    build_strategy,
 )
 from fedstream.server.strategies.base import MeanOfUpdates
+from fedstream.server.strategies.build import build_strategy
 from fedstream.server.strategies.median import sort_columns
 from fedstream.server.updates import VerifiedUpdate
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedstream.common.config import ConfigError
+from fedstream.server.assembly import run_identity
 from fedstream.server.config import ServerConfig
-from fedstream.server.daemon import run_identity
 from fedstream.server.run_store import RunStore
 from fedstream.tasks import Task, TrainResult
 

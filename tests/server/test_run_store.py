@@ -20,7 +20,7 @@ from fedstream.common.checkpoint import load_checkpoint, read_checkpoint_metadat
 from fedstream.common.config import ConfigError
 from fedstream.common.errors import InvalidCheckpoint
 from fedstream.common.wire.manifest import Manifest
-from fedstream.server import run_store
+from fedstream.server import checkpoints
 from fedstream.server.run_store import RunIdentity, RunStore, strict_json
 
 IDENTITY = RunIdentity("synthetic", {"params": "16"}, 0, "fedavg")
@@ -44,7 +44,7 @@ def test_older_checkpoints_stay_until_the_newer_one_is_on_disk(
         assert disk.wait(timeout=30)
         synced.append(path.name)
 
-    monkeypatch.setattr(run_store, "sync_to_disk", slow_disk)
+    monkeypatch.setattr(checkpoints, "sync_to_disk", slow_disk)
     store = RunStore(tmp_path, IDENTITY, keep=1)
     store.save(0, model(0.0), {}, [])
     disk.set()

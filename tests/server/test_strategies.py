@@ -21,8 +21,8 @@ from fedstream.server.strategies import (
     FedYogi,
     Mean,
     Strategy,
-    build_strategy,
 )
+from fedstream.server.strategies.build import build_strategy
 from fedstream.server.updates import VerifiedUpdate
 
 ROUNDS = 3

@@ -15,7 +15,8 @@ import pytest
 from fedstream.certs import CertsConfig, make_certs
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import stub
-from fedstream.common.tls import client_credentials, peer_identity, server_credentials
+from fedstream.common.tls import client_credentials
+from fedstream.server.admission.tls import peer_identity, server_credentials
 
 from .conftest import RunningCoordinator, start_client, wait_for
 

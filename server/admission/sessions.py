@@ -1,4 +1,5 @@
-"""Which clients have joined, how to recognise them, and which are alive."""
+"""The sessions the coordinator holds: which clients have joined, the session token each
+call presents, and which clients are alive."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class ClientRegistry:
     """Clients by name and by session token.
 
     A session that joins again under the same name replaces the old one, whose token stops
-    working; whether it may is the coordinator's decision (`server/identity.py`). A client
+    working; whether it may is admission's decision (`identity.py`). A client
     holding a task is live while it heartbeats (seen within `task_timeout`), any other
     while it polls (seen within the timeout `live` is given).
     """

@@ -1,0 +1,95 @@
+"""The door: a Join checked and given a session, and each later call's session found.
+
+A Join is checked in this order: the claim's fields, the client's identity
+(`identity.py`), its task and model layout (a client whose model differs would be
+selected and never send a usable update), then whether its name is free (an
+unauthenticated claim never evicts a live session) and whether there is room
+(`--max-clients`; sessions that are gone make room first). Every later call presents the
+session token its Join was given (`sessions.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from fedstream.common.service import bearer_token
+from fedstream.common.tokens import load_tokens
+from fedstream.server.admission.identity import Authenticator
+from fedstream.server.admission.sessions import ClientRecord, ClientRegistry
+from fedstream.server.admission.tls import peer_identity
+from fedstream.server.calls import JoinClaim
+from fedstream.server.config import SecurityConfig, TransportConfig
+from fedstream.server.errors import AlreadyJoined, TaskMismatch, TooManyClients
+
+TASK_SILENCE = 3
+"""Heartbeat intervals a client holding a task may miss before it is released."""
+
+
+class Admission:
+    """Who may talk to the coordinator, and as whom; which of them are live."""
+
+    def __init__(
+        self,
+        security: SecurityConfig,
+        transport: TransportConfig,
+        task: str,
+        model_digest: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self.task = task
+        self.model_digest = model_digest
+        self.max_clients = security.max_clients
+        self.client_timeout = transport.client_timeout
+        self.registry = ClientRegistry(clock, TASK_SILENCE * transport.heartbeat_seconds)
+        tokens = load_tokens(security.tokens) if security.tokens else None
+        self.authenticator = Authenticator(security.client_ca is not None, tokens)
+
+    @staticmethod
+    def credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
+        """A call's credentials: its verified client certificate's name, and its token."""
+        return peer_identity(context.auth_context()), bearer_token(context.invocation_metadata())
+
+    def join(self, claim: JoinClaim) -> ClientRecord:
+        claim.check()
+        identity = self.authenticator.identify(claim.name, claim.peer_name, claim.token)
+        if claim.task != self.task:
+            raise TaskMismatch(
+                f"client runs task {claim.task!r}; this coordinator runs {self.task!r}"
+            )
+        if claim.model_digest != self.model_digest:
+            raise TaskMismatch(
+                f"client {identity.name}'s model is laid out differently from the "
+                "coordinator's (its exchanged tensors' names, dtypes or shapes differ): "
+                "check --task and --task-opt"
+            )
+        existing = self.registry.get(identity.name)
+        if existing is not None and self.alive(identity.name) and not identity.authenticated:
+            raise AlreadyJoined(
+                f"{identity.name} has a live session; a second client cannot join under "
+                "that name until the first is gone"
+            )
+        if existing is None and len(self.registry) >= self.max_clients:
+            self.registry.forget_gone(self.client_timeout)
+            if len(self.registry) >= self.max_clients:
+                raise TooManyClients(
+                    f"the coordinator holds {self.max_clients} sessions (--max-clients)"
+                )
+        return self.registry.join(identity.name, claim.partition, claim.num_partitions)
+
+    def caller(self, context: grpc.aio.ServicerContext) -> ClientRecord:
+        """The client whose session the call's token is, marked as seen now."""
+        return self.registry.authenticate(bearer_token(context.invocation_metadata()))
+
+    def alive(self, name: str) -> bool:
+        record = self.registry.get(name)
+        return record is not None and self.registry.is_live(record, self.client_timeout)
+
+    def live(self) -> list[ClientRecord]:
+        return self.registry.live(self.client_timeout)
+
+    def release_tasks(self) -> None:
+        """The phase the clients held tasks for is over."""
+        for record in self.registry.all():
+            record.busy = False

@@ -1,0 +1,95 @@
+"""The composition root: every part of the coordinator, built from its own part of the
+configuration and handed to the `Coordinator`, which builds nothing itself.
+
+    task, model        the task (ServerConfig.task, task_opt, seed) and its global model
+    strategy           StrategyConfig, inside central DP when PrivacyConfig asks for it
+    run store          the run directory, the run's identity and its id (RunStore)
+    admission          SecurityConfig and TransportConfig: who may join, as whom
+    upload intake      UplinkConfig and TransportConfig: uploads spooled and verified
+    safeguards         SafeguardsConfig, and the aggregate behind them
+    clock              monotonic, or the one a test drives
+
+The daemon (`daemon.py`) adds the transport around the result: gRPC, TLS, the status page.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fedstream.server.admission.door import Admission
+from fedstream.server.clock import Clock, MonotonicClock
+from fedstream.server.config import ServerConfig
+from fedstream.server.coordinator import Coordinator
+from fedstream.server.global_model import GlobalModel
+from fedstream.server.guarded_aggregate import GuardedAggregate
+from fedstream.server.intake import UploadIntake
+from fedstream.server.run_store import RunIdentity, RunStore
+from fedstream.server.safeguards import Safeguards
+from fedstream.server.starting_weights import restore
+from fedstream.server.strategies import Strategy
+from fedstream.server.strategies.build import build_strategy
+from fedstream.server.strategies.private import with_privacy
+from fedstream.tasks import Task, exchanged_names, load_task
+
+log = logging.getLogger(__name__)
+
+
+def run_identity(config: ServerConfig, task: Task) -> RunIdentity:
+    """What a resume must agree on: the task's site options (a data path) may change."""
+    shaping = {k: v for k, v in config.task_opt.items() if k not in task.site_options}
+    return RunIdentity(config.task, shaping, config.seed, config.strategy)
+
+
+def assemble(
+    config: ServerConfig,
+    task: Task | None = None,
+    strategy: Strategy | None = None,
+    clock: Clock | None = None,
+) -> Coordinator:
+    """The coordinator of the run `config` describes, restored from its run directory
+    (or at round 0). `task`, `strategy` and `clock` replace what `config` names, for a
+    test or an embedding program."""
+    task = task or load_task(config.task, config.task_opt, config.seed)
+    strategy = strategy or with_privacy(build_strategy(config), config, config.fraction)
+    clock = clock or MonotonicClock()
+    # The run directory's lock first: nothing touches a directory another coordinator runs.
+    store = RunStore(
+        config.run_dir,
+        run_identity(config, task),
+        keep=config.keep_checkpoints,
+        run_id=uuid.uuid4().hex,
+    )
+    module = task.build_model()
+    model = GlobalModel(module, exchanged_names(task, module))
+    intake = UploadIntake(
+        config,
+        model.manifest,
+        config.spool_path,
+        min_rate=config.min_transfer_rate,
+        window=config.transfer_window,
+        max_uploads=config.max_uploads,
+    )
+    safeguards = Safeguards(config)
+    resumed = restore(model, strategy, store, config.init_weights)
+    summary = f"task {config.task}, {model.summary()}, uplink {intake.uplink.spec}"
+    if resumed is None:
+        log.info("new run in %s: %s", config.run_dir, summary)
+    else:
+        where = f"{config.run_dir} at round {resumed} of {config.rounds}"
+        log.info("resumed %s: %s", where, summary)
+    return Coordinator(
+        task=task,
+        model=model,
+        strategy=strategy,
+        store=store,
+        admission=Admission(config, config, config.task, model.manifest.digest(), clock.now),
+        intake=intake,
+        safeguards=safeguards,
+        aggregation=GuardedAggregate(strategy, safeguards, model, store, task),
+        clock=clock,
+        rounds=config,
+        evaluation=config,
+        transport=config,
+        completed=resumed or 0,
+    )
