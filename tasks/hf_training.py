@@ -113,9 +113,10 @@ class LocalTrainer:
         return optimizer
 
     def _prepare(self, model: nn.Module, device: torch.device) -> None:
-        if self.options.grad_checkpointing and not getattr(
-            model, "is_gradient_checkpointing", True
-        ):
+        on = getattr(model, "is_activation_checkpointing", None)  # transformers 5
+        if on is None:
+            on = getattr(model, "is_gradient_checkpointing", True)
+        if self.options.grad_checkpointing and not on:
             model.gradient_checkpointing_enable(  # type: ignore[operator]
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
