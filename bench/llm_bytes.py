@@ -21,13 +21,14 @@ import resource
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
 from fedstream.tasks import exchanged_names
 from fedstream.tasks.hf_causal_lm import LORA_TARGETS
 
-LLAMA_1B = {
+LLAMA_1B: dict[str, Any] = {
     "vocab_size": 128256,
     "hidden_size": 2048,
     "intermediate_size": 8192,

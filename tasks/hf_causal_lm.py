@@ -39,6 +39,7 @@ from torch import nn
 
 from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TrainResult
 from fedstream.tasks.bytetext import encode_bytes, eval_windows, split_topics, window_batches
+from fedstream.tasks.hf_config import model_config
 from fedstream.tasks.hf_tokens import byte_tokenizer, check_vocabulary, load_tokenizer
 from fedstream.tasks.hf_training import LocalTrainer, TrainOptions, autocast, token_loss
 from fedstream.tasks.training import check_partition, derive_seed, evaluating, seeded_rng
@@ -47,9 +48,6 @@ try:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
-        GPT2Config,
-        LlamaConfig,
-        PretrainedConfig,
         PreTrainedModel,
         PreTrainedTokenizerBase,
     )
@@ -127,7 +125,7 @@ class HFCausalLMTask(Task):
             self.lora_alpha = self.int_option("lora_alpha", 2 * self.lora_rank)
             self.lora_dropout = self.float_option("lora_dropout", 0.0)
             self.init_range = self.float_option("init_range", INIT_RANGE)
-            self.config = None if self.model_dir else self._config()
+            self.config = None if self.model_dir else model_config(self, VOCAB_SIZE)
         except ValueError as exc:
             raise TaskError(f"hf-causal-lm options: {exc}") from exc
         if self.block_size < 1 or self.lora_rank < 1 or not self.init_range > 0:
@@ -168,44 +166,6 @@ class HFCausalLMTask(Task):
             pack=None if pack is None else bool(self.int_option("pack", 0)),
             eval_fraction=self.float_option("eval_fraction", 0.1),
         )
-
-    def _config(self) -> PretrainedConfig:
-        n_embd, n_layer, n_head = (
-            self.int_option(key, default)
-            for key, default in (("n_embd", 128), ("n_layer", 2), ("n_head", 4))
-        )
-        if self.arch == "gpt2":
-            dropout = self.float_option("dropout", 0.0)
-            return GPT2Config(
-                vocab_size=VOCAB_SIZE,
-                n_positions=self.block_size,
-                n_embd=n_embd,
-                n_layer=n_layer,
-                n_head=n_head,
-                n_inner=self.int_option("n_inner", 4 * n_embd),
-                resid_pdrop=dropout,
-                embd_pdrop=dropout,
-                attn_pdrop=dropout,
-                bos_token_id=None,
-                eos_token_id=None,
-                tie_word_embeddings=bool(self.int_option("tie", 1)),
-                initializer_range=self.init_range,
-            )
-        if self.arch == "llama":
-            return LlamaConfig(
-                vocab_size=VOCAB_SIZE,
-                max_position_embeddings=self.block_size,
-                hidden_size=n_embd,
-                intermediate_size=self.int_option("n_inner", 2 * n_embd),
-                num_hidden_layers=n_layer,
-                num_attention_heads=n_head,
-                num_key_value_heads=self.int_option("n_kv_head", n_head),
-                bos_token_id=None,
-                eos_token_id=None,
-                tie_word_embeddings=bool(self.int_option("tie", 0)),
-                initializer_range=self.init_range,
-            )
-        raise ValueError(f"arch must be gpt2 or llama, got {self.arch!r}")
 
     @functools.cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
