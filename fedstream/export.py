@@ -13,6 +13,7 @@ dict: one that `task.build_model().load_state_dict(..., strict=True)` takes.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from fedstream.common.weights import (
     read_weights,
     write_weights,
 )
+from fedstream.common.wire.manifest import Manifest
 from fedstream.server.run_store import CHECKPOINT_FORMAT, list_checkpoints
 from fedstream.tasks import exchanged_names, load_task
 
@@ -47,6 +49,12 @@ class ExportConfig:
     any other path for a directory in the task's own pretrained format."""
     merge_adapters: bool = False
     """Merge the task's adapters (LoRA) into its base weights before writing."""
+    base_model: str | None = field(
+        default=None, metadata={DEFAULT_HELP: "the task's own choice (hf-causal-lm: model_dir)"}
+    )
+    """For an adapter directory: the base model its config names, as whoever loads it will
+    find it (a hub name, or a path relative to where it is loaded), so the directory can
+    move."""
 
     def validate(self) -> None:
         if self.out is None or not str(self.out):
@@ -79,8 +87,11 @@ def export(config: ExportConfig) -> str:
         raise InvalidCheckpoint(f"{path} is not a fedstream round checkpoint")
     task = load_task(metadata["task"], json.loads(metadata["task_opt"]), int(metadata["seed"]))
     model = task.build_model()
+    # A tied tensor (GPT-2's output layer is its token embedding) travels, and is
+    # checkpointed, once: under its source's name.
+    travelled = Manifest.of_model(model.state_dict(), exchanged_names(task, model)).names
     try:
-        fitted = fit_weights(read_weights(path), model, exchanged_names(task, model))
+        fitted = fit_weights(read_weights(path), model, list(travelled))
     except InvalidCheckpoint as exc:
         raise InvalidCheckpoint(f"{path} does not fit task {metadata['task']}: {exc}") from None
     state = model.state_dict()
@@ -88,7 +99,12 @@ def export(config: ExportConfig) -> str:
         for name, tensor in fitted.items():
             state[name].copy_(tensor)
     if out.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        task.save_pretrained(model, out, merge_adapters=config.merge_adapters)
+        extra = {}
+        if config.base_model is not None:
+            if "base_model" not in inspect.signature(task.save_pretrained).parameters:
+                raise ConfigError(f"task {metadata['task']} does not name a base model")
+            extra["base_model"] = config.base_model
+        task.save_pretrained(model, out, merge_adapters=config.merge_adapters, **extra)
         return f"round {metadata['round']} of {config.run_dir} -> {out}/ (task's own format)"
     if config.merge_adapters:
         model = task.merge_adapters(model)

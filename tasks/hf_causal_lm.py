@@ -1,69 +1,69 @@
 """Built-in task `hf-causal-lm`: a Hugging Face transformers causal language model, fully
-or through PEFT LoRA adapters (`pip install 'fedstream[hf]'`).
+or through PEFT LoRA adapters (`pip install 'fedstream[hf]'`). The recipe of a LoRA
+fine-tune across sites is docs/llm-finetuning.md.
 
 The model is built from a config (`arch=gpt2` or `arch=llama`, small by default, any
 size by options) under the run's seed, so every process builds the same one, or loaded
 from a local directory (`model_dir=PATH`, anything `AutoModelForCausalLM.from_pretrained`
-reads; nothing is downloaded). Tokens are bytes (`fedstream.tasks.bytetext`), so the
-model needs a vocabulary of at least 256 and no tokenizer. The text is CPython's pydoc
-topics dealt to clients by partition, or the site's own file (`text=PATH`, a per-site
-option): then the partition is not used, and the file's last tenth is its held-out part.
+reads; nothing is downloaded) with the tokenizer saved beside it
+(`fedstream.tasks.hf_tokens`). A model built from a config has byte tokens
+(`fedstream.tasks.bytetext`).
+
+The data is a site's own file (`data=PATH`: JSON lines, Parquet, CSV, text or a saved
+`datasets` directory, as plain text, prompt/response or chat messages; see
+`fedstream.tasks.hf_data`), or, without one, CPython's pydoc topics dealt to clients by
+partition, or a site's plain text file (`text=PATH`, whose last tenth is held out).
 
 With `lora=1` the model is wrapped by PEFT (`LoraConfig`; Hu et al., "LoRA: Low-Rank
 Adaptation of Large Language Models", ICLR 2022): the base is frozen, and only the
-adapters' A and B matrices are exchanged, aggregated and checkpointed.
+adapters' A and B matrices are exchanged, aggregated and checkpointed. Training itself
+(precision, accumulation, schedule, the optimiser kept across rounds) is
+`fedstream.tasks.hf_training`.
 
-`save_pretrained` writes what `from_pretrained` reads back: the model (adapters merged
-into it on request) for `AutoModelForCausalLM`, or the adapters for `PeftModel` beside the
-frozen base they belong to.
+`save_pretrained` writes what `from_pretrained` reads back, tokenizer included: the model
+(adapters merged into it on request) for `AutoModelForCausalLM`, or the adapters for
+`PeftModel` with the base they belong to named as the user chooses.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TrainResult
-from fedstream.tasks.bytetext import (
-    encode,
-    encode_bytes,
-    eval_windows,
-    heldout_tokens,
-    split_topics,
-    window_batches,
-)
-from fedstream.tasks.training import (
-    ProximalTerm,
-    check_partition,
-    config_float,
-    config_int,
-    evaluating,
-    seeded_rng,
-)
+from fedstream.tasks.bytetext import encode_bytes, eval_windows, split_topics, window_batches
+from fedstream.tasks.hf_config import model_config
+from fedstream.tasks.hf_tokens import byte_tokenizer, check_vocabulary, load_tokenizer
+from fedstream.tasks.hf_training import LocalTrainer, TrainOptions, autocast, token_loss
+from fedstream.tasks.training import check_partition, derive_seed, evaluating, seeded_rng
 
 try:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
-        GPT2Config,
-        LlamaConfig,
-        PretrainedConfig,
         PreTrainedModel,
+        PreTrainedTokenizerBase,
     )
 except ImportError as exc:
     raise ImportError(
         f"hf-causal-lm needs transformers and peft: pip install 'fedstream[hf]' ({exc})"
     ) from exc
 
+from fedstream.tasks.hf_data import Batch, DataOptions, Rows, load_rows  # noqa: E402
+
 VOCAB_SIZE = 256
 """Byte tokens."""
 TEXT_HELDOUT_FRACTION = 0.1
 """The tail of a site's own text file kept for evaluation."""
+EVAL_BATCH = 16
+"""Held-out rows scored at once."""
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn", "c_proj", "c_fc"),
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -83,19 +83,35 @@ BASE_DIR = "base"
 
 
 class HFCausalLMTask(Task):
-    """Options: `arch` (gpt2 | llama), `model_dir` (a local pretrained model instead of a
-    config), `n_layer` (2), `n_head` (4), `n_embd` (128), `n_inner` (MLP width: gpt2
-    4 * n_embd, llama 2 * n_embd), `n_kv_head` (llama: n_head), `block_size` (64),
-    `dropout` (0, gpt2), `tie` (output layer shares the token embedding: gpt2 1, llama 0),
-    `init_range` (0.1: the std of a config-built model's initial weights, see INIT_RANGE),
-    `text` (this site's own text file), `lora` (0), `lora_rank` (4), `lora_alpha`
-    (2 * rank), `lora_dropout` (0), `lora_targets` (the adapted modules, comma-separated:
-    every attention and MLP projection).
+    """Model options: `arch` (gpt2 | llama), `model_dir` (a local pretrained model and its
+    tokenizer instead of a config), `n_layer` (2), `n_head` (4), `n_embd` (128), `n_inner`
+    (MLP width: gpt2 4 * n_embd, llama 2 * n_embd), `n_kv_head` (llama: n_head),
+    `block_size` (64: the positions of a config-built model), `dropout` (0, gpt2), `tie`
+    (output layer shares the token embedding: gpt2 1, llama 0), `init_range` (0.1: the std
+    of a config-built model's initial weights, see INIT_RANGE), `lora` (0), `lora_rank` (4),
+    `lora_alpha` (2 * rank), `lora_dropout` (0), `lora_targets` (the adapted modules,
+    comma-separated: every attention and MLP projection).
 
-    Round config: `local_steps` (30), `batch_size` (16), `lr` (3e-3, or 5e-3 with LoRA;
-    AdamW, fresh each round; at 1e-2 LoRA's held-out loss stalls by the third short
-    round), `proximal_mu` (0), `round` (varies the windows drawn).
+    Site options (each site's own, see `site_options`): `data` (this site's records, see
+    `fedstream.tasks.hf_data` for `data_format`, `text_field`, `prompt_field`,
+    `response_field`, `messages_field`, `pack` and `eval_fraction` (0.1)), `text` (a plain
+    text file instead), `max_seq_len` (block_size), `precision` (bf16 | fp16 | fp32),
+    `grad_accum` (1), `grad_checkpointing` (0), `keep_optimizer` (0): see
+    `fedstream.tasks.hf_training`.
+
+    Round config: `local_steps` (30 optimiser steps), `batch_size` (16 rows a step and
+    accumulation), `lr` (3e-3, or 5e-3 with LoRA; AdamW; at 1e-2 LoRA's held-out loss
+    stalls by the third short round), `warmup_steps` (0), `total_rounds` (0: no decay),
+    `min_lr_ratio` (0.1), `proximal_mu` (0), `round` (the schedule's place, the batches).
     """
+
+    site_options: ClassVar[frozenset[str]] = frozenset(
+        {
+            "data", "data_format", "text_field", "prompt_field", "response_field",
+            "messages_field", "pack", "eval_fraction", "text", "max_seq_len", "precision",
+            "grad_accum", "grad_checkpointing", "keep_optimizer",
+        }
+    )  # fmt: skip
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         super().__init__(options, seed)
@@ -103,76 +119,78 @@ class HFCausalLMTask(Task):
             self.arch = self.option("arch", "gpt2")
             self.model_dir = self.options.get("model_dir")
             self.block_size = self.int_option("block_size", 64)
+            self.max_seq_len = self.int_option("max_seq_len", self.block_size)
             self.lora = bool(self.int_option("lora", 0))
             self.lora_rank = self.int_option("lora_rank", 4)
             self.lora_alpha = self.int_option("lora_alpha", 2 * self.lora_rank)
             self.lora_dropout = self.float_option("lora_dropout", 0.0)
             self.init_range = self.float_option("init_range", INIT_RANGE)
-            self.config = None if self.model_dir else self._config()
+            self.config = None if self.model_dir else model_config(self, VOCAB_SIZE)
         except ValueError as exc:
             raise TaskError(f"hf-causal-lm options: {exc}") from exc
         if self.block_size < 1 or self.lora_rank < 1 or not self.init_range > 0:
             raise TaskError("hf-causal-lm needs block_size >= 1, lora_rank >= 1 and init_range > 0")
+        if self.max_seq_len < 2 or (self.config is not None and self.max_seq_len > self.block_size):
+            raise TaskError(
+                f"hf-causal-lm max_seq_len must be 2..block_size ({self.block_size}), "
+                f"got {self.max_seq_len}"
+            )
         self.lora_targets = _names(self.options.get("lora_targets"))
         self.text = Path(self.options["text"]) if "text" in self.options else None
+        self.data = Path(self.options["data"]) if "data" in self.options else None
+        self.data_options = self._data_options()
+        self.trainer = LocalTrainer(
+            TrainOptions(
+                precision=self.option("precision", "fp32"),
+                grad_accum=self.int_option("grad_accum", 1),
+                grad_checkpointing=bool(self.int_option("grad_checkpointing", 0)),
+                keep_optimizer=bool(self.int_option("keep_optimizer", 0)),
+            )
+        )
         self.partition = 0
         self._tokens: torch.Tensor | None = None
         self._heldout: torch.Tensor | None = None
+        self._rows: Rows | None = None
+        self._eval_rows: Rows | None = None
+        self._data_loaded = False
 
-    def _config(self) -> PretrainedConfig:
-        n_embd, n_layer, n_head = (
-            self.int_option(key, default)
-            for key, default in (("n_embd", 128), ("n_layer", 2), ("n_head", 4))
+    def _data_options(self) -> DataOptions:
+        pack = self.options.get("pack")
+        return DataOptions(
+            max_seq_len=self.max_seq_len,
+            data_format=self.options.get("data_format"),
+            text_field=self.option("text_field", "text"),
+            prompt_field=self.option("prompt_field", "prompt"),
+            response_field=self.option("response_field", "response"),
+            messages_field=self.option("messages_field", "messages"),
+            pack=None if pack is None else bool(self.int_option("pack", 0)),
+            eval_fraction=self.float_option("eval_fraction", 0.1),
         )
-        if self.arch == "gpt2":
-            dropout = self.float_option("dropout", 0.0)
-            return GPT2Config(
-                vocab_size=VOCAB_SIZE,
-                n_positions=self.block_size,
-                n_embd=n_embd,
-                n_layer=n_layer,
-                n_head=n_head,
-                n_inner=self.int_option("n_inner", 4 * n_embd),
-                resid_pdrop=dropout,
-                embd_pdrop=dropout,
-                attn_pdrop=dropout,
-                bos_token_id=None,
-                eos_token_id=None,
-                tie_word_embeddings=bool(self.int_option("tie", 1)),
-                initializer_range=self.init_range,
-            )
-        if self.arch == "llama":
-            return LlamaConfig(
-                vocab_size=VOCAB_SIZE,
-                max_position_embeddings=self.block_size,
-                hidden_size=n_embd,
-                intermediate_size=self.int_option("n_inner", 2 * n_embd),
-                num_hidden_layers=n_layer,
-                num_attention_heads=n_head,
-                num_key_value_heads=self.int_option("n_kv_head", n_head),
-                bos_token_id=None,
-                eos_token_id=None,
-                tie_word_embeddings=bool(self.int_option("tie", 0)),
-                initializer_range=self.init_range,
-            )
-        raise ValueError(f"arch must be gpt2 or llama, got {self.arch!r}")
+
+    @functools.cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """`model_dir`'s own tokenizer, or byte tokens for a model built from a config."""
+        return load_tokenizer(self.model_dir) if self.model_dir else byte_tokenizer()
 
     def _base_model(self) -> PreTrainedModel:
         """The model without adapters: from `model_dir`, or from the config under the seed."""
-        if self.model_dir:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(self.model_dir, local_files_only=True)
-            except (OSError, ValueError) as exc:
-                raise TaskError(f"hf-causal-lm model_dir {self.model_dir}: {exc}") from exc
-            vocab = model.config.get_text_config().vocab_size
-            if vocab < VOCAB_SIZE:
-                raise TaskError(
-                    f"hf-causal-lm model_dir {self.model_dir}: a vocabulary of {vocab} "
-                    f"cannot hold byte tokens ({VOCAB_SIZE})"
-                )
-            return model
-        with seeded_rng(self.seed):
-            return AutoModelForCausalLM.from_config(self.config)
+        if not self.model_dir:
+            with seeded_rng(self.seed):
+                return AutoModelForCausalLM.from_config(self.config)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.model_dir, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise TaskError(f"hf-causal-lm model_dir {self.model_dir}: {first}") from None
+        where = f"model_dir {self.model_dir}"
+        check_vocabulary(self.tokenizer, model.get_input_embeddings().num_embeddings, where)
+        positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        if isinstance(positions, int) and self.max_seq_len > positions:
+            raise TaskError(
+                f"hf-causal-lm {where}: max_seq_len {self.max_seq_len} is more than the "
+                f"model's {positions} positions"
+            )
+        return model
 
     def build_model(self) -> nn.Module:
         model = self._base_model()
@@ -199,11 +217,38 @@ class HFCausalLMTask(Task):
             return None
         return [name for name, param in model.named_parameters() if param.requires_grad]
 
+    def _encode(self, text: str) -> torch.Tensor:
+        """Text as a 1-D tensor of token ids."""
+        if not self.model_dir:
+            return encode_bytes(text.encode("utf-8"))
+        return torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+
+    def _load_site_data(self) -> None:
+        """The site's `data` rows (training, held-out) or `text` tokens, once."""
+        if self._data_loaded:
+            return
+        if self.data is not None:
+            self._rows, self._eval_rows = load_rows(
+                self.data, self.tokenizer, self.data_options, derive_seed(self.seed, 0x5E1F)
+            )
+        elif self.text is not None:
+            try:
+                text = self.text.read_bytes().decode("utf-8", errors="replace")
+            except OSError as exc:
+                raise TaskError(f"hf-causal-lm text {self.text}: {exc.strerror or exc}") from exc
+            tokens = self._encode(text)
+            cut = int(len(tokens) * (1 - TEXT_HELDOUT_FRACTION))
+            self._tokens, self._heldout = tokens[:cut], tokens[cut:]
+        self._data_loaded = True
+
     def load_data(self, partition: int, num_partitions: int) -> None:
-        """The site's own `text` file (its first 90%; the partition is not used), or the
-        pydoc training topics j with j % num_partitions == partition."""
-        if self.text is not None:
-            self._tokens, self._heldout = self._text_split()
+        """The site's own `data` or `text` file (the partition is not used), or the pydoc
+        training topics j with j % num_partitions == partition."""
+        self.partition = partition
+        if self.data is not None or self.text is not None:
+            self._load_site_data()
+            if self._rows is not None:
+                return
         else:
             check_partition(partition, num_partitions)
             train, _ = split_topics()
@@ -212,64 +257,93 @@ class HFCausalLMTask(Task):
                     f"hf-causal-lm has {len(train)} training topics, "
                     f"fewer than {num_partitions} partitions"
                 )
-            self._tokens = encode(train[partition::num_partitions])
-        if len(self._tokens) <= self.block_size:
-            raise TaskError(f"partition {partition} is shorter than block_size {self.block_size}")
-        self.partition = partition
+            self._tokens = self._encode("\n\n".join(train[partition::num_partitions]))
+        assert self._tokens is not None
+        if len(self._tokens) <= self.max_seq_len:
+            raise TaskError(f"partition {partition} is shorter than max_seq_len {self.max_seq_len}")
 
-    def _text_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training bytes, held-out bytes) of the site's text file."""
-        assert self.text is not None
-        try:
-            tokens = encode_bytes(self.text.read_bytes())
-        except OSError as exc:
-            raise TaskError(f"hf-causal-lm text {self.text}: {exc.strerror or exc}") from exc
-        cut = int(len(tokens) * (1 - TEXT_HELDOUT_FRACTION))
-        return tokens[:cut], tokens[cut:]
-
-    def _batches(
-        self, config: Mapping[str, ConfigScalar]
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """`local_steps` batches of (inputs, targets) windows, drawn repeatably per round."""
-        return window_batches(
-            self._tokens, self.block_size, config, self.seed, self.partition, self.device
+    def _batches(self, config: Mapping[str, ConfigScalar], count: int) -> Iterator[Batch]:
+        """`count` batches, drawn repeatably per (seed, partition, round): random windows
+        of the token stream, or random rows of the site's records."""
+        if self._rows is None:
+            windows = window_batches(
+                self._tokens,
+                self.max_seq_len,
+                {**config, "local_steps": count},
+                self.seed,
+                self.partition,
+                self.device,
+            )
+            return ((x, y, None) for x, y in windows)
+        rows = self._rows
+        size = int(float(config.get("batch_size", 16)))
+        seed = derive_seed(self.seed, self.partition, int(float(config.get("round", 0))))
+        generator = torch.Generator().manual_seed(seed)
+        return (
+            rows.batch(torch.randint(len(rows), (size,), generator=generator), self.device)
+            for _ in range(count)
         )
 
     def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        lr = config_float(config, "lr", 5e-3 if self.lora else 3e-3)
-        optimizer = torch.optim.AdamW(trainable, lr=lr)
-        proximal = ProximalTerm(model, config_float(config, "proximal_mu", 0.0))
-        total = config_int(config, "local_steps", 30)
-        model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        steps = examples = 0
-        for x, y in self._batches(config):
-            loss = _loss(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            (loss + proximal()).backward()
-            nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            loss_sum += loss.detach()
-            steps += 1
-            examples += y.numel()
-            self.report_progress(steps, total)
-        return TrainResult(num_examples=examples, metrics={"loss": loss_sum.item() / steps})
+        if self._rows is None and self._tokens is None:
+            raise TaskError("load_data must be called before training")
+        return self.trainer.train(
+            model,
+            config,
+            lambda count: self._batches(config, count),
+            5e-3 if self.lora else 3e-3,
+            self.report_progress,
+            self.device,
+        )
+
+    def _score(self, model: nn.Module, batches: Iterator[Batch]) -> EvalResult:
+        """Token-weighted loss and perplexity over `batches`."""
+        total, count = 0.0, 0
+        with evaluating(model):
+            for batch in batches:
+                with autocast(self.trainer.options.precision, self.device):
+                    loss, n = token_loss(model, batch)
+                total, count = total + float(loss), count + n
+        mean = total / max(count, 1)
+        return EvalResult(
+            num_examples=count, metrics={"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+        )
+
+    def _score_rows(self, model: nn.Module, rows: Rows) -> EvalResult:
+        index = torch.arange(len(rows))
+        return self._score(
+            model, (rows.batch(part, self.device) for part in index.split(EVAL_BATCH))
+        )
+
+    def _score_stream(self, model: nn.Module, tokens: torch.Tensor) -> EvalResult:
+        if len(tokens) <= self.max_seq_len:
+            raise TaskError(f"held-out text is shorter than max_seq_len {self.max_seq_len}")
+        x, y = (t.to(self.device) for t in eval_windows(tokens, self.max_seq_len))
+        return self._score(
+            model,
+            ((a, b, None) for a, b in zip(x.split(EVAL_BATCH), y.split(EVAL_BATCH), strict=True)),
+        )
 
     def evaluate(self, model: nn.Module) -> EvalResult:
-        """Loss on the held-out pydoc topics, or on the tail of the site's text file."""
-        if self.text is not None:
-            if self._heldout is None:
-                self._heldout = self._text_split()[1]
-            tokens = self._heldout
-        else:
-            tokens = heldout_tokens()
-        if len(tokens) <= self.block_size:
-            raise TaskError(f"held-out text is shorter than block_size {self.block_size}")
-        x, y = (t.to(self.device) for t in eval_windows(tokens, self.block_size))
-        with evaluating(model):
-            loss = _loss(model, x, y).item()
-        return EvalResult(num_examples=y.numel(), metrics={"loss": loss})
+        """Loss and perplexity on this process's held-out data: the held-out part of its
+        `data` or `text`, or else the held-out pydoc topics."""
+        result = self.evaluate_local(model)
+        if result is not None:
+            return result
+        if self._heldout is None:
+            self._heldout = self._encode("\n\n".join(split_topics()[1]))
+        return self._score_stream(model, self._heldout)
+
+    def evaluate_local(self, model: nn.Module) -> EvalResult | None:
+        """Loss and perplexity on the held-out part of the site's own `data` or `text`."""
+        if self.data is None and self.text is None:
+            return None
+        self._load_site_data()
+        if self._eval_rows is not None:
+            return self._score_rows(model, self._eval_rows)
+        if self._heldout is not None:
+            return self._score_stream(model, self._heldout)
+        return None
 
     def merge_adapters(self, model: nn.Module) -> nn.Module:
         """A copy of the model with its LoRA adapters merged into the base weights (a plain
@@ -278,30 +352,34 @@ class HFCausalLMTask(Task):
             return copy.deepcopy(model).merge_and_unload()
         return model
 
-    def save_pretrained(self, model: nn.Module, directory: Path, *, merge_adapters: bool) -> None:
-        """The model for `AutoModelForCausalLM.from_pretrained(directory)`; with unmerged
-        adapters, the adapter directory for `PeftModel.from_pretrained(base, directory)`
-        (or `AutoPeftModelForCausalLM.from_pretrained(directory)`), whose config names its
-        base: `model_dir`, or the base built from the config, saved in directory/base."""
+    def save_pretrained(
+        self,
+        model: nn.Module,
+        directory: Path,
+        *,
+        merge_adapters: bool,
+        base_model: str | None = None,
+    ) -> None:
+        """The model and its tokenizer for `AutoModelForCausalLM.from_pretrained(directory)`
+        and `AutoTokenizer.from_pretrained(directory)`; with unmerged adapters, the adapter
+        directory for `PeftModel.from_pretrained(base, directory)` (or
+        `AutoPeftModelForCausalLM`), whose config names its base as `base_model` says (a
+        hub name, or a path as the loader will see it), by default `model_dir` as the
+        options give it, or directory/base where the base built from the config is saved."""
         if not isinstance(model, PeftModel) or merge_adapters:
             self.merge_adapters(model).save_pretrained(directory)  # type: ignore[operator]
+            self.tokenizer.save_pretrained(directory)
             return
-        if self.model_dir:
-            base = Path(self.model_dir).resolve()
-        else:
-            base = (directory / BASE_DIR).resolve()
-            self._base_model().save_pretrained(base)
+        if not self.model_dir:
+            self._base_model().save_pretrained(directory / BASE_DIR)
+            self.tokenizer.save_pretrained(directory / BASE_DIR)
+        name = base_model or self.model_dir or str(directory / BASE_DIR)
         for adapter in model.peft_config.values():
-            adapter.base_model_name_or_path = str(base)
+            adapter.base_model_name_or_path = name
         model.save_pretrained(str(directory))
+        self.tokenizer.save_pretrained(directory)
 
 
 def _names(option: str | None) -> list[str] | None:
     """A comma-separated option as a list (None when absent)."""
     return [name for name in option.split(",") if name] if option else None
-
-
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of the (B, T) windows."""
-    logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
