@@ -16,6 +16,7 @@ DEMO_ARGS ?=
 BENCH_ARGS ?=
 
 .PHONY: help venv demo test lint docs bench protos quality robust clean distclean
+.PHONY: image base-image wheelhouse
 
 help:
 	@echo "make venv       create .venv and install fedstream with its dev tools"
@@ -29,6 +30,9 @@ help:
 	@echo "make robust     attacks x strategies on digits, real processes (report/robust.md)"
 	@echo "make clean      remove caches and build outputs"
 	@echo "make distclean  clean, and remove .venv and runs/ too"
+	@echo "make wheelhouse download every wheel the image needs into wheels/ (offline builds)"
+	@echo "make base-image a Debian base image with mmdebstrap, for hosts with no registry"
+	@echo "make image      the fedstream image (BASE=..., offline with --network none if wheels/)"
 
 venv: $(STAMP)
 
@@ -112,3 +116,36 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) runs
+
+# Container images (docs/containers.md). Offline: `make wheelhouse base-image image
+# BASE=fedstream-base:bookworm`. The docker CLI honours DOCKER_HOST.
+IMAGE ?= fedstream:latest
+BASE ?=
+BASE_IMAGE ?= fedstream-base:bookworm
+DEBIAN_MIRROR ?= http://deb.debian.org/debian
+# Where torch's CPU build comes from (a bare `torch` on PyPI is the CUDA build); empty
+# where the pinned CPU wheel is found otherwise (pip's find-links).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+WHEELS := wheels
+
+# setuptools is the build backend `pip install .` needs inside the image, with no index.
+wheelhouse: $(RUNTIME_STAMP)
+	$(BIN)/pip download --quiet -c constraints.txt -d $(WHEELS) \
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) . 'setuptools>=77'
+
+# Debian bookworm with Python, from a Debian mirror: no registry needed. The host's own
+# CA certificates go in too (some networks re-sign TLS).
+base-image:
+	@command -v mmdebstrap >/dev/null || { echo "make base-image needs mmdebstrap" >&2; exit 1; }
+	set -o pipefail; mmdebstrap --quiet --variant=minbase \
+		--include=python3,python3-venv,python3-pip,ca-certificates,passwd \
+		--customize-hook='copy-in /usr/local/share/ca-certificates /usr/local/share' \
+		--customize-hook='chroot "$$1" update-ca-certificates' \
+		bookworm - $(DEBIAN_MIRROR) \
+		| docker import \
+			--change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+			--change 'CMD ["python3"]' - $(BASE_IMAGE)
+
+image:
+	docker build $(if $(wildcard $(WHEELS)/*.whl),--network none) \
+		$(if $(BASE),--build-arg BASE=$(BASE)) -t $(IMAGE) .
