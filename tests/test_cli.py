@@ -110,6 +110,9 @@ OPTIONS: dict[str, set[str]] = {
         "--key",
         "--token",
         "--log-level",
+        "--nproc-per-node",
+        "--max-restarts",
+        "--rank-timeout",
         "--progress-file",
     },
     "demo": {
