@@ -41,5 +41,4 @@ def follow(site: Site, task: Task) -> int:
         elif command == Command.EVALUATE:
             evaluate_task = pb.EvaluateTask.FromString(payload)
             site.share_model(model, layout)
-            report = steps.evaluate(task, model, evaluate_task)
-            site.total(report.num_examples, dict(report.metrics))
+            site.total_report(steps.evaluate(task, model, evaluate_task))

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import torch
-import torch.distributed as dist
 
 from fedstream.client import launch, steps
 from fedstream.client.config import ClientConfig
@@ -237,11 +236,7 @@ class FederatedClient:
         self._pull(task.model_version)
         self.site.send(Command.EVALUATE, task.SerializeToString())
         self.site.share_model(self.model, self.layout)
-        report = steps.evaluate(self.task, self.model, task)
-        num_examples, metrics = self.site.total(report.num_examples, dict(report.metrics))
-        report.num_examples = num_examples
-        report.metrics.clear()
-        report.metrics.update(metrics)
+        report = self.site.total_report(steps.evaluate(self.task, self.model, task))
         try:
             reply = self.connection.report_evaluation(self.session, report)
         except grpc.RpcError as exc:
@@ -378,10 +373,12 @@ def main(config: ClientConfig) -> int:
     site = open_site(ranks, task.device, config.rank_timeout)
     try:
         return _run_rank(config, task, site)
-    except dist.DistError as exc:
+    except RuntimeError as exc:  # gloo and NCCL report a lost peer as a bare RuntimeError
+        if site.world == 1:
+            raise
         log.error(
-            "rank %d: a rank of this site failed or stopped answering; the site's round is "
-            "lost and its processes exit to be restarted: %s",
+            "rank %d: the site's round failed (a rank died, raised, or hung past "
+            "--rank-timeout); its processes exit to be restarted: %s",
             site.rank,
             str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
         )

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from fedstream.common.config import ConfigError
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,14 @@ class Site:
         weighted by each rank's examples)."""
         return num_examples, metrics
 
+    def total_report(self, report: pb.EvaluationReport) -> pb.EvaluationReport:
+        """`report` of this rank's evaluation made the site's (`total`)."""
+        num_examples, metrics = self.total(report.num_examples, dict(report.metrics))
+        report.num_examples = num_examples
+        report.metrics.clear()
+        report.metrics.update(metrics)
+        return report
+
     def close(self) -> None:
         """Leave the group."""
 
@@ -129,11 +138,13 @@ class RankGroup(Site):
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        wait = timedelta(seconds=timeout)
         dist.init_process_group(
             backend,
+            store=_store(ranks, wait),
             rank=ranks.rank,
             world_size=ranks.world,
-            timeout=timedelta(seconds=timeout),
+            timeout=wait,
         )
         log.info(
             "rank %d of %d (pid %d, %s on %s)", self.rank, self.world, os.getpid(), backend, device
@@ -199,6 +210,27 @@ class RankGroup(Site):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _store(ranks: Ranks, timeout: timedelta) -> dist.Store:
+    """The store at MASTER_ADDR:MASTER_PORT the ranks meet at, under a prefix of their own
+    restart (TORCHELASTIC_RESTART_COUNT).
+
+    torchrun's agent keeps one store across the restarts of its ranks, and env://
+    rendezvous adds no prefix per restart: a restarted rank could read the address its
+    dead predecessor published and fail to connect to it.
+    """
+    try:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except (KeyError, ValueError):
+        raise ConfigError("a rank needs MASTER_ADDR and MASTER_PORT (torchrun sets them)") from None
+    # Under torchrun's agent the agent hosts the store; without it, rank 0 does.
+    hosted = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(
+        host, port, ranks.world, is_master=not hosted and ranks.rank == 0, timeout=timeout
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"fedstream/attempt-{attempt}/", store)
 
 
 def open_site(ranks: Ranks | None, device: torch.device, timeout: float) -> Site:
