@@ -53,7 +53,9 @@ def main(out: str) -> None:
         trained = group.wrap(model)
         x = torch.full((1, 3), float(rank + 1))
         trained(x).sum().backward()
-        results["grad"] = model.linear.weight.grad.clone()
+        grad = model.linear.weight.grad
+        assert grad is not None
+        results["grad"] = grad.clone()
         results["total"] = group.total(10 * (rank + 1), {"loss": float(rank), "acc": 0.5})
         report = pb.EvaluationReport(round=3, num_examples=rank, metrics={"loss": 4.0})
         results["report"] = group.total_report(report).SerializeToString()
