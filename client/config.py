@@ -52,6 +52,15 @@ class ClientConfig:
     as FEDSTREAM_CLIENT_TOKEN than on the command line."""
     log_level: str = "INFO"
     """Logging level: DEBUG, INFO, WARNING or ERROR."""
+    nproc_per_node: int = 1
+    """Processes (ranks) this site runs as one torch.distributed job, each training its
+    shard of the site's data (one per GPU with --device cuda); rank 0 talks to the
+    coordinator. Under torchrun, leave it at 1: torchrun's ranks are used."""
+    max_restarts: int = 3
+    """Times --nproc-per-node restarts the site's ranks after one of them dies."""
+    rank_timeout: float = 1800.0
+    """Seconds a rank waits for the others in a collective before the site's round fails:
+    longer than the coordinator's long poll, --max-backoff and a model download."""
     progress_file: Path | None = None
     """JSON file this client keeps its current download, training or upload in, for
     another process to show (fedstream demo does); progress itself goes to stderr: bars on
@@ -65,6 +74,12 @@ class ClientConfig:
             raise ConfigError(f"partition {self.partition} is outside 0..{self.num_partitions - 1}")
         if not 1024 <= self.chunk_bytes <= 16 * MIB:
             raise ConfigError("chunk_bytes must be between 1 KiB and 16 MiB")
+        if self.nproc_per_node < 1:
+            raise ConfigError("nproc_per_node must be at least 1")
+        if self.max_restarts < 0:
+            raise ConfigError("max_restarts must be 0 or more")
+        if not self.rank_timeout > 0:
+            raise ConfigError("rank_timeout must be more than 0 seconds")
         if self.threads < 0:
             raise ConfigError("threads must be 0 or more")
         if (self.cert is None) != (self.key is None):

@@ -14,7 +14,9 @@ is full) is retried. A refused update or report is followed by a growing pause b
 next poll, so a client the coordinator keeps turning away does not retrain in a loop.
 
 The decisions are here; the local work is in steps.py, the calls in connection.py, and
-which statuses are retried in retry.py.
+which statuses are retried in retry.py. A site of several ranks (torchrun, or
+--nproc-per-node) runs this loop on rank 0 only, which hands each round's work and the
+global model to the other ranks (site.py, follower.py; docs/multi-gpu-sites.md).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from collections.abc import Callable, Iterator
 import grpc
 import torch
 
-from fedstream.client import steps
+from fedstream.client import launch, steps
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import Connection
+from fedstream.client.follower import follow
 from fedstream.client.held_model import HeldModel
 from fedstream.client.retry import (
     DEFERRED_AT_JOIN,
@@ -41,8 +44,10 @@ from fedstream.client.retry import (
     rpc_status,
 )
 from fedstream.client.session import Heartbeat, Session
+from fedstream.client.site import Command, Ranks, Site, open_site
 from fedstream.client.uplink import Deltas, UplinkEncoder
 from fedstream.common.errors import FedstreamError, InvalidManifest
+from fedstream.common.logs import setup_logging
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
@@ -57,13 +62,20 @@ DELTA_BLOCK_ELEMENTS = 1 << 18
 EXIT_DONE = 0
 EXIT_UNREACHABLE = 1
 EXIT_REFUSED = 2
+EXIT_RANK_LOST = 3
+"""A rank of this site died or hung: the site's round is lost; restart the site."""
 
 
 class FederatedClient:
-    def __init__(self, config: ClientConfig, task: Task) -> None:
+    def __init__(self, config: ClientConfig, task: Task, site: Site | None = None) -> None:
         self.config = config
         self.task = task
+        self.site = site or Site()
+        """This client's ranks; this process is rank 0, the only one that talks to the
+        coordinator."""
         self.model = task.build_model().to(task.device)
+        self.trained = self.site.wrap(self.model)
+        """The model as the task's train sees it (in DDP for a site of several ranks)."""
         self.layout = Manifest.of_model(self.model.state_dict(), exchanged_names(task, self.model))
         """What this client exchanges: tied tensors follow their source as they share it."""
         self.uplink = UplinkEncoder()
@@ -86,8 +98,15 @@ class FederatedClient:
         self.last_contact = time.monotonic()
 
     def run(self) -> int:
+        """Take part in the run until it ends; the exit code, which every rank exits with."""
+        code = self._run()
+        self.site.send(Command.END, str(code).encode())
+        return code
+
+    def _run(self) -> int:
         try:
             while True:
+                self.site.send(Command.IDLE)  # the other ranks wait on this, not time out
                 try:
                     if self.session is None:
                         self._join()  # leaves no session when turned away for now
@@ -195,12 +214,15 @@ class FederatedClient:
         self._pull(task.model_version)
         plan = steps.read_round_config(task)
         self.uplink.configure(plan.uplink)
-        result = steps.train(self.task, self.model, plan, task.round, self.progress)
+        self.site.send(Command.TRAIN, task.SerializeToString())
+        self.site.share_model(self.model, self.layout)
+        result = steps.train(self.task, self.trained, plan, task.round, self.progress)
+        num_examples, metrics = self.site.total(result.num_examples, result.metrics)
         header = pb.UpdateHeader(
             round=task.round,
             model_version=task.model_version,
-            num_examples=result.num_examples,
-            metrics=result.metrics,
+            num_examples=num_examples,
+            metrics=metrics,
         )
         return self._upload(header, task, self._gradients if plan.gradient else self._deltas)
 
@@ -212,7 +234,9 @@ class FederatedClient:
         """Evaluate and report; whether the report was accepted."""
         assert self.session is not None
         self._pull(task.model_version)
-        report = steps.evaluate(self.task, self.model, task)
+        self.site.send(Command.EVALUATE, task.SerializeToString())
+        self.site.share_model(self.model, self.layout)
+        report = self.site.total_report(steps.evaluate(self.task, self.model, task))
         try:
             reply = self.connection.report_evaluation(self.session, report)
         except grpc.RpcError as exc:
@@ -331,22 +355,53 @@ class FederatedClient:
 
 
 def main(config: ClientConfig) -> int:
+    ranks = Ranks.from_env()
+    if ranks is None and config.nproc_per_node > 1:
+        return launch.launch_site(config)
+    ranks = ranks or Ranks(0, 1, 0)  # a process started on its own is a site of one
+    if ranks.rank:
+        setup_logging(config.log_level, f"{config.name}/rank{ranks.rank}")
     reuse_chunk_buffers()
     if config.threads:
         torch.set_num_threads(config.threads)
     task = load_task(config.task, config.task_opt, config.seed)
-    task.device = torch.device(config.device)
+    task.device = ranks.device(config.device)
     try:
-        task.load_data(config.partition, config.num_partitions)
+        task.load_data(*ranks.shard(config.partition, config.num_partitions))
     except OSError as exc:  # a data file missing or unreadable: the CLI's one-line exit 2
         raise TaskError(f"task {config.task} cannot load its data: {exc}") from None
+    site = open_site(ranks, task.device, config.rank_timeout)
     try:
-        client = FederatedClient(config, task)
+        return _run_rank(config, task, site)
+    except RuntimeError as exc:  # gloo and NCCL report a lost peer as a bare RuntimeError
+        if site.world == 1:
+            raise
+        log.error(
+            "rank %d: the site's round failed (a rank died, raised, or hung past "
+            "--rank-timeout); its processes exit to be restarted: %s",
+            site.rank,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+        return EXIT_RANK_LOST
+    finally:
+        site.close()
+
+
+def _run_rank(config: ClientConfig, task: Task, site: Site) -> int:
+    """Rank 0 (or a client of one process) takes part in the run; another rank follows."""
+    if not site.leader:
+        return follow(site, task)
+    try:
+        client = FederatedClient(config, task, site)
     except FedstreamError as exc:
         log.error("cannot start: %s", exc)
+        site.send(Command.END, str(EXIT_REFUSED).encode())
         return EXIT_REFUSED
     # --partition splits a built-in task's data; a user's own task loads its site's files.
     builtin = config.task in BUILTIN_TASKS
     share = f", partition {config.partition} of {config.num_partitions}" if builtin else ""
-    log.info("client %s: task %s%s, device %s", config.name, config.task, share, config.device)
+    ranks = f", {site.world} ranks" if site.world > 1 else ""
+    log.info(
+        "client %s: task %s%s, device %s%s", config.name, config.task, share, config.device, ranks
+    )
     return client.run()

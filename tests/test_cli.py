@@ -111,6 +111,9 @@ OPTIONS: dict[str, set[str]] = {
         "--key",
         "--token",
         "--log-level",
+        "--nproc-per-node",
+        "--max-restarts",
+        "--rank-timeout",
         "--progress-file",
     },
     "demo": {
