@@ -140,7 +140,7 @@ OPTIONS: dict[str, set[str]] = {
     },
     "status": {"--watch", "--no-watch", "--interval", "--ca", "--cert", "--key"},
     "token": set(),
-    "export": {"--round", "--out", "--merge-adapters", "--no-merge-adapters"},
+    "export": {"--round", "--out", "--merge-adapters", "--no-merge-adapters", "--base-model"},
     "new": {"--dir"},
 }
 
