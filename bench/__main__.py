@@ -15,7 +15,7 @@ run: raw loopback TCP, a bare grpcio stream and memory copy bandwidth. The headl
 effective throughput over the bare-grpcio baseline.
 
 Points up to FLOOR_MAX_PARAMS also measure the two floors of `bench.floors` right after
-them: the same round with no fedstream code (transport only, and the work DESIGN.md
+them: the same round with no fedstream code (transport only, and the work the architecture
 requires done by hand), so the table shows how close fedstream comes to what its
 architecture allows on the machine.
 """
@@ -117,7 +117,7 @@ def print_table(baselines: dict[str, float], results: list[dict[str, Any]]) -> N
         )
     print(
         "bare rnd: GB/s of the same round through bare grpcio with no other work; design:"
-        " with the work DESIGN.md requires done by hand (bench/floors.py); /design:"
+        " with the work the architecture requires done by hand (bench/floors.py); /design:"
         " fedstream's GB/s over it; *: the status page polled every second"
     )
 

@@ -3,7 +3,7 @@
     bare    N client processes each download the model's bytes from one `grpc.aio`
             server process and upload as many back; nothing else is done with them.
             The ceiling any grpcio coordinator can reach for a round of this shape.
-    design  the same round plus only the work DESIGN.md has every round do: the server
+    design  the same round plus only the work docs/architecture.md has every round do: the server
             spools each upload to a file as it arrives, reads it back in 4 MiB blocks and
             folds it into a float32 sum (one upload at a time), applies the mean to its
             model and writes the model to a file (the checkpoint, without fsync); each

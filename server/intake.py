@@ -2,8 +2,8 @@
 the whole checked, and only then handed on as a `VerifiedUpdate`.
 
 A client that dies mid-upload leaves nothing but a spool file, which goes back to the
-pool; memory does not grow with the number of clients uploading at once (DESIGN.md,
-"Aggregation streams too").
+pool; memory does not grow with the number of clients uploading at once (docs/architecture.md,
+"The aggregation path").
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A stall timeout cuts a transfer that moves nothing; it does not cut one that trickles a
 byte every few seconds, which would hold a round open for as long as it likes
-(DESIGN.md, "Trust boundary"). `RateFloor` cuts a transfer whose bytes over the last
+(docs/architecture.md, "Trust boundary"). `RateFloor` cuts a transfer whose bytes over the last
 window average below a floor, whatever its size: a multi-gigabyte upload over a slow but
 moving link passes, a trickle does not.
 """

@@ -1,7 +1,7 @@
 """`kill -9` of the coordinator while its clients evaluate a round loses nothing aggregated.
 
-DESIGN.md: aggregate -> checkpoint (atomic) -> metrics -> next, and a round's federated
-evaluation comes after its checkpoint. So once the clients are evaluating round 1, round 1
+docs/architecture.md, "The round state machine": aggregate -> checkpoint (atomic) ->
+metrics -> next, and a round's federated evaluation comes after its checkpoint. So once the clients are evaluating round 1, round 1
 is on disk, and a coordinator killed then and restarted on the same run directory carries
 on at round 2: round 1 is trained once, not twice.
 

@@ -1,5 +1,5 @@
 """Fuzz a live coordinator with hostile calls from a valid session while an honest client
-takes part in the rounds (DESIGN.md, "Trust boundary").
+takes part in the rounds (docs/architecture.md, "Trust boundary").
 
 One coordinator serves every example: hypothesis draws calls (`fuzz_messages.calls`):
 arbitrary bytes to each RPC, protobuf messages with hostile field values, Upload streams

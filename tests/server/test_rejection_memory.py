@@ -1,5 +1,5 @@
 """A refused upload frees what it held: a coordinator's memory does not grow with the
-number of large messages it refuses (DESIGN.md, "Trust boundary").
+number of large messages it refuses (docs/architecture.md, "Trust boundary").
 
 Measured in a real coordinator process over real gRPC: its resident set (/proc/PID/status)
 before the first and after 100 refused messages: data chunks of 60 MiB (over the
