@@ -1,8 +1,8 @@
 """`kill -9` of the coordinator while its clients evaluate a round loses nothing aggregated.
 
 docs/architecture.md, "The round state machine": aggregate -> checkpoint (atomic) ->
-metrics -> next, and a round's federated evaluation comes after its checkpoint. So once the clients are evaluating round 1, round 1
-is on disk, and a coordinator killed then and restarted on the same run directory carries
+metrics -> next, and a round's federated evaluation comes after its checkpoint. So once
+the clients are evaluating round 1, round 1 is on disk, and a coordinator killed then and restarted on the same run directory carries
 on at round 2: round 1 is trained once, not twice.
 
 The clients run `gated_eval:GatedEvalTask` (tests/e2e/gated_eval.py): digits, whose
