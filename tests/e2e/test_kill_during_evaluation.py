@@ -2,8 +2,9 @@
 
 docs/architecture.md, "The round state machine": aggregate -> checkpoint (atomic) ->
 metrics -> next, and a round's federated evaluation comes after its checkpoint. So once
-the clients are evaluating round 1, round 1 is on disk, and a coordinator killed then and restarted on the same run directory carries
-on at round 2: round 1 is trained once, not twice.
+the clients are evaluating round 1, round 1 is on disk, and a coordinator killed then
+and restarted on the same run directory carries on at round 2: round 1 is trained once,
+not twice.
 
 The clients run `gated_eval:GatedEvalTask` (tests/e2e/gated_eval.py): digits, whose
 `evaluate_local` waits for a gate file this test creates, and whose `train` logs every
