@@ -33,10 +33,7 @@ REFUSED_AT_JOIN = {
     grpc.StatusCode.FAILED_PRECONDITION: "this client's model or task is not the coordinator's",
     grpc.StatusCode.INVALID_ARGUMENT: "the join request is not valid",
     grpc.StatusCode.PERMISSION_DENIED: "this client may not join under its name",
-    grpc.StatusCode.UNAUTHENTICATED: (
-        "the coordinator does not accept this client's credentials: its token "
-        "(--token, FEDSTREAM_CLIENT_TOKEN) or, under mutual TLS, its certificate"
-    ),
+    grpc.StatusCode.UNAUTHENTICATED: "the coordinator does not accept this client's credentials",
 }
 """Join statuses that no retry turns into a session, as the client is configured."""
 
