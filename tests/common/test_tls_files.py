@@ -9,6 +9,7 @@ import pytest
 from fedstream.certs import CertsConfig, make_certs
 from fedstream.common.config import ConfigError
 from fedstream.common.tls import client_credentials, read_key_pair
+from fedstream.server.admission.tls import server_credentials
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,5 @@ def test_a_file_that_is_no_certificate_or_key_is_named(pki, tmp_path):
 
 
 def test_the_coordinators_key_is_checked_against_its_certificate(pki):
-    from fedstream.server.admission.tls import server_credentials
-
     with pytest.raises(ConfigError, match=r"--tls-key .*a\.key does not match --tls-cert"):
         server_credentials(pki / "server.pem", pki / "a.key", None)
