@@ -17,6 +17,7 @@ import torch
 
 from fedstream.client import transfers
 from fedstream.client.held_model import HeldModel
+from fedstream.client.retry import HandshakeWatch
 from fedstream.client.session import Session, negotiated_chunk_bytes
 from fedstream.common.progress import LogLines, ProgressView
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
@@ -57,6 +58,8 @@ class Connection:
 
     With `ca`, both channels speak TLS and the coordinator's certificate must chain to
     `ca`; with `cert` and `key` as well, this client presents its own (mutual TLS).
+    `handshakes` tells a credential mistake from an outage (`retry.py`); an answered
+    Join or Poll resets it.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Connection:
         self.stall_timeout = stall_timeout
         self.ca = ca
         credentials = client_credentials(ca, cert, key) if ca is not None else None
+        self.handshakes = HandshakeWatch(target, tls=ca is not None, mutual=cert is not None)
         self.control = _channel(target, "control", credentials)
         self.bulk = _channel(target, "bulk", credentials)
         self._join = stub(self.control, "Join")
@@ -96,6 +100,7 @@ class Connection:
             metadata=bearer_metadata(token) if token else None,
             timeout=CONTROL_DEADLINE,
         )
+        self.handshakes.reset()
         chunk_bytes = negotiated_chunk_bytes(self.chunk_bytes, reply.max_chunk_bytes)
         return Session(
             reply.client_id, reply.token, reply.run_id, chunk_bytes, reply.heartbeat_seconds
@@ -105,6 +110,7 @@ class Connection:
         reply: pb.PollReply = self._poll(
             pb.PollRequest(), metadata=session.metadata, timeout=POLL_DEADLINE
         )
+        self.handshakes.reset()
         return reply
 
     def heartbeat(self, session: Session, round_number: int) -> pb.HeartbeatReply:

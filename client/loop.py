@@ -334,6 +334,9 @@ class FederatedClient:
             log.info("coordinator does not know our session (%s); joining again", details)
             self.session = None
             return True
+        cause = self.connection.handshakes.failed(code, details)
+        if cause is not None:
+            raise Refused(cause)
         if code not in RETRYABLE:
             log.warning("call failed (%s): %s; polling again", code.name, details)
             self.backoff.sleep()

@@ -3,6 +3,11 @@
 A status is either worth the same call again later (`RETRYABLE`; for a Join, also
 `DEFERRED_AT_JOIN`), or no retry mends it as the client is configured (`REFUSED_AT_JOIN`,
 raised on as `Refused`). Retries wait under `Backoff`: exponential, with full jitter.
+
+A connection that cannot be set up because of credentials also fails with UNAVAILABLE,
+like an outage; its details carry the handshake's error. `HandshakeWatch` tells the two
+apart, so a credential mistake ends the client in seconds rather than after
+--give-up-after (`docs/troubleshooting.md` lists the causes it names).
 """
 
 from __future__ import annotations
@@ -92,3 +97,93 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+CONNECTING = "failed to connect to all addresses"
+"""How the details of a call that found no connection begin (a broken call's do not)."""
+
+DEFINITE_AFTER = 3
+"""Handshake failures in a row, each naming its cause, after which the client gives up."""
+
+CLOSED_AFTER = 5
+"""Connections in a row closed by the coordinator during the handshake after which the
+client gives up: such a close names no cause, and a proxy in front of a coordinator
+that is down may close connections too, so it takes more of them."""
+
+
+class HandshakeWatch:
+    """Counts connection attempts in a row that failed in the TLS handshake, and names
+    the likely cause once there are enough of them (`failed`).
+
+    Any other outcome starts the count again: a failure of another kind (nothing
+    listening, connection refused, a deadline) through `failed`, and an answered call
+    through `reset`. `target` is the HOST:PORT dialled; `tls` whether this client speaks
+    TLS (--ca), `mutual` whether it presents a certificate (--cert).
+    """
+
+    def __init__(self, target: str, tls: bool, mutual: bool) -> None:
+        self.target = target
+        self.tls = tls
+        self.mutual = mutual
+        self.in_a_row = 0
+
+    def reset(self) -> None:
+        self.in_a_row = 0
+
+    def failed(self, code: grpc.StatusCode, details: str) -> str | None:
+        """The likely cause, once `code`/`details` make enough handshake failures in a
+        row to give up on; None while the client should go on retrying."""
+        cause = self.cause(code, details)
+        if cause is None:
+            self.reset()
+            return None
+        self.in_a_row += 1
+        definite, text = cause
+        if self.in_a_row < (DEFINITE_AFTER if definite else CLOSED_AFTER):
+            return None
+        return f"cannot connect to the coordinator at {self.target}: {text}"
+
+    def cause(self, code: grpc.StatusCode, details: str) -> tuple[bool, str] | None:
+        """(whether the details name the cause, the cause) of a failed connection
+        attempt that reached the coordinator's port; None for any other failure."""
+        if code != grpc.StatusCode.UNAVAILABLE or not details.startswith(CONNECTING):
+            return None
+        host = self.target.rpartition(":")[0]
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return True, (
+                "its certificate is not signed by the CA this client trusts (--ca): "
+                "give the CA that signed the coordinator's --tls-cert"
+            )
+        if "Hostname Verification Check failed" in details:
+            return True, (
+                f"its certificate does not name {host}, the host this client dials: "
+                "dial a name the certificate holds (fedstream certs --server-name)"
+            )
+        if "WRONG_VERSION_NUMBER" in details:
+            return True, (
+                "it does not speak TLS and this client does (--ca): drop --ca, or start "
+                "the coordinator with --tls-cert and --tls-key"
+            )
+        if "security handshaker" in details:
+            return True, "this client's TLS credentials cannot be used (--ca, --cert, --key)"
+        if "Socket closed" in details or "Connection reset" in details:
+            return False, self._closed()
+        return None
+
+    def _closed(self) -> str:
+        """What most likely made the coordinator close the connection in the handshake."""
+        closed = "it closed every connection during the handshake"
+        if not self.tls:
+            return (
+                f"{closed}: it most likely speaks TLS and this client plaintext: give "
+                "--ca (and --cert, --key if it requires client certificates)"
+            )
+        if not self.mutual:
+            return (
+                f"{closed}: it most likely requires a client certificate (mutual TLS) "
+                "and this client presents none: give --cert and --key"
+            )
+        return (
+            f"{closed}: it most likely does not trust this client's certificate: --cert "
+            "is not signed by the CA the coordinator trusts (its --client-ca)"
+        )

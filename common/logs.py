@@ -4,6 +4,7 @@ hostile peers can repeat at will."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import OrderedDict
@@ -25,11 +26,27 @@ class CurrentStderr:
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
+GRPC_CORE_VERBOSITY = "NONE"
+"""gRPC core's own log level unless GRPC_VERBOSITY says otherwise. Core logs a refused
+peer's handshake (`ssl_transport_security.cc ... PEER_DID_NOT_RETURN_A_CERTIFICATE`) and
+a port it cannot bind on stderr; fedstream says each of these itself, in one line."""
+
+
+def quiet_grpc_core() -> None:
+    """Keep gRPC core's log lines out of the process's stderr, unless GRPC_VERBOSITY is
+    set (GRPC_VERBOSITY=INFO brings them back: `docs/troubleshooting.md`).
+
+    Core reads the variable once, as grpc is first imported, so this must run before
+    (the CLI sets up logging before it imports the command's modules)."""
+    os.environ.setdefault("GRPC_VERBOSITY", GRPC_CORE_VERBOSITY)
+
 
 def setup_logging(level: str, role: str) -> None:
-    """Timestamped lines on stderr, tagged with the process's role (server, client-0, ...)."""
+    """Timestamped lines on stderr, tagged with the process's role (server, client-0, ...),
+    and none of gRPC core's (`quiet_grpc_core`)."""
     if level.upper() not in LEVELS:
         raise ConfigError(f"log_level {level!r} is unknown: use one of {', '.join(LEVELS)}")
+    quiet_grpc_core()
     logging.basicConfig(
         level=level.upper(),
         format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s",

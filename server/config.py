@@ -25,6 +25,19 @@ from fedstream.server.aggregation_config import (
 )
 
 MIB = 1 << 20
+MAX_PORT = 65535
+
+
+def check_address(setting: str, address: str) -> None:
+    """ConfigError unless `address` is HOST:PORT with a port from 0 (any free one) to
+    65535: grpc would listen on some other port than one beyond the range."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"{setting}: expected HOST:PORT, got {address!r}")
+    if int(port) > MAX_PORT:
+        raise ConfigError(
+            f"{setting}: port {port} in {address} is out of range: 0 (any free port) to {MAX_PORT}"
+        )
 
 
 @dataclass
@@ -58,9 +71,7 @@ class TransportConfig:
     this is released from its round."""
 
     def validate(self) -> None:
-        host, sep, port = self.address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigError(f"address: expected HOST:PORT, got {self.address!r}")
+        check_address("address", self.address)
         if not 1024 <= self.chunk_bytes <= self.max_chunk_bytes:
             raise ConfigError(
                 f"chunk_bytes must be between 1 KiB and max_chunk_bytes "
@@ -210,9 +221,7 @@ class StatusConfig:
     def validate(self) -> None:
         if not self.status_address:
             return
-        host, sep, port = self.status_address.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigError(f"status_address: expected HOST:PORT, got {self.status_address!r}")
+        check_address("status_address", self.status_address)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from fedstream.server.assembly import assemble
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.live_state import LiveState
+from fedstream.server.ports import bind_failure, check_free
 from fedstream.server.progress_line import RoundLine
 from fedstream.server.servicer import CoordinatorServicer
 from fedstream.server.status_server import StatusServer
@@ -57,6 +58,9 @@ def grpc_options(max_chunk_bytes: int, headroom: int = MANIFEST_HEADROOM) -> lis
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        # One coordinator per port: with SO_REUSEPORT (grpc's default) a second one binds
+        # the same port and takes a share of the clients (server/ports.py).
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -66,6 +70,10 @@ class CoordinatorDaemon:
 
     def __init__(self, config: ServerConfig, task: Task | None = None) -> None:
         self.config = config
+        # A port that is taken ends the start before the model is built.
+        check_free("address", config.address)
+        if config.status_address:
+            check_free("status_address", config.status_address)
         self.coordinator = assemble(config, task)
         options = grpc_options(config.max_chunk_bytes, header_room(self.coordinator))
         self.server = grpc.aio.server(options=options)
@@ -86,12 +94,15 @@ class CoordinatorDaemon:
 
     async def start(self) -> str:
         """Listen (TLS when configured), mark the service SERVING, and record the bound
-        address in the run dir."""
+        address in the run dir. PortUnavailable for a port that cannot be had."""
         config = self.config
-        port = add_port(self.server, config.address, config)
+        try:
+            port = add_port(self.server, config.address, config)
+        except RuntimeError:  # grpc's error names no cause
+            raise bind_failure("address", config.address) from None
         self.address = f"{config.address.rpartition(':')[0]}:{port}"
-        await self.server.start()
         status_url = await self.status.start() if self.status is not None else None
+        await self.server.start()
         write_json_atomic(
             config.run_dir / "coordinator.json",
             {

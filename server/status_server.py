@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fedstream.server.live_state import LiveState
+from fedstream.server.ports import unavailable
 from fedstream.server.status_metrics import metrics_registry
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,17 @@ class StatusServer:
         self.url = ""
 
     async def start(self) -> str:
-        """Listen; the page's URL (with the port bound when 0 was asked for)."""
+        """Listen; the page's URL (with the port bound when 0 was asked for).
+        PortUnavailable when the port cannot be had."""
         context = self.context
         host, _, port = self.address.rpartition(":")
         await self.runner.setup()
         site = web.TCPSite(self.runner, host.strip("[]"), int(port), ssl_context=context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            raise unavailable("status_address", self.address, exc) from None
         bound = self.runner.addresses[0][1]
         scheme = "https" if context is not None else "http"
         self.url = f"{scheme}://{host}:{bound}/"

@@ -51,5 +51,8 @@ class Authenticator:
             owner = next((n for n, h in self.tokens.items() if token_matches(token, h)), None)
             if owner is not None:
                 raise IdentityMismatch(f"the token is {owner!r}'s; it cannot join as {claimed!r}")
-            raise UnknownClient(f"unknown token for {claimed!r}")
+            raise UnknownClient(
+                f"unknown token for {claimed!r}: the client's --token is not in the "
+                "coordinator's --tokens file"
+            )
         return Identity(claimed, False)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 
+from fedstream.common.tls import read_key_pair
 from fedstream.server.admission.exposure import warn_if_plaintext
 from fedstream.server.config import SecurityConfig
 
@@ -22,8 +23,9 @@ COMMON_NAME = "x509_common_name"
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
     """The coordinator's credentials; with `client_ca`, a client must present a
-    certificate it signed."""
-    pair = (Path(key).read_bytes(), Path(cert).read_bytes())
+    certificate it signed. ConfigError for a key that is not the certificate's."""
+    cert_pem, key_pem = read_key_pair(cert, key, "--tls-cert", "--tls-key")
+    pair = (key_pem, cert_pem)
     if client_ca is None:
         return grpc.ssl_server_credentials([pair])
     return grpc.ssl_server_credentials(
