@@ -123,6 +123,7 @@ class FederatedClient:
             partition=self.config.partition,
             num_partitions=self.config.num_partitions,
             model_digest=self.layout.digest(),
+            agreement=steps.agreement(self.task),
         )
         try:
             session = self.connection.join(request, token=self.config.token)
@@ -334,8 +335,9 @@ def main(config: ClientConfig) -> int:
     reuse_chunk_buffers()
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = steps.device(config.device)
     task = load_task(config.task, config.task_opt, config.seed)
-    task.device = torch.device(config.device)
+    task.device = device
     try:
         task.load_data(config.partition, config.num_partitions)
     except OSError as exc:  # a data file missing or unreadable: the CLI's one-line exit 2

@@ -18,6 +18,7 @@ import logging
 import uuid
 
 from fedstream.server.admission.door import Admission
+from fedstream.server.calls import Agreement
 from fedstream.server.clock import Clock, MonotonicClock
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
@@ -51,6 +52,7 @@ def assemble(
     (or at round 0). `task`, `strategy` and `clock` replace what `config` names, for a
     test or an embedding program."""
     task = task or load_task(config.task, config.task_opt, config.seed)
+    type(task).check_round_config(config.task, config.round_config)
     strategy = strategy or with_privacy(build_strategy(config), config, config.fraction)
     clock = clock or MonotonicClock()
     # The run directory's lock first: nothing touches a directory another coordinator runs.
@@ -83,7 +85,14 @@ def assemble(
         model=model,
         strategy=strategy,
         store=store,
-        admission=Admission(config, config, config.task, model.manifest.digest(), clock.now),
+        admission=Admission(
+            config,
+            config,
+            config.task,
+            model.manifest.digest(),
+            clock.now,
+            Agreement(task.agreed_options(), config.seed),
+        ),
         intake=intake,
         safeguards=safeguards,
         aggregation=GuardedAggregate(strategy, safeguards, model, store, task),

@@ -234,7 +234,9 @@ class ServerConfig(
     task: str = "digits"
     """Task: a built-in name (digits, charlm, synthetic) or package.module:ClassName."""
     task_opt: dict[str, str] = field(default_factory=dict)
-    """Task option KEY=VALUE, e.g. params=100e6 for synthetic."""
+    """Task option KEY=VALUE, e.g. params=100e6 for synthetic; --help-task lists them."""
+    help_task: bool = False
+    """List the task's options and round settings (names, types, defaults) and exit."""
     seed: int = 0
     """Seed for model initialisation, client selection and client data splits."""
     init_weights: Path | None = None
