@@ -6,6 +6,7 @@ The text, its split and its byte tokens are `fedstream.tasks.bytetext`'s: no dow
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +39,14 @@ class CharLMTask(Task):
     (FedSGD) the gradient is the mean over `local_steps` batches, without clipping.
     """
 
-    declared_options = (
+    declared_options: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("n_layer", int, 2, "transformer blocks"),
         TaskOption("n_head", int, 4, "attention heads per block; must divide n_embd"),
         TaskOption("n_embd", int, 128, "width of the residual stream"),
         TaskOption("block_size", int, 64, "longest context, in bytes"),
         TaskOption("dropout", float, 0.0, "dropout probability in training"),
     )
-    round_settings = (
+    round_settings: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("local_steps", int, 30, "optimiser steps per round"),
         TaskOption("batch_size", int, 16, "windows per step"),
         TaskOption("lr", float, 3e-3, "AdamW learning rate (a fresh optimiser each round)"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -93,14 +94,14 @@ class DigitsTask(Task):
     gradient is the full-batch one over the client's training examples.
     """
 
-    declared_options = (
+    declared_options: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("hidden", int, 128, "width of the hidden layer"),
         TaskOption(
             "alpha", float, 0.5, "Dirichlet concentration of the split; smaller is more skewed"
         ),
         TaskOption("partition_seed", int, None, "seed of the split (default: the run seed)"),
     )
-    round_settings = (
+    round_settings: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("lr", float, 0.1, "SGD learning rate (momentum 0.9)"),
         TaskOption("local_epochs", int, 2, "passes over the local data per round"),
         TaskOption("batch_size", int, 32, "examples per step"),

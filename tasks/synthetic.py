@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -92,14 +93,16 @@ class SyntheticTask(Task):
     partition), so weighting and metric plumbing can be checked against known numbers.
     """
 
-    declared_options = (
+    declared_options: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("params", int, 1_000_000, "parameters, about (100e6 works)"),
         TaskOption("layers", int, 4, "transformer blocks"),
         TaskOption("dtype", str, "float32", "float32, float16 or bfloat16"),
         TaskOption("single_tensor", int, 0, "1: the whole model as one 1-D tensor"),
         TaskOption("init", str, "uniform", "uniform or zeros"),
     )
-    round_settings = (TaskOption("lr", float, 1e-3, "what training adds, times partition + 1"),)
+    round_settings: ClassVar[tuple[TaskOption, ...]] = (
+        TaskOption("lr", float, 1e-3, "what training adds, times partition + 1"),
+    )
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         super().__init__(options, seed)

@@ -99,7 +99,9 @@ def write_run(run_dir: Path) -> None:
         "history": "[]",
     }
     (run_dir / "checkpoints").mkdir(parents=True)
-    save_checkpoint(run_dir / "checkpoints" / "round_00001.safetensors", model.state_dict(), metadata)
+    save_checkpoint(
+        run_dir / "checkpoints" / "round_00001.safetensors", model.state_dict(), metadata
+    )
 
 
 def test_export_makes_the_missing_parent_directories(tmp_path: Path) -> None:

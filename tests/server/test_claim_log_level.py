@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ def capped(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if "examples; weighed as" in r.getMessage()]
 
 
-def claims_round(tmp_path: Path, claims: tuple[int, int, int], **settings: object) -> None:
+def claims_round(tmp_path: Path, claims: tuple[int, int, int], **settings: Any) -> None:
     async def scenario() -> None:
         h = Harness(tmp_path, min_clients=3, **settings)
         running, _ = await h.start("a", "b", "c")

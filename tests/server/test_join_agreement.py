@@ -40,7 +40,9 @@ def test_a_client_with_another_task_option_is_refused_naming_it(
     check can tell, and it names the key and both values."""
     running = coordinator(tiny({"width": "3"}), min_clients=2)
     caplog.set_level(logging.ERROR)
-    client = ClientThread(client_config(running.address, 0, give_up_after=5.0), tiny({"width": "4"}))
+    client = ClientThread(
+        client_config(running.address, 0, give_up_after=5.0), tiny({"width": "4"})
+    )
     assert client.join(timeout=20) == EXIT_REFUSED
     line = refused_line(caplog)
     assert "FAILED_PRECONDITION" in line
