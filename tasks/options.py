@@ -149,6 +149,8 @@ def options_text(task: str, options: Iterable[TaskOption], settings: Iterable[Ta
         lines.append(f"task {task} {title} ({flag} KEY=VALUE):")
         width = max(len(o.name) for o in declared)
         for o in declared:
-            kind = f"{TYPE_NAMES[o.type]}, default {o.shown_default}"
+            kind = TYPE_NAMES[o.type] + (
+                "" if o.default is None else f", default {o.shown_default}"
+            )
             lines.append(f"  {o.name:<{width}}  {o.help} ({kind})")
     return "\n".join(lines)
