@@ -41,12 +41,15 @@ venv: $(STAMP)
 $(RUNTIME_STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || { test -n "$(PYTHON)" || { echo "need python3.11 or python3" >&2; exit 1; }; \
 		echo "$(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/pip install -c constraints.txt -e .
+	@echo "installing fedstream and its dependencies into $(VENV) (about a minute)..."
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@$(BIN)/pip install --quiet -c constraints.txt -e .
+	@echo "installed: $(BIN)/fedstream"
 	@touch $@
 
 $(STAMP): $(RUNTIME_STAMP)
-	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	@echo "installing the dev tools (pytest, ruff, mypy, mkdocs)..."
+	@$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	@touch $@
 
 demo: $(RUNTIME_STAMP)

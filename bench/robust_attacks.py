@@ -81,6 +81,9 @@ instead of the honest one, or None to claim the honest count)."""
 class AdversarialDigits(DigitsTask):
     """digits; with option `attack` (one of ATTACKS), a client that attacks every round."""
 
+    site_options = frozenset({"attack"})
+    """Only the attacker sets it, and it does not shape the model."""
+
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         super().__init__(options, seed)
         self.attack = self.option("attack", "none")

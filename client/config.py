@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedstream.common.config import ConfigError
+from fedstream.common.config import ACTION, ConfigError
 
 MIB = 1 << 20
 
@@ -18,7 +18,10 @@ class ClientConfig:
     task: str = "digits"
     """Task: a built-in name (digits, charlm, synthetic) or package.module:ClassName."""
     task_opt: dict[str, str] = field(default_factory=dict)
-    """Task option KEY=VALUE; must match the coordinator's where it shapes the model."""
+    """Task option KEY=VALUE; must match the coordinator's except the task's site options
+    (checked at Join); --help-task lists them."""
+    help_task: bool = field(default=False, metadata={ACTION: True})
+    """List the task's options and round settings (names, types, defaults) and exit."""
     partition: int = 0
     """Which partition of a built-in task's data this client trains on (0-based); a task
     of your own is handed it in load_data and may ignore it."""

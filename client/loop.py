@@ -142,6 +142,7 @@ class FederatedClient:
             partition=self.config.partition,
             num_partitions=self.config.num_partitions,
             model_digest=self.layout.digest(),
+            agreement=steps.agreement(self.task),
         )
         try:
             session = self.connection.join(request, token=self.config.token)
@@ -367,8 +368,9 @@ def main(config: ClientConfig) -> int:
     reuse_chunk_buffers()
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = steps.device(str(ranks.device(config.device)))
     task = load_task(config.task, config.task_opt, config.seed)
-    task.device = ranks.device(config.device)
+    task.device = device
     try:
         task.load_data(*ranks.shard(config.partition, config.num_partitions))
     except OSError as exc:  # a data file missing or unreadable: the CLI's one-line exit 2

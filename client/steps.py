@@ -16,6 +16,7 @@ import torch
 
 from fedstream.client.retry import Refused
 from fedstream.common.codecs import UplinkCodec
+from fedstream.common.config import ConfigError
 from fedstream.common.progress import ProgressView
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
@@ -40,6 +41,35 @@ class RoundPlan:
     """FedSGD: compute the gradient at the global model and send it instead of a delta."""
     uplink: UplinkCodec
     """How to encode the update."""
+
+
+def agreement(task: Task) -> pb.RunAgreement:
+    """What this client's Join says it shares with the coordinator: the task's options but
+    its site ones, and the seed; the coordinator refuses a Join that differs."""
+    return pb.RunAgreement(task_options=task.agreed_options(), seed=task.seed)
+
+
+def device(name: str) -> torch.device:
+    """The torch device `--device` names, checked before anything is built on it: one
+    ConfigError line, not a traceback from deep in the first `.to(device)`."""
+    try:
+        chosen = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"device: {name!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+        ) from None
+    if chosen.type == "cuda":
+        if torch.version.cuda is None:
+            raise ConfigError(
+                f"device {name}: this torch ({torch.__version__}) is built without CUDA; "
+                "install a CUDA build of torch, or use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if count == 0 or (chosen.index or 0) >= count:
+            raise ConfigError(f"device {name}: this machine has {count} CUDA device(s) visible")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name}: MPS is not available in this torch on this machine")
+    return chosen
 
 
 def read_round_config(task: pb.TrainTask) -> RoundPlan:

@@ -40,6 +40,10 @@ CHOICES = "choices"
 """Field metadata key: the values a str field may take, listed in its `--help` (taken from
 the code that defines them, so the help cannot drift from it)."""
 
+ACTION = "action"
+"""Field metadata key: a bool field that asks for something to be done instead of setting
+the run up (`--help-task`): a plain flag, with no `--no-` form."""
+
 DEFAULT_HELP = "default_help"
 """Field metadata key: what `--help` shows as the field's default, where the value alone
 says little (None standing for "each strategy's own default", say)."""
@@ -203,6 +207,10 @@ def _add_fields(
                 metavar="KEY=VALUE",
                 default=argparse.SUPPRESS,
                 help=f"{help_text} (repeatable)",
+            )
+        elif tp is bool and f.metadata.get(ACTION):
+            parser.add_argument(
+                flag, action="store_true", default=argparse.SUPPRESS, help=help_text
             )
         elif tp is bool:
             parser.add_argument(

@@ -141,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedstream {command}: {exc}", file=sys.stderr)
         return 2
     try:
+        if getattr(config, "help_task", False):
+            print(_load("fedstream.tasks.task:task_help")(config.task))
+            return 0
         if command in ("server", "client"):
             setup_logging(config.log_level, "server" if command == "server" else config.name)
         return int(_load(runner_path)(config))

@@ -64,6 +64,11 @@ METRICS_JSONL: tuple[tuple[str, str], ...] = (
     ),
     ("fed_eval_clients", "Federated evaluation: clients that reported."),
     ("fed_eval_examples", "Federated evaluation: the examples behind their metrics."),
+    (
+        "fed_eval_bytes_down",
+        "Federated evaluation: model bytes its clients downloaded (the next round's "
+        "`bytes_down` leaves out the version they then already hold).",
+    ),
     ("init_weights", "Round 0 of a run started from `--init-weights`: the file."),
     ("init_sha256", "Round 0 of a run started from `--init-weights`: its SHA-256."),
 )
@@ -272,8 +277,10 @@ def prometheus_page() -> str:
 
 
 def task_options_page() -> str:
-    """Each built-in task's options and round settings, as its class documents them."""
+    """Each built-in task's options and round settings: tables of what its class declares
+    (`declared_options`, `round_settings`), or its docstring for a task that declares none."""
     from fedstream.tasks import BUILTIN_TASKS, resolve_task_class
+    from fedstream.tasks.options import options_table
 
     blocks = []
     for name, path in BUILTIN_TASKS.items():
@@ -282,15 +289,23 @@ def task_options_page() -> str:
         summary = (module.__doc__ or "").split("\n\n")[0]
         summary = " ".join(summary.split()).removeprefix(f"Built-in task `{name}`: ")
         site = ", ".join(f"`{key}`" for key in sorted(cls.site_options)) or "none"
-        blocks.append(
-            f"## {name}\n\n{summary[0].upper()}{summary[1:]}\n\n`--task {name}` is "
-            f"`{path}`. Site options: {site}.\n\n{inspect.getdoc(cls)}"
-        )
+        head = f"## {name}\n\n{summary[0].upper()}{summary[1:]}\n\n`--task {name}` is `{path}`."
+        options = options_table(cls.checked_options())
+        settings = options_table(cls.checked_round_settings())
+        if not options and not settings:
+            blocks.append(f"{head} Site options: {site}.\n\n{inspect.getdoc(cls)}")
+            continue
+        parts = [head, f"Options (`--task-opt`; site options: {site}):", "\n".join(options)]
+        parts += ["Round settings (`--round-config`):", "\n".join(settings)]
+        blocks.append("\n\n".join(part for part in parts if part))
     intro = (
         "A task's options are `--task-opt KEY=VALUE` (the same on the coordinator and every "
-        "client, except a task's site options), its round settings `--round-config "
-        "KEY=VALUE` (set on the coordinator, sent to the clients each round). Defaults are "
-        "in parentheses. [Tasks](../tasks.md) describes each task."
+        "client, except a task's site options: a client whose others or whose `--seed` "
+        "differ is refused when it joins), its round settings `--round-config KEY=VALUE` "
+        "(set on the coordinator, checked when it starts, sent to the clients each round). "
+        "A key a task does not declare, or a value of the wrong type, stops the process "
+        "with one line; `fedstream server --task NAME --help-task` lists them. A task that "
+        "declares none takes any key. [Tasks](../tasks.md) describes each task."
     )
     return page("Task options", intro, blocks)
 

@@ -32,7 +32,7 @@ from fedstream.common.weights import (
 )
 from fedstream.common.wire.manifest import Manifest
 from fedstream.server.run_store import CHECKPOINT_FORMAT, list_checkpoints
-from fedstream.tasks import exchanged_names, load_task
+from fedstream.tasks import Task, exchanged_names, load_task
 
 EXPORT_FORMAT = "fedstream-export/1"
 
@@ -46,7 +46,8 @@ class ExportConfig:
     (see the server's --keep-checkpoints)."""
     out: Path | None = None
     """Where to write (required): FILE.pt or FILE.pth (torch.save), FILE.safetensors, or
-    any other path for a directory in the task's own pretrained format."""
+    any other path for a directory in the task's own pretrained format; missing parent
+    directories are made."""
     merge_adapters: bool = False
     """Merge the task's adapters (LoRA) into its base weights before writing."""
     base_model: str | None = field(
@@ -98,6 +99,18 @@ def export(config: ExportConfig) -> str:
     with torch.no_grad():
         for name, tensor in fitted.items():
             state[name].copy_(tensor)
+    try:
+        return _write(config, task, model, metadata, out)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def _write(
+    config: ExportConfig, task: Task, model: torch.nn.Module, metadata: dict[str, str], out: Path
+) -> str:
+    """Write `model` to `out` in the format its suffix names, making missing parent
+    directories first (as the server makes its --run-dir): the path says what is wanted."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
         extra = {}
         if config.base_model is not None:

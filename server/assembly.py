@@ -3,7 +3,8 @@ configuration and handed to the `Coordinator`, which builds nothing itself.
 
     task, model        the task (ServerConfig.task, task_opt, seed) and its global model
     strategy           StrategyConfig, inside central DP when PrivacyConfig asks for it
-    run store          the run directory, the run's identity and its id (RunStore)
+    run store          the run directory, the run's identity and its id (RunStore,
+                       RunFile: the id outlives a restart)
     admission          SecurityConfig and TransportConfig: who may join, as whom
     upload intake      UplinkConfig and TransportConfig: uploads spooled and verified
     safeguards         SafeguardsConfig, and the aggregate behind them
@@ -15,15 +16,16 @@ The daemon (`daemon.py`) adds the transport around the result: gRPC, TLS, the st
 from __future__ import annotations
 
 import logging
-import uuid
 
 from fedstream.server.admission.door import Admission
+from fedstream.server.calls import Agreement
 from fedstream.server.clock import Clock, MonotonicClock
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
+from fedstream.server.run_file import RunFile
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.safeguards import Safeguards
 from fedstream.server.starting_weights import restore
@@ -51,15 +53,12 @@ def assemble(
     (or at round 0). `task`, `strategy` and `clock` replace what `config` names, for a
     test or an embedding program."""
     task = task or load_task(config.task, config.task_opt, config.seed)
+    type(task).check_round_config(config.task, config.round_config)
     strategy = strategy or with_privacy(build_strategy(config), config, config.fraction)
     clock = clock or MonotonicClock()
     # The run directory's lock first: nothing touches a directory another coordinator runs.
-    store = RunStore(
-        config.run_dir,
-        run_identity(config, task),
-        keep=config.keep_checkpoints,
-        run_id=uuid.uuid4().hex,
-    )
+    store = RunStore(config.run_dir, run_identity(config, task), keep=config.keep_checkpoints)
+    store.run_id = RunFile(config.run_dir).run_id()  # a restart carries on the same run
     module = task.build_model()
     model = GlobalModel(module, exchanged_names(task, module))
     intake = UploadIntake(
@@ -83,7 +82,14 @@ def assemble(
         model=model,
         strategy=strategy,
         store=store,
-        admission=Admission(config, config, config.task, model.manifest.digest(), clock.now),
+        admission=Admission(
+            config,
+            config,
+            config.task,
+            model.manifest.digest(),
+            clock.now,
+            Agreement(task.agreed_options(), config.seed),
+        ),
         intake=intake,
         safeguards=safeguards,
         aggregation=GuardedAggregate(strategy, safeguards, model, store, task),

@@ -15,6 +15,35 @@ from fedstream.server.errors import InvalidJoin
 
 MAX_NAME = 128
 MAX_TASK = 256
+MAX_AGREED_OPTIONS = 256
+MAX_AGREED_TEXT = 1024
+"""Bounds of a Join's agreement: its keys and values reach log lines and refusals."""
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What a client says it shares with the coordinator beyond its model's layout: the
+    task's options other than its site options (canonical text), and the seed."""
+
+    task_options: Mapping[str, str]
+    seed: int
+
+    @classmethod
+    def of(cls, request: pb.JoinRequest) -> Agreement | None:
+        """The request's agreement; None from a client that sends none."""
+        if not request.HasField("agreement"):
+            return None
+        return cls(dict(request.agreement.task_options), request.agreement.seed)
+
+    def check(self) -> None:
+        if len(self.task_options) > MAX_AGREED_OPTIONS:
+            raise InvalidJoin(f"a Join may carry at most {MAX_AGREED_OPTIONS} task options")
+        for key, value in self.task_options.items():
+            for text in (key, value):
+                if len(text) > MAX_AGREED_TEXT or not text.isprintable():
+                    raise InvalidJoin(
+                        f"task options must be at most {MAX_AGREED_TEXT} printable characters"
+                    )
 
 
 @dataclass(frozen=True)
@@ -29,6 +58,8 @@ class JoinClaim:
     """The common name of the client's certificate (mutual TLS)."""
     token: str | None = None
     """The client token presented with the Join (--tokens)."""
+    agreement: Agreement | None = None
+    """The client's task options and seed; None from a client that sends none."""
 
     def check(self) -> None:
         """InvalidJoin unless the name, the task and the partition are usable. Names and
@@ -41,6 +72,8 @@ class JoinClaim:
             raise InvalidJoin(f"num_partitions {self.num_partitions} must be at least 1")
         if not 0 <= self.partition < self.num_partitions:
             raise InvalidJoin(f"partition {self.partition} is outside 0..{self.num_partitions - 1}")
+        if self.agreement is not None:
+            self.agreement.check()
 
 
 @dataclass(frozen=True)

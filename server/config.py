@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedstream.common.codecs import CODEC_NAMES
-from fedstream.common.config import DEFAULT_HELP, ConfigError, require_positive
+from fedstream.common.config import ACTION, DEFAULT_HELP, ConfigError, require_positive
 from fedstream.common.round_config import Scalar, parse_scalar
 from fedstream.server.admission.exposure import require_tls_off_loopback
 from fedstream.server.aggregation_config import (
@@ -243,7 +243,9 @@ class ServerConfig(
     task: str = "digits"
     """Task: a built-in name (digits, charlm, synthetic) or package.module:ClassName."""
     task_opt: dict[str, str] = field(default_factory=dict)
-    """Task option KEY=VALUE, e.g. params=100e6 for synthetic."""
+    """Task option KEY=VALUE, e.g. params=100e6 for synthetic; --help-task lists them."""
+    help_task: bool = field(default=False, metadata={ACTION: True})
+    """List the task's options and round settings (names, types, defaults) and exit."""
     seed: int = 0
     """Seed for model initialisation, client selection and client data splits."""
     init_weights: Path | None = None

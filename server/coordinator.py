@@ -212,8 +212,12 @@ class Coordinator:
         )
 
     def count_download(self, nbytes: int) -> None:
-        if self.round is not None:
-            self.round.bytes_down += nbytes
+        """Book a finished download to the round or evaluation in flight: a client that
+        downloads version r to evaluate it holds r for round r + 1, whose record then shows
+        no download, so the evaluation's count goes in round r's record."""
+        phase = self.phase
+        if isinstance(phase, OpenRound | OpenEvaluation):
+            phase.bytes_down += nbytes
 
     async def receive_upload(
         self, client: ClientRecord, claim: UpdateClaim, chunks: AsyncIterator[memoryview]
@@ -392,6 +396,7 @@ class Coordinator:
         self._enter(evaluation)
         await self._until_reported(evaluation, "reports")
         metrics = self.strategy.aggregate_evaluation(evaluation.reports)
+        metrics["fed_eval_bytes_down"] = evaluation.bytes_down
         await asyncio.to_thread(self.store.add_to_record, evaluation.number, metrics)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         log.info(

@@ -8,6 +8,7 @@ import gc
 import logging
 import os
 import signal
+from urllib.parse import urlsplit
 
 import grpc
 import torch
@@ -23,6 +24,7 @@ from fedstream.server.coordinator import Coordinator
 from fedstream.server.live_state import LiveState
 from fedstream.server.ports import bind_failure, check_free
 from fedstream.server.progress_line import RoundLine
+from fedstream.server.run_file import RunFile
 from fedstream.server.servicer import CoordinatorServicer
 from fedstream.server.status_server import StatusServer
 from fedstream.tasks import Task
@@ -86,8 +88,13 @@ class CoordinatorDaemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.address = ""
         self._round_line: asyncio.Task[None] | None = None
+        self.run_file = RunFile(config.run_dir)
         self.status = (
-            StatusServer(self.live, config.status_address, status_ssl_context(config))
+            StatusServer(
+                self.live,
+                self.run_file.status_address(config.status_address),
+                status_ssl_context(config),
+            )
             if config.status_address
             else None
         )
@@ -102,6 +109,8 @@ class CoordinatorDaemon:
             raise bind_failure("address", config.address) from None
         self.address = f"{config.address.rpartition(':')[0]}:{port}"
         status_url = await self.status.start() if self.status is not None else None
+        if status_url is not None:  # a restart asking for port 0 gets this port again
+            self.run_file.update(status_port=urlsplit(status_url).port)
         await self.server.start()
         write_json_atomic(
             config.run_dir / "coordinator.json",

@@ -237,6 +237,9 @@ class OpenEvaluation(OpenPhase):
     """A federated evaluation of model version `number` by the clients of round `number`."""
 
     reports: list[EvaluationReport] = field(default_factory=list)
+    bytes_down: int = 0
+    """Model bytes its clients downloaded (those that did not hold the version already):
+    the record's `fed_eval_bytes_down`."""
 
     def work(self, model_version: int, now: float) -> EvaluateWork:
         """What a selected client that owes its report is told to do."""

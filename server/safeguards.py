@@ -24,7 +24,10 @@ every strategy unless `--no-safeguards`:
 
 Every decision is logged with the client's identity and counted in the round's line of
 metrics.jsonl (`refused_max_norm`, `refused_outlier`, `refused_overflow`,
-`capped_examples`).
+`capped_examples`). A claim capped to the median claim is routine where honest shares
+differ in size (the stock digits split does so every round), so it is logged at INFO; a
+claim over `--max-examples` or over `SUSPICIOUS_CLAIM_FACTOR` times the median is a
+WARNING, as every refused or left-out update is.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ log = logging.getLogger(__name__)
 MIN_FOR_OUTLIERS = 3
 """Updates a round needs before one can be judged against the others' median norm or
 claim: with two, the median is their mean and says nothing about which one is wrong."""
+
+SUSPICIOUS_CLAIM_FACTOR = 10.0
+"""A claim this many times the round's median claim or more is logged as a WARNING when
+capped. Honest digits splits (Dirichlet 0.5, 3 to 20 partitions, 20 seeds) reach 3.3 times
+the median at most; the outlier rule's default factor for norms is the same 10."""
 
 
 @dataclass
@@ -157,17 +165,23 @@ class Safeguards:
         caps = {}
         if self.max_examples is not None:
             caps["--max-examples"] = self.max_examples
+        suspicious_from = 0.0  # with no relative cap, every capped claim is suspicious
         if self.claim_cap_factor and len(review.kept) >= MIN_FOR_OUTLIERS:
             median = statistics.median(u.num_examples for u in review.kept)
             caps[f"{self.claim_cap_factor:g} x the round's median claim"] = max(
                 1, int(self.claim_cap_factor * median)
             )
+            suspicious_from = SUSPICIOUS_CLAIM_FACTOR * median
         if not caps:
             return
         why, cap = min(caps.items(), key=lambda item: item[1])
         for i, update in enumerate(review.kept):
             if update.num_examples > cap:
-                log.warning(
+                suspicious = update.num_examples >= suspicious_from or (
+                    update.num_examples > caps.get("--max-examples", update.num_examples)
+                )
+                log.log(
+                    logging.WARNING if suspicious else logging.INFO,
                     "round %d: %s claims %d examples; weighed as %d (%s)",
                     round_number,
                     update.client,

@@ -31,6 +31,7 @@ from fedstream.common.wire.framing import MalformedChunk, MalformedMessage, fram
 from fedstream.server.admission.door import Admission
 from fedstream.server.admission.sessions import ClientRecord
 from fedstream.server.calls import (
+    Agreement,
     EvaluateWork,
     EvaluationClaim,
     JoinClaim,
@@ -183,6 +184,7 @@ class CoordinatorServicer:
                 request.model_digest,
                 peer_name=peer_name,
                 token=token,
+                agreement=Agreement.of(request),
             )
             joined = self.coordinator.join(claim)
         except FedstreamError as exc:

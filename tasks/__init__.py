@@ -9,6 +9,7 @@ fully or through PEFT adapters; needs the `hf` extra) and `synthetic` (weights o
 size, for benchmarks).
 """
 
+from fedstream.tasks.options import TaskOption
 from fedstream.tasks.task import (
     BUILTIN_TASKS,
     ConfigScalar,
@@ -27,6 +28,7 @@ __all__ = [
     "EvalResult",
     "Task",
     "TaskError",
+    "TaskOption",
     "TrainResult",
     "exchanged_names",
     "load_task",

@@ -6,12 +6,13 @@ The text, its split and its byte tokens are `fedstream.tasks.bytetext`'s: no dow
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TrainResult
+from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TaskOption, TrainResult
 from fedstream.tasks.bytetext import (
     encode,
     eval_windows,
@@ -37,6 +38,20 @@ class CharLMTask(Task):
     round), `proximal_mu` (0), `round` (varies the windows drawn). In gradient mode
     (FedSGD) the gradient is the mean over `local_steps` batches, without clipping.
     """
+
+    declared_options: ClassVar[tuple[TaskOption, ...]] = (
+        TaskOption("n_layer", int, 2, "transformer blocks"),
+        TaskOption("n_head", int, 4, "attention heads per block; must divide n_embd"),
+        TaskOption("n_embd", int, 128, "width of the residual stream"),
+        TaskOption("block_size", int, 64, "longest context, in bytes"),
+        TaskOption("dropout", float, 0.0, "dropout probability in training"),
+    )
+    round_settings: ClassVar[tuple[TaskOption, ...]] = (
+        TaskOption("local_steps", int, 30, "optimiser steps per round"),
+        TaskOption("batch_size", int, 16, "windows per step"),
+        TaskOption("lr", float, 3e-3, "AdamW learning rate (a fresh optimiser each round)"),
+        TaskOption("proximal_mu", float, 0.0, "FedProx coefficient (also --proximal-mu)"),
+    )
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         super().__init__(options, seed)

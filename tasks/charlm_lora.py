@@ -23,13 +23,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from fedstream.common.checkpoint import load_checkpoint
 from fedstream.common.errors import InvalidCheckpoint
-from fedstream.tasks import TaskError
+from fedstream.tasks import TaskError, TaskOption
 from fedstream.tasks.charlm import CharLMTask
 from fedstream.tasks.training import seeded_rng
 
@@ -55,6 +56,14 @@ class LoRALinear(nn.Module):
 class CharLMLoRATask(CharLMTask):
     """Options: charlm's, plus `base` (a charlm checkpoint; default: seeded random),
     `rank` (4) and `alpha` (8). Round config: charlm's."""
+
+    declared_options: ClassVar[tuple[TaskOption, ...]] = (
+        *CharLMTask.declared_options,
+        TaskOption("base", str, None, "a charlm checkpoint to adapt (default: seeded random)"),
+        TaskOption("rank", int, 4, "rank of each adapter"),
+        TaskOption("alpha", float, None, "adapter scale numerator (default: 2 * rank)"),
+    )
+    round_settings: ClassVar[tuple[TaskOption, ...]] = CharLMTask.round_settings
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         super().__init__(options, seed)

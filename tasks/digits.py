@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TrainResult
+from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TaskOption, TrainResult
 from fedstream.tasks.training import (
     ProximalTerm,
     check_partition,
@@ -92,6 +93,20 @@ class DigitsTask(Task):
     `proximal_mu` (0), `round` (varies the shuffling). In gradient mode (FedSGD) the
     gradient is the full-batch one over the client's training examples.
     """
+
+    declared_options: ClassVar[tuple[TaskOption, ...]] = (
+        TaskOption("hidden", int, 128, "width of the hidden layer"),
+        TaskOption(
+            "alpha", float, 0.5, "Dirichlet concentration of the split; smaller is more skewed"
+        ),
+        TaskOption("partition_seed", int, None, "seed of the split (default: the run seed)"),
+    )
+    round_settings: ClassVar[tuple[TaskOption, ...]] = (
+        TaskOption("lr", float, 0.1, "SGD learning rate (momentum 0.9)"),
+        TaskOption("local_epochs", int, 2, "passes over the local data per round"),
+        TaskOption("batch_size", int, 32, "examples per step"),
+        TaskOption("proximal_mu", float, 0.0, "FedProx coefficient (also --proximal-mu)"),
+    )
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         super().__init__(options, seed)

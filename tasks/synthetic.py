@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from fedstream.tasks import ConfigScalar, Task, TaskError, TrainResult
+from fedstream.tasks import ConfigScalar, Task, TaskError, TaskOption, TrainResult
 from fedstream.tasks.training import check_partition, config_float, config_int
 
 DTYPES: dict[str, torch.dtype] = {
@@ -91,6 +92,17 @@ class SyntheticTask(Task):
     It reports 100 * (partition + 1) examples and a made-up loss of 1 / (1 + round +
     partition), so weighting and metric plumbing can be checked against known numbers.
     """
+
+    declared_options: ClassVar[tuple[TaskOption, ...]] = (
+        TaskOption("params", int, 1_000_000, "parameters, about (100e6 works)"),
+        TaskOption("layers", int, 4, "transformer blocks"),
+        TaskOption("dtype", str, "float32", "float32, float16 or bfloat16"),
+        TaskOption("single_tensor", int, 0, "1: the whole model as one 1-D tensor"),
+        TaskOption("init", str, "uniform", "uniform or zeros"),
+    )
+    round_settings: ClassVar[tuple[TaskOption, ...]] = (
+        TaskOption("lr", float, 1e-3, "what training adds, times partition + 1"),
+    )
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         super().__init__(options, seed)

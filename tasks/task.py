@@ -14,9 +14,16 @@ Nothing in fedstream calls `model.train()` or `model.eval()`: a task's `train` a
 `compute_gradient` put the model in training mode themselves, and its `evaluate` and
 `evaluate_local` in evaluation mode (dropout, batch norm).
 
+A Task class declares its options in `declared_options` and its round settings in
+`round_settings` (`fedstream.tasks.options`): then an unknown key or a value of the wrong
+type is refused before anything runs, and `--help-task` lists them. A class that declares
+none itself takes any key, as it reads them: a subclass of a built-in task that reads
+options of its own keeps working until it declares them all.
+
 Options named in a Task class's `site_options` (say, the path of a site's own data) may
 differ from process to process: they are not part of the run's identity on resume, and
-never shape the model.
+never shape the model. Every other option, with the seed, must agree between the
+coordinator and its clients, and is checked when a client joins.
 """
 
 from __future__ import annotations
@@ -31,10 +38,19 @@ from typing import ClassVar
 import torch
 
 from fedstream.common.errors import TaskError
+from fedstream.tasks.options import TaskOption, agreed_values, check_values, options_text
 
 ConfigScalar = float | int | str | bool
 
-__all__ = ["ConfigScalar", "EvalResult", "Task", "TaskError", "TrainResult", "load_task"]
+__all__ = [
+    "ConfigScalar",
+    "EvalResult",
+    "Task",
+    "TaskError",
+    "TaskOption",
+    "TrainResult",
+    "load_task",
+]
 
 BUILTIN_TASKS: dict[str, str] = {
     "digits": "fedstream.tasks.digits:DigitsTask",
@@ -67,6 +83,23 @@ class Task(ABC):
     site_options: ClassVar[frozenset[str]] = frozenset()
     """Option keys that are each site's own (a data path): they may differ between the
     coordinator and every client, and do not count toward the run's identity on resume."""
+
+    declared_options: ClassVar[tuple[TaskOption, ...]] = ()
+    """The `--task-opt` keys this task reads; empty: any key is taken (see the module
+    docstring)."""
+
+    round_settings: ClassVar[tuple[TaskOption, ...]] = ()
+    """The `--round-config` keys `train` and `compute_gradient` read; empty: any key."""
+
+    @classmethod
+    def checked_options(cls) -> tuple[TaskOption, ...]:
+        """The options this class declares itself (not inherited): what is checked."""
+        return tuple(cls.__dict__.get("declared_options", ()))
+
+    @classmethod
+    def checked_round_settings(cls) -> tuple[TaskOption, ...]:
+        """The round settings this class declares itself (not inherited): what is checked."""
+        return tuple(cls.__dict__.get("round_settings", ()))
 
     progress_hook: Callable[[int, int], None] | None = None
     """Where `report_progress` goes: set by the client process to its progress display."""
@@ -135,6 +168,21 @@ class Task(ABC):
         if self.progress_hook is not None:
             self.progress_hook(done, total)
 
+    @classmethod
+    def check_round_config(cls, name: str, settings: Mapping[str, str]) -> None:
+        """TaskError for a `--round-config` key this class does not declare (when it
+        declares any) or a value of the wrong type: the coordinator checks its settings
+        before any client sees them."""
+        check_values(
+            f"--round-config: task {name}", cls.checked_round_settings(), settings, "setting"
+        )
+
+    def agreed_options(self) -> dict[str, str]:
+        """The options every process of the run must share: all but the site options, as
+        canonical text (`fedstream.tasks.options.agreed_values`); checked at Join."""
+        cls = type(self)
+        return agreed_values(cls.checked_options(), self.options, cls.site_options)
+
     def option(self, key: str, default: str) -> str:
         return self.options.get(key, default)
 
@@ -190,9 +238,20 @@ def resolve_task_class(name: str) -> type[Task]:
     return cls
 
 
-def load_task(name: str, options: Mapping[str, str] | None = None, seed: int = 0) -> Task:
-    """Construct the named task with its options; TaskError for a file it cannot read."""
+def task_help(name: str) -> str:
+    """What `--help-task` prints: the task's declared options and round settings."""
     cls = resolve_task_class(name)
+    text = options_text(name, cls.checked_options(), cls.checked_round_settings())
+    if cls.site_options:
+        text += f"\nsite options (may differ per process): {', '.join(sorted(cls.site_options))}"
+    return text
+
+
+def load_task(name: str, options: Mapping[str, str] | None = None, seed: int = 0) -> Task:
+    """Construct the named task with its options; TaskError for an option it does not
+    declare (when it declares any), a value of the wrong type, or a file it cannot read."""
+    cls = resolve_task_class(name)
+    check_values(f"task {name}", cls.checked_options(), options or {})
     try:
         return cls(options, seed)
     except OSError as exc:

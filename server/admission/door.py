@@ -1,9 +1,10 @@
 """The door: a Join checked and given a session, and each later call's session found.
 
 A Join is checked in this order: the claim's fields, the client's identity
-(`identity.py`), its task and model layout (a client whose model differs would be
-selected and never send a usable update), then whether its name is free (an
-unauthenticated claim never evicts a live session) and whether there is room
+(`identity.py`), its task, its task options and seed (`check_agreement`), and its model
+layout (a client whose model differs would be selected and never send a usable update),
+then whether its name is free (an unauthenticated claim never evicts a live session) and
+whether there is room
 (`--max-clients`; sessions that are gone make room first). Every later call presents the
 session token its Join was given (`sessions.py`).
 """
@@ -19,9 +20,10 @@ from fedstream.common.tokens import load_tokens
 from fedstream.server.admission.identity import Authenticator
 from fedstream.server.admission.sessions import ClientRecord, ClientRegistry
 from fedstream.server.admission.tls import peer_identity
-from fedstream.server.calls import JoinClaim
+from fedstream.server.calls import Agreement, JoinClaim
 from fedstream.server.config import SecurityConfig, TransportConfig
 from fedstream.server.errors import AlreadyJoined, TaskMismatch, TooManyClients
+from fedstream.tasks.options import differences
 
 TASK_SILENCE = 3
 """Heartbeat intervals a client holding a task may miss before it is released."""
@@ -37,9 +39,12 @@ class Admission:
         task: str,
         model_digest: str,
         clock: Callable[[], float],
+        agreement: Agreement | None = None,
     ) -> None:
         self.task = task
         self.model_digest = model_digest
+        self.agreement = agreement
+        """The coordinator's task options and seed, which every client's must equal."""
         self.max_clients = security.max_clients
         self.client_timeout = transport.client_timeout
         self.registry = ClientRegistry(clock, TASK_SILENCE * transport.heartbeat_seconds)
@@ -58,6 +63,7 @@ class Admission:
             raise TaskMismatch(
                 f"client runs task {claim.task!r}; this coordinator runs {self.task!r}"
             )
+        self.check_agreement(identity.name, claim.agreement)
         if claim.model_digest != self.model_digest:
             raise TaskMismatch(
                 f"client {identity.name}'s model is laid out differently from the "
@@ -77,6 +83,25 @@ class Admission:
                     f"the coordinator holds {self.max_clients} sessions (--max-clients)"
                 )
         return self.registry.join(identity.name, claim.partition, claim.num_partitions)
+
+    def check_agreement(self, name: str, theirs: Agreement | None) -> None:
+        """TaskMismatch naming each difference between the client's options and seed and
+        the coordinator's. Before the layout check: a differing option that shapes the
+        model is named, not reported as a layout that differs."""
+        if theirs is None or self.agreement is None:
+            return
+        ours = self.agreement
+        found = differences(theirs.task_options, ours.task_options)
+        if found:
+            raise TaskMismatch(
+                f"client {name}'s task options differ from the coordinator's: "
+                f"{'; '.join(found)}. Every option but the task's site options must agree"
+            )
+        if theirs.seed != ours.seed:
+            raise TaskMismatch(
+                f"client {name} runs --seed {theirs.seed}; the coordinator runs --seed "
+                f"{ours.seed}: the seed shapes the model and the data splits and must agree"
+            )
 
     def caller(self, context: grpc.aio.ServicerContext) -> ClientRecord:
         """The client whose session the call's token is, marked as seen now."""

@@ -3,6 +3,10 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
+// Round labels on a chart's axis: one per round overlaps from about ten rounds on.
+const MAX_ROUND_LABELS = 8;
+// Keys of the federated evaluation that are counts, not a metric of the model.
+const FED_EVAL_COUNTS = new Set(["clients", "examples", "bytes_down"]);
 let shownRounds = "";
 
 function el(tag, attrs = {}, text) {
@@ -62,19 +66,34 @@ function renderClients(status) {
   body.replaceChildren(...rows);
 }
 
-// Panels: each metric with its train_ and eval_ series together, then bytes and time.
+// The rounds of `rounds` (sorted) that get a label: at most `max`, evenly spaced, the
+// first and the last always among them.
+function roundLabels(rounds, max = MAX_ROUND_LABELS) {
+  const step = Math.max(1, Math.ceil(rounds.length / max));
+  const shown = rounds.filter((_, i) => i % step === 0);
+  if (shown.length) shown[shown.length - 1] = rounds[rounds.length - 1];
+  return shown;
+}
+
+// Panels: each metric with its train_, eval_ (the coordinator's held-out data) and
+// fed_eval_ (the clients' own, --eval-every) series together, then bytes and time.
 function panels(rounds) {
   const names = new Set();
   for (const record of rounds) {
     for (const key of Object.keys(record)) {
-      const match = /^(train|eval)_(.+)$/.exec(key);
-      if (match && typeof record[key] === "number" && match[2] !== "num_examples") names.add(match[2]);
+      const match = /^(train|eval|fed_eval)_(.+)$/.exec(key);
+      if (!match || typeof record[key] !== "number" || match[2] === "num_examples") continue;
+      if (match[1] === "fed_eval" && FED_EVAL_COUNTS.has(match[2])) continue;
+      names.add(match[2]);
     }
   }
   const out = [...names].sort().map((name) => ({
-    title: name, series: [`train_${name}`, `eval_${name}`], scale: 1, unit: "",
+    title: name, series: [`train_${name}`, `eval_${name}`, `fed_eval_${name}`], scale: 1, unit: "",
   }));
-  out.push({ title: "bytes per round", series: ["bytes_down", "bytes_up"], scale: 2 ** -20, unit: " MiB" });
+  out.push({
+    title: "bytes per round", series: ["bytes_down", "bytes_up", "fed_eval_bytes_down"],
+    scale: 2 ** -20, unit: " MiB",
+  });
   out.push({ title: "round time", series: ["duration_s"], scale: 1, unit: " s" });
   return out;
 }
@@ -101,7 +120,7 @@ function chart(panel, rounds) {
     el("svg:text", { x: L - 4, y: py(y0) + 4, "text-anchor": "end" }, `${+y0.toPrecision(3)}`),
     el("svg:text", { x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle" }, "round"),
   );
-  for (const x of [...new Set(xs)]) {
+  for (const x of roundLabels([...new Set(xs)].sort((a, b) => a - b))) {
     svg.append(el("svg:text", { x: px(x), y: H - B + 12, "text-anchor": "middle" }, String(x)));
   }
   const legend = el("div", { class: "legend" });

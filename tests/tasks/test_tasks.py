@@ -62,10 +62,15 @@ def distance(model: torch.nn.Module, start: Mapping[str, torch.Tensor]) -> float
 
 
 @pytest.mark.parametrize(
-    ("name", "cls"), [("digits", DigitsTask), ("charlm", CharLMTask), ("synthetic", SyntheticTask)]
+    ("name", "cls", "option"),
+    [
+        ("digits", DigitsTask, "alpha"),
+        ("charlm", CharLMTask, "dropout"),
+        ("synthetic", SyntheticTask, "params"),
+    ],
 )
-def test_builtin_tasks_resolve_by_short_name(name: str, cls: type[Task]) -> None:
-    task = load_task(name, {"alpha": "0.3"}, seed=7)
+def test_builtin_tasks_resolve_by_short_name(name: str, cls: type[Task], option: str) -> None:
+    task = load_task(name, {option: "0.3" if option != "params" else "3e4"}, seed=7)
     assert type(task) is cls
     assert task.seed == 7
 

@@ -154,6 +154,7 @@ class JoinRequest(_message.Message):
     PARTITION_FIELD_NUMBER: _builtins.int
     NUM_PARTITIONS_FIELD_NUMBER: _builtins.int
     MODEL_DIGEST_FIELD_NUMBER: _builtins.int
+    AGREEMENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for logs; unique per client process is best."""
     task: _builtins.str
@@ -164,6 +165,12 @@ class JoinRequest(_message.Message):
     """Hex SHA-256 of the client's model layout (its exchanged tensors' Manifest,
     serialized): a client whose model differs from the coordinator's is refused.
     """
+    @_builtins.property
+    def agreement(self) -> Global___RunAgreement:
+        """What else must agree with the coordinator: the task's options and the seed. A
+        client that sends none (older than this field) is checked on task and layout alone.
+        """
+
     def __init__(
         self,
         *,
@@ -172,14 +179,64 @@ class JoinRequest(_message.Message):
         partition: _builtins.int = ...,
         num_partitions: _builtins.int = ...,
         model_digest: _builtins.str = ...,
+        agreement: Global___RunAgreement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_digest", b"model_digest", "name", b"name", "num_partitions", b"num_partitions", "partition", b"partition", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "model_digest", b"model_digest", "name", b"name", "num_partitions", b"num_partitions", "partition", b"partition", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___JoinRequest: _TypeAlias = JoinRequest  # noqa: Y015
+
+@_typing.final
+class RunAgreement(_message.Message):
+    """The run's settings every process of it must share (they shape the model or the data)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TaskOptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TASK_OPTIONS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    seed: _builtins.int
+    @_builtins.property
+    def task_options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The task's options except its site options, as canonical text: parsed by their
+        declared types, with declared defaults filled in.
+        """
+
+    def __init__(
+        self,
+        *,
+        task_options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seed", b"seed", "task_options", b"task_options"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunAgreement: _TypeAlias = RunAgreement  # noqa: Y015
 
 @_typing.final
 class JoinReply(_message.Message):
