@@ -343,7 +343,7 @@ class FederatedClient:
             self.backoff.sleep()
             return True
         reason = code.name
-        if self.config.ca is not None and code == grpc.StatusCode.UNAVAILABLE:
+        if self.config.ca is not None and self.connection.handshakes.cause(code, details):
             reason = (
                 f"{code.name}; TLS is on with --ca {self.config.ca}, so the TLS handshake "
                 f"may have failed: {details}"
