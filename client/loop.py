@@ -368,7 +368,7 @@ def main(config: ClientConfig) -> int:
     reuse_chunk_buffers()
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = steps.device(str(ranks.device(config.device)))
+    device = ranks.device(str(steps.device(config.device)))
     task = load_task(config.task, config.task_opt, config.seed)
     task.device = device
     try:

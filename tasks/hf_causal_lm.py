@@ -40,8 +40,10 @@ from torch import nn
 from fedstream.tasks import ConfigScalar, EvalResult, Task, TaskError, TrainResult
 from fedstream.tasks.bytetext import encode_bytes, eval_windows, split_topics, window_batches
 from fedstream.tasks.hf_config import model_config
+from fedstream.tasks.hf_options import MODEL_OPTIONS, ROUND_SETTINGS, SITE_OPTIONS
 from fedstream.tasks.hf_tokens import byte_tokenizer, check_vocabulary, load_tokenizer
 from fedstream.tasks.hf_training import LocalTrainer, TrainOptions, autocast, token_loss
+from fedstream.tasks.options import TaskOption
 from fedstream.tasks.training import check_partition, derive_seed, evaluating, seeded_rng
 
 try:
@@ -83,35 +85,14 @@ BASE_DIR = "base"
 
 
 class HFCausalLMTask(Task):
-    """Model options: `arch` (gpt2 | llama), `model_dir` (a local pretrained model and its
-    tokenizer instead of a config), `n_layer` (2), `n_head` (4), `n_embd` (128), `n_inner`
-    (MLP width: gpt2 4 * n_embd, llama 2 * n_embd), `n_kv_head` (llama: n_head),
-    `block_size` (64: the positions of a config-built model), `dropout` (0, gpt2), `tie`
-    (output layer shares the token embedding: gpt2 1, llama 0), `init_range` (0.1: the std
-    of a config-built model's initial weights, see INIT_RANGE), `lora` (0), `lora_rank` (4),
-    `lora_alpha` (2 * rank), `lora_dropout` (0), `lora_targets` (the adapted modules,
-    comma-separated: every attention and MLP projection).
+    """A causal language model of transformers: its options, site options and round
+    settings are declared in `tasks/hf_options.py` (`fedstream server --task hf-causal-lm
+    --help-task` lists them); the data formats are `tasks/hf_data.py`'s, the training
+    options `tasks/hf_training.py`'s."""
 
-    Site options (each site's own, see `site_options`): `data` (this site's records, see
-    `fedstream.tasks.hf_data` for `data_format`, `text_field`, `prompt_field`,
-    `response_field`, `messages_field`, `pack` and `eval_fraction` (0.1)), `text` (a plain
-    text file instead), `max_seq_len` (block_size), `precision` (bf16 | fp16 | fp32),
-    `grad_accum` (1), `grad_checkpointing` (0), `keep_optimizer` (0): see
-    `fedstream.tasks.hf_training`.
-
-    Round config: `local_steps` (30 optimiser steps), `batch_size` (16 rows a step and
-    accumulation), `lr` (3e-3, or 5e-3 with LoRA; AdamW; at 1e-2 LoRA's held-out loss
-    stalls by the third short round), `warmup_steps` (0), `total_rounds` (0: no decay),
-    `min_lr_ratio` (0.1), `proximal_mu` (0), `round` (the schedule's place, the batches).
-    """
-
-    site_options: ClassVar[frozenset[str]] = frozenset(
-        {
-            "data", "data_format", "text_field", "prompt_field", "response_field",
-            "messages_field", "pack", "eval_fraction", "text", "max_seq_len", "precision",
-            "grad_accum", "grad_checkpointing", "keep_optimizer",
-        }
-    )  # fmt: skip
+    declared_options: ClassVar[tuple[TaskOption, ...]] = MODEL_OPTIONS + SITE_OPTIONS
+    round_settings: ClassVar[tuple[TaskOption, ...]] = ROUND_SETTINGS
+    site_options: ClassVar[frozenset[str]] = frozenset(o.name for o in SITE_OPTIONS)
 
     def __init__(self, options: Mapping[str, str] | None = None, seed: int = 0) -> None:
         super().__init__(options, seed)

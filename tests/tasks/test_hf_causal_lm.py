@@ -89,7 +89,7 @@ def test_a_sites_own_text_file_trains_and_holds_out_its_tail(tmp_path: Path) -> 
     ("options", "message"),
     [
         ({"arch": "banana"}, "arch must be gpt2 or llama, got 'banana'"),
-        ({"n_embd": "wide"}, "hf-causal-lm options"),
+        ({"n_embd": "wide"}, "n_embd='wide' is not an integer"),
         ({"lora_rank": "0"}, "lora_rank >= 1"),
         ({"init_range": "0"}, "init_range > 0"),
     ],

@@ -147,3 +147,12 @@ def test_help_task_lists_options_with_types_and_defaults() -> None:
 def test_hf_causal_lm_is_a_builtin_that_may_declare_later() -> None:
     """Declarations work for any Task class: hf-causal-lm is still permissive here."""
     assert "hf-causal-lm" in BUILTIN_TASKS
+
+
+def test_hf_causal_lm_declares_its_options_and_round_settings() -> None:
+    pytest.importorskip("transformers")
+    with pytest.raises(TaskError, match="no option 'lorra'.*lora_rank"):
+        load_task("hf-causal-lm", {"lorra": "1"})
+    task_class = type(load_task("hf-causal-lm", {"n_layer": "1", "n_embd": "32"}))
+    assert {o.name for o in task_class.round_settings} >= {"lr", "local_steps", "total_rounds"}
+    assert "data" in task_class.site_options
