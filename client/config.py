@@ -9,6 +9,7 @@ from pathlib import Path
 from fedstream.common.config import ACTION, ConfigError
 
 MIB = 1 << 20
+SITE_PARALLEL = ("ddp", "fsdp")
 
 
 @dataclass
@@ -64,6 +65,9 @@ class ClientConfig:
     rank_timeout: float = 1800.0
     """Seconds a rank waits for the others in a collective before the site's round fails:
     longer than the coordinator's long poll, --max-backoff and a model download."""
+    site_parallel: str = "ddp"
+    """How a site of several ranks trains: ddp (every rank holds the whole model) or fsdp
+    (each rank holds a shard of it: for a model that does not fit one device)."""
     progress_file: Path | None = None
     """JSON file this client keeps its current download, training or upload in, for
     another process to show (fedstream demo does); progress itself goes to stderr: bars on
@@ -83,6 +87,8 @@ class ClientConfig:
             raise ConfigError("max_restarts must be 0 or more")
         if not self.rank_timeout > 0:
             raise ConfigError("rank_timeout must be more than 0 seconds")
+        if self.site_parallel not in SITE_PARALLEL:
+            raise ConfigError(f"site_parallel must be one of {', '.join(SITE_PARALLEL)}")
         if self.threads < 0:
             raise ConfigError("threads must be 0 or more")
         if (self.cert is None) != (self.key is None):

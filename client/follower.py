@@ -14,16 +14,14 @@ from fedstream.client import steps
 from fedstream.client.site import Command, Site
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.wire.manifest import Manifest
-from fedstream.tasks import Task, exchanged_names
+from fedstream.tasks import Task
 
 log = logging.getLogger(__name__)
 
 
 def follow(site: Site, task: Task) -> int:
     """Do rank 0's bidding until it ends the run; the exit code it ends with."""
-    model = task.build_model().to(task.device)
-    layout = Manifest.of_model(model.state_dict(), exchanged_names(task, model))
+    model, layout = site.build(task)
     trained = site.wrap(model)
     progress = progress_view(log, None)
     while True:
@@ -38,6 +36,7 @@ def follow(site: Site, task: Task) -> int:
             site.share_model(model, layout)
             result = steps.train(task, trained, plan, train_task.round, progress)
             site.total(result.num_examples, result.metrics)
+            site.collect(model, layout, plan.gradient)  # fsdp: rank 0 gathers the model
         elif command == Command.EVALUATE:
             evaluate_task = pb.EvaluateTask.FromString(payload)
             site.share_model(model, layout)

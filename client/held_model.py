@@ -95,6 +95,11 @@ class HeldModel:
                     staging = torch.empty(nbytes, dtype=torch.uint8)
                 target.copy_(self._read(entry, start, staging[:nbytes].view(entry.dtype)))
 
+    def read(self, entry: TensorEntry) -> torch.Tensor:
+        """The whole global tensor `entry`, shaped, in a new CPU tensor."""
+        flat = torch.empty(entry.numel, dtype=entry.dtype)
+        return self._read(entry, 0, flat).view(entry.shape)
+
     def deltas(
         self, state: Mapping[str, torch.Tensor], block_elements: int | None
     ) -> Iterator[torch.Tensor]:

@@ -25,7 +25,7 @@ import logging
 import resource
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import grpc
 import torch
@@ -51,8 +51,7 @@ from fedstream.common.logs import setup_logging
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.wire.manifest import Manifest
-from fedstream.tasks import BUILTIN_TASKS, Task, TaskError, exchanged_names, load_task
+from fedstream.tasks import BUILTIN_TASKS, Task, TaskError, load_task
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +72,13 @@ class FederatedClient:
         self.site = site or Site()
         """This client's ranks; this process is rank 0, the only one that talks to the
         coordinator."""
-        self.model = task.build_model().to(task.device)
+        self.model, self.layout = self.site.build(task)
+        """The model (sharded with --site-parallel fsdp) and what this client exchanges:
+        tied tensors follow their source as they share it."""
         self.trained = self.site.wrap(self.model)
         """The model as the task's train sees it (in DDP for a site of several ranks)."""
-        self.layout = Manifest.of_model(self.model.state_dict(), exchanged_names(task, self.model))
-        """What this client exchanges: tied tensors follow their source as they share it."""
+        self.outcome: Mapping[str, torch.Tensor] | None = None
+        """The trained tensors to upload, where the model does not hold them whole (fsdp)."""
         self.uplink = UplinkEncoder()
         self.progress = progress_view(log, config.progress_file)
         self.connection = Connection(
@@ -194,7 +195,6 @@ class FederatedClient:
                     f"{tempfile.gettempdir()} (TMPDIR chooses another place): {exc}"
                 ) from exc
             self._contacted()
-        self.held.load_into(self.model.state_dict())
 
     def _in_round(self, round_number: int, work: Callable[[], bool]) -> bool:
         """Do `work` with the heartbeat beating, and pause after a refusal; whether what
@@ -216,9 +216,10 @@ class FederatedClient:
         plan = steps.read_round_config(task)
         self.uplink.configure(plan.uplink)
         self.site.send(Command.TRAIN, task.SerializeToString())
-        self.site.share_model(self.model, self.layout)
+        self.site.share_model(self.model, self.layout, self.held)
         result = steps.train(self.task, self.trained, plan, task.round, self.progress)
         num_examples, metrics = self.site.total(result.num_examples, result.metrics)
+        self.outcome = self.site.collect(self.model, self.layout, plan.gradient)
         header = pb.UpdateHeader(
             round=task.round,
             model_version=task.model_version,
@@ -236,7 +237,7 @@ class FederatedClient:
         assert self.session is not None
         self._pull(task.model_version)
         self.site.send(Command.EVALUATE, task.SerializeToString())
-        self.site.share_model(self.model, self.layout)
+        self.site.share_model(self.model, self.layout, self.held)
         report = self.site.total_report(steps.evaluate(self.task, self.model, task))
         try:
             reply = self.connection.report_evaluation(self.session, report)
@@ -311,13 +312,16 @@ class FederatedClient:
         so a re-run round or a retried upload needs no new download.
         """
         assert self.held is not None
-        yield from self.held.deltas(self.model.state_dict(), block_elements)
+        trained = self.model.state_dict() if self.outcome is None else self.outcome
+        yield from self.held.deltas(trained, block_elements)
 
     def _gradients(self, block_elements: int | None = None) -> Iterator[torch.Tensor]:
         """The gradients in place of the delta: whole tensors, whatever `block_elements`
         asks (steps.gradients)."""
         assert self.held is not None
-        return steps.gradients(self.model, self.held.manifest)
+        if self.outcome is None:
+            return steps.gradients(self.model, self.held.manifest)
+        return (self.outcome[entry.name].clone() for entry in self.held.manifest.entries)
 
     def _forget_model(self) -> None:
         if self.held is not None:
@@ -375,7 +379,7 @@ def main(config: ClientConfig) -> int:
         task.load_data(*ranks.shard(config.partition, config.num_partitions))
     except OSError as exc:  # a data file missing or unreadable: the CLI's one-line exit 2
         raise TaskError(f"task {config.task} cannot load its data: {exc}") from None
-    site = open_site(ranks, task.device, config.rank_timeout)
+    site = open_site(ranks, task.device, config.rank_timeout, config.site_parallel)
     try:
         return _run_rank(config, task, site)
     except RuntimeError as exc:  # gloo and NCCL report a lost peer as a bare RuntimeError

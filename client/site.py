@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import IntEnum
@@ -33,9 +34,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from fedstream.client.held_model import HeldModel
 from fedstream.common.config import ConfigError
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.manifest import Manifest
+from fedstream.tasks import Task, exchanged_names
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,12 @@ class Site:
     def leader(self) -> bool:
         return self.rank == 0
 
+    def build(self, task: Task) -> tuple[torch.nn.Module, Manifest]:
+        """The task's model on its device, and the layout of the tensors it exchanges
+        (tied tensors follow their source as they share it)."""
+        model = task.build_model().to(task.device)
+        return model, Manifest.of_model(model.state_dict(), exchanged_names(task, model))
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model as the task's train sees it."""
         return model
@@ -108,8 +117,20 @@ class Site:
     def receive(self) -> tuple[Command, bytes]:
         raise AssertionError("a site of one process has no rank 0 to hear from")
 
-    def share_model(self, model: torch.nn.Module, layout: Manifest) -> None:
-        """Rank 0's exchanged tensors into every other rank's `model`, in place."""
+    def share_model(
+        self, model: torch.nn.Module, layout: Manifest, held: HeldModel | None = None
+    ) -> None:
+        """The global model into every rank's `model`, in place: rank 0 passes the `held`
+        copy it downloaded, the other ranks None."""
+        if held is not None:
+            held.load_into(model.state_dict())
+
+    def collect(
+        self, model: torch.nn.Module, layout: Manifest, gradient: bool
+    ) -> Mapping[str, torch.Tensor] | None:
+        """After training, the trained tensors (`gradient`: the gradients) `layout` lists,
+        on rank 0, for its upload; None where rank 0's `model` holds them whole already."""
+        return None
 
     def total(self, num_examples: int, metrics: dict[str, float]) -> tuple[int, dict[str, float]]:
         """The site's example count (the sum over ranks) and its metrics (their mean
@@ -175,19 +196,18 @@ class RankGroup(Site):
         dist.broadcast(body, 0)
         return command, body.cpu().numpy().tobytes()
 
-    def share_model(self, model: torch.nn.Module, layout: Manifest) -> None:
-        """Broadcast each exchanged tensor as raw bytes (any dtype, bf16 included, over
-        gloo as over NCCL), in blocks of BROADCAST_BLOCK_BYTES, into the tensors
-        themselves: no rank holds a second copy of the model."""
+    def share_model(
+        self, model: torch.nn.Module, layout: Manifest, held: HeldModel | None = None
+    ) -> None:
+        """Rank 0 loads `held`; then each exchanged tensor is broadcast from it as raw
+        bytes (any dtype, bf16 included, over gloo as over NCCL), in blocks of
+        BROADCAST_BLOCK_BYTES, into the tensors themselves: no rank holds a second copy
+        of the model."""
+        super().share_model(model, layout, held)
         state = model.state_dict()
         with torch.no_grad():
             for name in layout.names:
-                tensor = state[name]
-                if not tensor.is_contiguous():
-                    raise ConfigError(f"cannot broadcast {name}: it is not contiguous in memory")
-                raw = tensor.view(-1).view(torch.uint8)
-                for start in range(0, raw.numel(), BROADCAST_BLOCK_BYTES):
-                    dist.broadcast(raw[start : start + BROADCAST_BLOCK_BYTES], 0)
+                broadcast_tensor(name, state[name])
 
     def total(self, num_examples: int, metrics: dict[str, float]) -> tuple[int, dict[str, float]]:
         shares: list[tuple[int, dict[str, float]] | None] = [None] * self.world
@@ -212,6 +232,15 @@ class RankGroup(Site):
             dist.destroy_process_group()
 
 
+def broadcast_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Rank 0's `tensor` into every rank's, in place, as raw bytes, block by block."""
+    if not tensor.is_contiguous():
+        raise ConfigError(f"cannot broadcast {name}: it is not contiguous in memory")
+    raw = tensor.view(-1).view(torch.uint8)
+    for start in range(0, raw.numel(), BROADCAST_BLOCK_BYTES):
+        dist.broadcast(raw[start : start + BROADCAST_BLOCK_BYTES], 0)
+
+
 def _store(ranks: Ranks, timeout: timedelta) -> dist.Store:
     """The store at MASTER_ADDR:MASTER_PORT the ranks meet at, under a prefix of their own
     restart (TORCHELASTIC_RESTART_COUNT).
@@ -233,8 +262,16 @@ def _store(ranks: Ranks, timeout: timedelta) -> dist.Store:
     return dist.PrefixStore(f"fedstream/attempt-{attempt}/", store)
 
 
-def open_site(ranks: Ranks | None, device: torch.device, timeout: float) -> Site:
-    """The site this process belongs to: a RankGroup under torchrun, else a Site of one."""
+def open_site(
+    ranks: Ranks | None, device: torch.device, timeout: float, parallel: str = "ddp"
+) -> Site:
+    """The site this process belongs to: under torchrun a RankGroup (DDP) or, with
+    `parallel` fsdp, a ShardedGroup (sharded.py); else a Site of one, whose model is
+    whole in any case."""
     if ranks is None or ranks.world == 1:
         return Site()
+    if parallel == "fsdp":
+        from fedstream.client.sharded import ShardedGroup  # it builds on RankGroup
+
+        return ShardedGroup(ranks, device, timeout)
     return RankGroup(ranks, device, timeout)

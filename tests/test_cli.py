@@ -116,6 +116,7 @@ OPTIONS: dict[str, set[str]] = {
         "--nproc-per-node",
         "--max-restarts",
         "--rank-timeout",
+        "--site-parallel",
         "--progress-file",
     },
     "demo": {
