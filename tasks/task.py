@@ -31,8 +31,7 @@ from typing import ClassVar
 import torch
 
 from fedstream.common.errors import TaskError
-
-ConfigScalar = float | int | str | bool
+from fedstream.common.round_config import ConfigScalar
 
 __all__ = ["ConfigScalar", "EvalResult", "Task", "TaskError", "TrainResult", "load_task"]
 

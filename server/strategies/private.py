@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedstream.common.config import ConfigError
-from fedstream.common.round_config import Scalar
+from fedstream.common.round_config import ConfigScalar
 from fedstream.server.strategies.base import MeanOfUpdates, Strategy
 from fedstream.server.updates import DeltaBlock, VerifiedUpdate
 
@@ -76,7 +76,9 @@ class DifferentiallyPrivate(Strategy):
             seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         )
 
-    def configure_round(self, round_number: int, base: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    def configure_round(
+        self, round_number: int, base: Mapping[str, ConfigScalar]
+    ) -> dict[str, ConfigScalar]:
         return self.inner.configure_round(round_number, base)
 
     def begin_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:
