@@ -21,7 +21,7 @@ BENCH_ARGS ?=
 help:
 	@echo "make venv       create .venv and install fedstream with its dev tools"
 	@echo "make demo       local cluster: 1 server + 3 clients train digits (runs/demo)"
-	@echo "make test       the test suite (PYTEST_ARGS='-k compose' to narrow it)"
+	@echo "make test       every test; PYTEST_ARGS='-m \"not slow and not e2e\"' is the fast tier"
 	@echo "make lint       ruff check, ruff format --check, mypy"
 	@echo "make docs       regenerate docs/reference/ and build the docs site, strict (build/site)"
 	@echo "make bench      transfer benchmark grid against TCP/grpcio/memcpy (runs/bench)"
@@ -55,24 +55,11 @@ $(STAMP): $(RUNTIME_STAMP)
 demo: $(RUNTIME_STAMP)
 	$(BIN)/fedstream demo --run-dir runs/demo $(DEMO_ARGS)
 
-# docker-compose is only needed by the compose test, and Debian's chromium by the status
-# page's browser test (Playwright drives /usr/bin/chromium, never a browser of its own);
-# each skips without it.
+# A few tests need system tools (docker-compose, Debian's chromium, root and ip netns) and
+# skip without them; `make test` installs nothing, it names what is missing and what will
+# skip (.ci/system-tools; CI installs them with `.ci/system-tools install`).
 test: $(STAMP)
-	@if ! command -v docker-compose >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] \
-		&& command -v apt-get >/dev/null 2>&1; then \
-		echo "installing docker-compose with apt-get"; \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq docker-compose >/dev/null; } \
-		|| echo "warning: could not install docker-compose; the compose test will skip"; \
-	fi
-	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] \
-		&& command -v apt-get >/dev/null 2>&1; then \
-		echo "installing chromium with apt-get"; \
-		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-			apt-get install -y -qq chromium >/dev/null; } \
-		|| echo "warning: could not install chromium; the status page browser test will skip"; \
-	fi
+	@bash .ci/system-tools report
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # mypy cannot follow setuptools' package-dir mapping, so it reads the sources through a

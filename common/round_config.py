@@ -6,10 +6,11 @@ from collections.abc import Mapping, MutableMapping
 
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 
-Scalar = float | int | str | bool
+ConfigScalar = float | int | str | bool
+"""One round setting's value; a task's `train` and `evaluate` receive them by name."""
 
 
-def parse_scalar(text: str) -> Scalar:
+def parse_scalar(text: str) -> ConfigScalar:
     """'3' -> 3, '0.5' -> 0.5, 'true' -> True, anything else stays text."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
@@ -22,7 +23,7 @@ def parse_scalar(text: str) -> Scalar:
     return text
 
 
-def to_proto(values: Mapping[str, Scalar], out: MutableMapping[str, pb.ConfigValue]) -> None:
+def to_proto(values: Mapping[str, ConfigScalar], out: MutableMapping[str, pb.ConfigValue]) -> None:
     for key, value in values.items():
         if isinstance(value, bool):
             out[key].CopyFrom(pb.ConfigValue(flag=value))
@@ -34,8 +35,8 @@ def to_proto(values: Mapping[str, Scalar], out: MutableMapping[str, pb.ConfigVal
             out[key].CopyFrom(pb.ConfigValue(text=str(value)))
 
 
-def from_proto(values: Mapping[str, pb.ConfigValue]) -> dict[str, Scalar]:
-    out: dict[str, Scalar] = {}
+def from_proto(values: Mapping[str, pb.ConfigValue]) -> dict[str, ConfigScalar]:
+    out: dict[str, ConfigScalar] = {}
     for key, value in values.items():
         kind = value.WhichOneof("kind")
         out[key] = getattr(value, kind) if kind else ""

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.round_config import Scalar
+from fedstream.common.round_config import ConfigScalar
 from fedstream.common.wire.manifest import Manifest
 from fedstream.server.admission.sessions import ClientRecord
 from fedstream.server.errors import InvalidJoin
@@ -117,7 +117,7 @@ class TrainWork:
     round: int
     model_version: int
     deadline_seconds: float
-    config: Mapping[str, Scalar]
+    config: Mapping[str, ConfigScalar]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedstream.common.codecs import CODEC_NAMES
 from fedstream.common.config import ACTION, DEFAULT_HELP, ConfigError, require_positive
-from fedstream.common.round_config import Scalar, parse_scalar
+from fedstream.common.round_config import ConfigScalar, parse_scalar
 from fedstream.server.admission.exposure import require_tls_off_loopback
 from fedstream.server.aggregation_config import (
     PrivacyConfig,
@@ -148,7 +148,7 @@ class RoundsConfig:
     done_grace: float = 30.0
     """Seconds to keep serving after the last round so every client hears it is done."""
 
-    def published(self) -> dict[str, Scalar]:
+    def published(self) -> dict[str, ConfigScalar]:
         """The settings every round sends its clients (before the strategy's own)."""
         settings = {key: parse_scalar(value) for key, value in self.round_config.items()}
         if self.proximal_mu > 0:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from fedstream.common.round_config import Scalar
+from fedstream.common.round_config import ConfigScalar
 from fedstream.server.calls import EvaluateWork, TrainWork
 from fedstream.server.clock import Changes, Clock
 from fedstream.server.errors import (
@@ -130,7 +130,7 @@ class OpenRound(OpenPhase):
 
     attempt: int
     model_version: int
-    config: dict[str, Scalar]
+    config: dict[str, ConfigScalar]
     started: float
     uploading: set[str] = field(default_factory=set)
     totals: ReportTotals = field(default_factory=ReportTotals)

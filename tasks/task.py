@@ -38,9 +38,8 @@ from typing import ClassVar
 import torch
 
 from fedstream.common.errors import TaskError
+from fedstream.common.round_config import ConfigScalar
 from fedstream.tasks.options import TaskOption, agreed_values, check_values, options_text
-
-ConfigScalar = float | int | str | bool
 
 __all__ = [
     "ConfigScalar",

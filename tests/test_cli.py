@@ -251,6 +251,7 @@ def test_help_renders(command: str) -> None:
     assert "usage: fedstream " + command in subparsers()[command].format_help()
 
 
+@pytest.mark.e2e
 def test_module_help_runs() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fedstream", "--help"],
@@ -263,6 +264,7 @@ def test_module_help_runs() -> None:
         assert command in result.stdout
 
 
+@pytest.mark.e2e
 def test_console_script_help_runs() -> None:
     script = Path(sys.executable).with_name("fedstream")
     found = str(script) if script.exists() else shutil.which("fedstream")

@@ -28,7 +28,7 @@ from fedstream.common.codecs.base import Codec, Raw
 from fedstream.common.codecs.halfprec import BFloat16, Float16
 from fedstream.common.codecs.int8 import Int8
 from fedstream.common.codecs.topk import TopK
-from fedstream.common.round_config import Scalar
+from fedstream.common.round_config import ConfigScalar
 from fedstream.common.wire.manifest import Manifest
 from fedstream.common.wire.stream import iter_chunks
 
@@ -74,15 +74,15 @@ class UplinkCodec:
             name = spec[: -len(ZSTD_SUFFIX)]
         return cls(make_codec(name, topk_fraction), compressed)
 
-    def round_config(self) -> dict[str, Scalar]:
+    def round_config(self) -> dict[str, ConfigScalar]:
         """The round-config entries that tell clients how to encode their updates."""
-        config: dict[str, Scalar] = {CODEC_KEY: self.spec}
+        config: dict[str, ConfigScalar] = {CODEC_KEY: self.spec}
         if isinstance(self.codec, TopK):
             config[TOPK_FRACTION_KEY] = self.codec.fraction
         return config
 
     @classmethod
-    def from_round_config(cls, config: Mapping[str, Scalar]) -> UplinkCodec:
+    def from_round_config(cls, config: Mapping[str, ConfigScalar]) -> UplinkCodec:
         """The uplink a round config announces; raw when it announces none."""
         return cls.parse(
             str(config.get(CODEC_KEY, "raw")), float(config.get(TOPK_FRACTION_KEY, 0.01))

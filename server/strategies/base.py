@@ -25,7 +25,7 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.common.round_config import Scalar
+from fedstream.common.round_config import ConfigScalar
 from fedstream.server.phases import ReportTotals
 from fedstream.server.updates import DeltaBlock, DeltaStream, EvaluationReport, VerifiedUpdate
 
@@ -96,7 +96,9 @@ class Strategy(ABC):
     every verified spool until its aggregate is committed. False when `accept` folds each
     update as it arrives: its spool is released right after."""
 
-    def configure_round(self, round_number: int, base: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    def configure_round(
+        self, round_number: int, base: Mapping[str, ConfigScalar]
+    ) -> dict[str, ConfigScalar]:
         """The settings sent to every selected client for this round."""
         return {**base, "round": round_number}
 

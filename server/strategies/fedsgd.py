@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import torch
 
-from fedstream.common.round_config import Scalar
+from fedstream.common.round_config import ConfigScalar
 from fedstream.server.strategies.server_optimizer import ServerOptimizer
 
 OPTIMIZERS = ("sgd", "adam")
@@ -61,7 +61,9 @@ class FedSGD(ServerOptimizer):
         self.beta2 = beta2
         self.eps = eps
 
-    def configure_round(self, round_number: int, base: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    def configure_round(
+        self, round_number: int, base: Mapping[str, ConfigScalar]
+    ) -> dict[str, ConfigScalar]:
         return {**super().configure_round(round_number, base), "mode": "gradient"}
 
     def apply(

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from fedstream.common.round_config import Scalar
+from fedstream.common.round_config import ConfigScalar
 from fedstream.server.aggregation_config import PrivacyConfig
 from fedstream.server.strategies.base import MeanOfUpdates, Strategy
 from fedstream.server.strategies.catalog import require_mean_based
@@ -73,7 +73,9 @@ class DifferentiallyPrivate(Strategy):
             seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         )
 
-    def configure_round(self, round_number: int, base: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    def configure_round(
+        self, round_number: int, base: Mapping[str, ConfigScalar]
+    ) -> dict[str, ConfigScalar]:
         return self.inner.configure_round(round_number, base)
 
     def begin_round(self, global_tensors: Mapping[str, torch.Tensor]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from fedstream.common.wire.framing import frame_data
 from fedstream.common.wire.manifest import Manifest
 from fedstream.common.wire.stream import iter_chunks, tensor_bytes
 from fedstream.tasks import ConfigScalar, Task, TrainResult
+from tests.conftest import wait_for as wait_for  # re-exported for the tests here
 
 Answer = Callable[[list[bytes]], list[bytes]]
 """What the fake coordinator replies (wire bytes) to one call's requests (wire bytes);
@@ -197,7 +197,7 @@ class SmallModel(torch.nn.Module):
 class SmallTask(Task):
     """Training adds 1 to every weight, after `during_train` (a test's hook) returns."""
 
-    during_train: Callable[[], None] = staticmethod(lambda: None)
+    during_train: Callable[[], object] = staticmethod(lambda: None)
 
     def build_model(self) -> torch.nn.Module:
         return SmallModel()
@@ -211,15 +211,6 @@ class SmallTask(Task):
             for p in model.parameters():
                 p.add_(1.0)
         return TrainResult(4, {"loss": 0.5})
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
 
 
 class UpperBound(random.Random):

@@ -9,11 +9,11 @@ from fedstream.client.retry import Refused
 from fedstream.client.steps import gradients, read_round_config, shown
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
-from fedstream.common.round_config import Scalar, to_proto
+from fedstream.common.round_config import ConfigScalar, to_proto
 from fedstream.common.wire.manifest import Manifest
 
 
-def train_task(config: dict[str, Scalar]) -> pb.TrainTask:
+def train_task(config: dict[str, ConfigScalar]) -> pb.TrainTask:
     task = pb.TrainTask(round=3, model_version=2)
     to_proto(config, task.config)
     return task

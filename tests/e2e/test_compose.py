@@ -114,8 +114,8 @@ def test_compose_config_is_valid() -> None:
     cli = compose_cli()
     if cli is None:
         pytest.skip(
-            "docker-compose is not installed (`make test` installs Debian's docker-compose "
-            "when run as root)"
+            "docker-compose is not installed (`.ci/system-tools install` installs Debian's "
+            "docker-compose, as root)"
         )
     result = subprocess.run(
         [*cli, "-f", str(COMPOSE_FILE), "config", "-q"],

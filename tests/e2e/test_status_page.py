@@ -1,9 +1,9 @@
 """The status page in a real browser: Debian's headless Chromium, driven by Playwright,
 on a real federation stepped round by round (`gated_cluster`).
 
-`make test` installs the `chromium` package (apt-get) where it can; the test skips, saying
-why, without it or without the `playwright` package. Playwright never downloads a browser
-here: it launches /usr/bin/chromium.
+`.ci/system-tools install` installs the `chromium` package (apt-get, as root); the test
+skips, saying why, without it or without the `playwright` package. Playwright never
+downloads a browser here: it launches /usr/bin/chromium.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_status_page_follows_a_round_in_chromium(gated_cluster: Any, tmp_path: P
         "playwright.sync_api", reason="needs the playwright package (pip install -e .[dev])"
     )
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package (make test does)")
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (.ci/system-tools install)")
     cluster = gated_cluster(2)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from fedstream.common.wire.manifest import Manifest
 from fedstream.server.config import ServerConfig
 from fedstream.server.daemon import CoordinatorDaemon
 from fedstream.tasks import ConfigScalar, EvalResult, Task, TrainResult, exchanged_names
+from tests.conftest import wait_for as wait_for  # re-exported for the tests here
 
 
 class TinyModel(torch.nn.Module):
@@ -78,15 +78,6 @@ def wide_task(partition: int = 0) -> WideTask:
     task = WideTask({}, 0)
     task.load_data(partition, 8)
     return task
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def layout_digest(task: Task) -> str:

@@ -309,6 +309,7 @@ def test_bad_request_is_refused_and_changes_nothing(
     assert arena.peer.upload(update(good()), arena.token).accepted
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused_and_the_round_completes(
     coordinator: Callable[..., RunningCoordinator], tmp_path: Path
 ) -> None:

@@ -22,6 +22,7 @@ def gradient_blocks(model: torch.nn.Module) -> list[DeltaBlock]:
     return blocks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("optimizer", "make_torch_optimizer"),
     [

@@ -74,6 +74,7 @@ def loss(task: HFCausalLMTask, model: torch.nn.Module) -> float:
     return task.evaluate(model).metrics["loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_full_and_lora_runs_learn_and_reload_with_from_pretrained(
     coordinator, tmp_path: Path, arch: str

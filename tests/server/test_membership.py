@@ -190,6 +190,7 @@ def trickle(tensors: dict[str, torch.Tensor], round_number: int) -> Iterator[byt
         yield frame_data(chunk)
 
 
+@pytest.mark.slow
 def test_a_round_ends_at_its_hard_limit_however_slowly_an_upload_arrives(
     coordinator, tmp_path, peer
 ) -> None:

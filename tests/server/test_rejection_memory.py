@@ -134,6 +134,7 @@ def coordinator(procs: Any, wait_for: Any) -> tuple[Any, str]:
     return server, json.loads(info.read_text())["address"]
 
 
+@pytest.mark.e2e
 def test_refused_oversized_data_chunks_leave_no_memory_behind(
     coordinator: tuple[Any, str],
 ) -> None:
@@ -149,6 +150,7 @@ def test_refused_oversized_data_chunks_leave_no_memory_behind(
     assert time.monotonic() - started < 50
 
 
+@pytest.mark.e2e
 def test_refused_undecodable_headers_leave_no_memory_behind(
     coordinator: tuple[Any, str],
 ) -> None:

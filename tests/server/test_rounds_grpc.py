@@ -93,6 +93,7 @@ def test_round_config_reaches_the_task(coordinator):
     assert config["lr"] == 0.5 and config["mode"] == "x" and config["round"] == 1
 
 
+@pytest.mark.slow
 def test_silent_client_costs_its_update_not_the_round(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=2, round_timeout=3.0)
     silent = Connection(running.address, 1 << 20, 30.0)
@@ -108,6 +109,7 @@ def test_silent_client_costs_its_update_not_the_round(coordinator, tmp_path):
     assert record["duration_s"] >= 3.0
 
 
+@pytest.mark.slow
 def test_round_without_enough_updates_is_run_again(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=1, min_reports=1, round_timeout=1.5)
     silent = Connection(running.address, 1 << 20, 30.0)
@@ -168,6 +170,7 @@ def test_health_service_reports_not_serving_once_the_run_is_done(coordinator):
     running.wait_done(30)
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(coordinator, tmp_path):
     first = coordinator(rounds=2, min_clients=2, run_dir=tmp_path / "resumed")
     clients = [start_client(first.address, p) for p in (0, 1)]
@@ -197,6 +200,7 @@ def test_resume_refuses_a_different_run(coordinator, tmp_path):
         coordinator(rounds=2, min_clients=1, run_dir=tmp_path / "r", seed=7)
 
 
+@pytest.mark.slow
 def test_client_holding_the_model_version_skips_the_download(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=2, min_reports=2, round_timeout=2.0)
     silent = Connection(running.address, 1 << 20, 30.0)
@@ -218,6 +222,7 @@ def test_client_holding_the_model_version_skips_the_download(coordinator, tmp_pa
     assert record["bytes_down"] == 0
 
 
+@pytest.mark.slow
 def test_closing_a_round_ends_a_stalled_download(coordinator, tmp_path):
     task = WideTask({}, 0)
     task.load_data(0, 8)

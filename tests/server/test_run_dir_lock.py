@@ -40,6 +40,7 @@ def test_a_refused_store_leaves_the_holders_lock_alone(tmp_path: Path) -> None:
         first.close()
 
 
+@pytest.mark.e2e
 def test_a_second_server_on_the_same_run_dir_exits_2_naming_the_first(
     procs: Any, wait_for: Any
 ) -> None:

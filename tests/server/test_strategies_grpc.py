@@ -50,6 +50,7 @@ STATELESS = {"mean", "fedavg", "median", "trimmed-mean", "krum", "geomedian"}
 """Strategies that carry nothing from one round to the next."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(coordinator, tmp_path, strategy):
     """Optimiser state (momentum, moments, step counts) rides in the checkpoint."""
@@ -160,6 +161,7 @@ def expect(code: grpc.StatusCode, fragment: str, call, *args, **kwargs) -> None:
     assert fragment in info.value.details(), info.value.details()
 
 
+@pytest.mark.slow
 def test_evaluation_rounds_record_the_example_weighted_client_metrics(coordinator, tmp_path):
     running = coordinator(rounds=2, min_clients=3, eval_every=2, eval_timeout=20.0)
     peer = Connection(running.address, 1 << 20, 30.0)

@@ -62,6 +62,7 @@ def refused(call: Callable[[], object]) -> grpc.RpcError:
     return info.value
 
 
+@pytest.mark.slow
 def test_tls_join_and_coordinator_json_records_it(coordinator, pki, tmp_path):
     running = coordinator(tls_cert=pki / "server.pem", tls_key=pki / "server.key")
     reply = join(running, client_credentials(pki / "ca.pem", None, None), "client-0")

@@ -122,6 +122,7 @@ def test_build_model_is_deterministic_and_leaves_global_rng_alone(
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_digits_fedavg_three_non_iid_clients_learn_in_five_rounds(seed: int) -> None:
     results = fedavg("digits", num_clients=3, rounds=5, seed=seed)
@@ -188,6 +189,7 @@ def test_charlm_partitions_are_by_topic_and_bounded() -> None:
         task.load_data(3, 3)
 
 
+@pytest.mark.slow
 def test_charlm_fedavg_lowers_held_out_loss() -> None:
     losses = [r.metrics["loss"] for r in fedavg("charlm", num_clients=2, rounds=2)]
     print(f"charlm held-out loss by round: {[round(loss, 3) for loss in losses]}")
