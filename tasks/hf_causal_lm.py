@@ -164,8 +164,9 @@ class HFCausalLMTask(Task):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TaskError(f"hf-causal-lm model_dir {self.model_dir}: {first}") from None
         where = f"model_dir {self.model_dir}"
-        rows = model.get_input_embeddings().weight.shape[0]
-        check_vocabulary(self.tokenizer, rows, where)
+        embeddings = model.get_input_embeddings()
+        assert isinstance(embeddings, nn.Embedding), type(embeddings)
+        check_vocabulary(self.tokenizer, embeddings.num_embeddings, where)
         positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if isinstance(positions, int) and self.max_seq_len > positions:
             raise TaskError(

@@ -11,7 +11,7 @@ import sys
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,7 +35,8 @@ class Stack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
-        return x * self.scale + self.freq
+        scale, freq = self.get_buffer("scale"), self.get_buffer("freq")
+        return x * scale + freq
 
 
 class StackTask(Task):
@@ -71,7 +72,9 @@ def main(out: str) -> None:
         results["same_layout"] = layout == Manifest.of_model(
             whole.state_dict(), exchanged_names(task, whole)
         )
-        results["local_rows"] = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
+        results["local_rows"] = {
+            n: cast(DTensor, p).to_local().shape[0] for n, p in model.named_parameters()
+        }
         held = None
         if group.leader:
             held = HeldModel(layout, 1)
@@ -112,7 +115,9 @@ def main(out: str) -> None:
             n: t.full_tensor() if isinstance(t, DTensor) else t.clone()
             for n, t in model.state_dict().items()
         }
-        results["grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        results["grads"] = {
+            n: cast(DTensor, p.grad).full_tensor() for n, p in model.named_parameters()
+        }
         results["spooled"], results["spooled_grads"] = spooled, spooled_grads
         if held is not None:
             results["global"] = global_model(layout)

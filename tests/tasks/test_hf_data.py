@@ -73,6 +73,7 @@ def test_a_chat_file_trains_with_loss_on_the_assistants_turns(
     assert task._rows is not None
     first = task._rows.targets[0]
     text = task.tokenizer.decode(first[first != IGNORE])
+    assert isinstance(text, str)
     assert text.startswith(conversations[0]["messages"][1]["content"][:20])
     assert "Explain" not in text  # the user's turn carries no loss
 
