@@ -1,6 +1,11 @@
 """The fedstream client process: join, pull, train, push, reconnect.
 
-    loop.py        the life cycle (join, poll, pull, train or evaluate, push) and main()
+    process.py     a client process: a site's launcher, or one rank; main()
+    loop.py        the life cycle on rank 0 (join, poll, pull, train or evaluate, push)
+    follower.py    the loop of a site's other ranks
+    site.py        a site of several ranks: process group, model shared inside, DDP
+    sharded.py     an FSDP site: scattered in, gathered out one tensor at a time
+    launch.py      --nproc-per-node: torch's own launcher on the same command line
     steps.py       local work on the held model: round config, training, evaluation
     connection.py  the control and bulk channels and the calls over them
     session.py     the session a Join opens, and the heartbeat that keeps it in a round

@@ -28,7 +28,7 @@ COMMAND_SPECS: dict[str, tuple[str, str, str]] = {
     ),
     "client": (
         "fedstream.client.config:ClientConfig",
-        "fedstream.client.loop:main",
+        "fedstream.client.process:main",
         "run a client process against a coordinator",
     ),
     "demo": (
