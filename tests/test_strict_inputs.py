@@ -14,6 +14,8 @@ import torch
 
 from fedstream.common.checkpoint import save_checkpoint
 
+pytestmark = pytest.mark.e2e  # every test here starts real fedstream processes
+
 
 def fedstream(*argv: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("fedstream")

@@ -19,6 +19,7 @@ from fedstream.common.config import ConfigError
 HELPER = Path(__file__).with_name("sharded_ranks.py")
 
 
+@pytest.mark.slow
 def test_ranks_take_their_shards_and_rank_0_gathers_one_tensor_at_a_time(
     tmp_path: Path, free_port: Callable[[], int]
 ) -> None:

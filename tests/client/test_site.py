@@ -19,6 +19,7 @@ from fedstream.common.proto.v1 import coordinator_pb2 as pb
 HELPER = Path(__file__).with_name("site_ranks.py")
 
 
+@pytest.mark.slow
 def test_two_ranks_share_commands_the_model_gradients_and_totals(
     tmp_path: Path, free_port: Callable[[], int]
 ) -> None:

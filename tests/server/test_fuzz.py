@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 
@@ -257,6 +258,7 @@ class Fuzzer:
         assert len(registry) == 2, [r.name for r in registry.all()]
 
 
+@pytest.mark.slow
 def test_hostile_calls_get_precise_statuses_and_the_rounds_complete(
     coordinator: Callable[..., RunningCoordinator], tmp_path: Path
 ) -> None:

@@ -150,6 +150,7 @@ def test_the_schedule_warms_up_and_decays_across_rounds() -> None:
     assert learning_rate({"lr": 2.0}, 1000, 0.0) == 2.0
 
 
+@pytest.mark.slow
 def test_options_bf16_accumulation_checkpointing_and_a_kept_optimizer(tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "qa.jsonl", prompt_records(2, 3))
     options = {**TINY, "data": str(data), "lora": "1", "precision": "bf16", "grad_accum": "2",
