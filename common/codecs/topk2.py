@@ -69,8 +69,10 @@ class TopK2(TopK):
         numel = math.prod(shape)
         k = self.k(numel)
         if indices.numel() != k or packed.numel() != math.ceil(k / 4):
-            raise WireError(f"topk2: {indices.numel()} indices, {packed.numel()} value bytes "
-                            f"where {k} values are kept")
+            raise WireError(
+                f"topk2: {indices.numel()} indices, {packed.numel()} value bytes "
+                f"where {k} values are kept"
+            )
         indices = check_indices(indices, numel)
         if tuple(scales.shape) != (math.ceil(k / BLOCK), 2):
             raise WireError(f"topk2: scales of shape {tuple(scales.shape)} for {k} values")

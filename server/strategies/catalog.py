@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from fedstream.common.config import ConfigError
 from fedstream.server.strategies.base import MeanOfUpdates, Strategy
-from fedstream.server.strategies.fedadagrad import FedAdagrad
 from fedstream.server.strategies.diloco import DiLoCo
+from fedstream.server.strategies.fedadagrad import FedAdagrad
 from fedstream.server.strategies.fedadam import FedAdam
 from fedstream.server.strategies.fedavg import FedAvg
 from fedstream.server.strategies.fedavgm import FedAvgM

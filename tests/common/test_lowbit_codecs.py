@@ -10,8 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedstream.common.codecs import Int4, TopK, TopK2, UplinkCodec, make_codec
-from fedstream.common.codecs import int4, topk2
+from fedstream.common.codecs import Int4, TopK, TopK2, UplinkCodec, int4, make_codec, topk2
 from fedstream.common.errors import WireError
 from fedstream.common.wire.manifest import TensorEntry
 
