@@ -98,23 +98,33 @@ def test_int4_refuses_malformed_parts(bad, match: str) -> None:
 
 @given(x=vectors, fraction=st.floats(0.001, 1.0))
 @settings(max_examples=80, deadline=None)
-def test_topk2_keeps_the_top_k_signs_within_a_quarter_of_the_block_range(x, fraction) -> None:
+def test_topk2_keeps_the_top_k_signs_within_half_of_the_block_range(x, fraction) -> None:
     codec = TopK2(fraction)
     out = round_trip(codec, x)
     if not x.numel():
         return
-    indices, scales, _ = codec.encode(x)
+    indices, levels, _ = codec.encode(x)
     kept = torch.zeros(x.numel(), dtype=torch.bool)
     kept[indices.long()] = True
     assert torch.equal(indices, TopK(fraction).encode(x)[0])  # the same elements as topk
     assert bool((out[~kept] == 0).all())
-    k = codec.k(x.numel())
-    lo = scales[:, 0].repeat_interleave(topk2.BLOCK)[:k]
-    hi = scales[:, 1].repeat_interleave(topk2.BLOCK)[:k]
     got, want = out[indices.long()], x[indices.long()]
-    assert bool(((lo <= want.abs()) & (want.abs() <= hi)).all())
     assert bool((got * want >= 0).all())  # the sign survives
-    assert bool(((got - want).abs() <= (hi - lo) / 4 + 1e-6 * hi).all())
+    for b in range(levels.shape[0]):
+        block = slice(b * topk2.BLOCK, (b + 1) * topk2.BLOCK)
+        lo, hi = float(want[block].abs().min()), float(want[block].abs().max())
+        assert lo * (1 - 1e-6) <= float(levels[b, 0]) <= float(levels[b, 1]) <= hi * (1 + 1e-6)
+        err = (got[block] - want[block]).abs()
+        assert bool((err <= (hi - lo) / 2 + 1e-6 * hi).all())
+
+
+def test_topk2_levels_are_the_mean_magnitude_of_each_half() -> None:
+    x = torch.tensor([0.0, 2.0, -2.0, 0.01, 4.0, -10.0, 0.0, 9.0])
+    indices, levels, _ = TopK2(0.75).encode(x)  # keeps 6: 2, -2, 0.01, 4, -10, 9; middle 5.005
+    assert indices.tolist() == [1, 2, 3, 4, 5, 7]
+    torch.testing.assert_close(levels, torch.tensor([[(2 + 2 + 0.01 + 4) / 4, 9.5]]))
+    out = round_trip(TopK2(0.75), x)
+    assert out.tolist() == pytest.approx([0, 2.0025, -2.0025, 2.0025, 2.0025, -9.5, 0, 9.5])
 
 
 def test_topk2_is_exact_for_a_block_of_equal_magnitudes() -> None:
@@ -149,8 +159,8 @@ def with_part(i: int, value: torch.Tensor) -> list[torch.Tensor]:
         (with_part(0, torch.arange(-1, 9, dtype=torch.int32)), "strictly increasing"),
         (with_part(1, torch.tensor([[math.nan, 1.0]])), "finite"),
         (with_part(1, torch.tensor([[0.5, math.inf]])), "finite"),
-        (with_part(1, torch.tensor([[-0.5, 1.0]])), "lo <= hi"),
-        (with_part(1, torch.tensor([[1.0, 0.5]])), "lo <= hi"),
+        (with_part(1, torch.tensor([[-0.5, 1.0]])), "0 <= lower <= upper"),
+        (with_part(1, torch.tensor([[1.0, 0.5]])), "0 <= lower <= upper"),
         (with_part(1, torch.tensor([[0.5, 1.0], [0.5, 1.0]])), "scales of shape"),
         (with_part(2, torch.tensor([0, 0, 0x10], dtype=torch.uint8)), "after the last value"),
         (with_part(2, torch.tensor([0, 0], dtype=torch.uint8)), "value bytes"),

@@ -72,8 +72,8 @@ MALFORMED: dict[str, list[tuple[str, int, Callable[[torch.Tensor], None], str]]]
     "topk2": [
         ("w", 0, lambda t: t.copy_(t.flip(0)), "strictly increasing"),
         ("w", 0, set_at((2,), 12), "strictly increasing and within 0..11"),
-        ("w", 1, set_at((0, 1), math.inf), "magnitudes must be finite"),
-        ("w", 1, set_at((0, 0), 1e9), "0 <= lo <= hi"),
+        ("w", 1, set_at((0, 1), math.inf), "levels must be finite"),
+        ("w", 1, set_at((0, 0), 1e9), "0 <= lower <= upper"),
         ("h", 2, lambda t: t.bitwise_or_(0xF0), "bits after the last value must be 0"),
     ],
 }
