@@ -1,8 +1,9 @@
 """Uplink codecs end to end: bytes on the wire and final model quality, per codec.
 
 Each configuration is one `fedstream demo` run (a server and N clients as real processes
-on loopback); the codec reaches the server through its environment variables
-(`FEDSTREAM_SERVER_UPLINK_CODEC`, ...), so the demo runs exactly as a user would run it.
+on loopback); the codec reaches the server as the demo's `--uplink-codec`, zstd and the
+top-k fraction through its environment variables (`FEDSTREAM_SERVER_UPLINK_ZSTD`, ...),
+so the demo runs exactly as a user would run it.
 Uplink bytes are the server's `bytes_up` (encoded, compressed data bytes received per
 round, all clients together), compared with the uncompressed (raw) run of the same task
 and seed. Then charlm-lora, starting from the raw charlm run's final checkpoint, against
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fedstream.common.codecs import TopK2, make_codec
 from fedstream.common.codecs import int4 as int4_codec
@@ -86,12 +89,11 @@ def run_demo(
             return Result(label, history, 0.0)
     env = {
         **os.environ,
-        "FEDSTREAM_SERVER_UPLINK_CODEC": codec,
         "FEDSTREAM_SERVER_UPLINK_ZSTD": str(zstd).lower(),
         "FEDSTREAM_SERVER_TOPK_FRACTION": str(TOPK_FRACTION),
     }
     args = [sys.executable, "-m", "fedstream", "demo", "--task", task, "--run-dir", str(run_dir)]
-    args += ["--clients", str(clients), "--rounds", str(rounds)]
+    args += ["--clients", str(clients), "--rounds", str(rounds), "--uplink-codec", codec]
     for key, value in (task_opt or {}).items():
         args += ["--task-opt", f"{key}={value}"]
     print(f"  {task} {label} ...", end="", flush=True, file=sys.stderr)
@@ -153,9 +155,11 @@ def bound(name: str, x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.
         codec = make_codec(name, TOPK_FRACTION)
         assert isinstance(codec, TopK2)
         out = torch.full_like(x, torch.inf)  # dropped: bounded by the smallest kept instead
-        k = codec.k(x.numel())
-        ranges = (parts[1][:, 1] - parts[1][:, 0]).repeat_interleave(topk2_codec.BLOCK)[:k]
-        out[parts[0].long()] = ranges / 4
+        kept = x[parts[0].long()].abs()
+        pad = -kept.numel() % topk2_codec.BLOCK
+        hi = F.pad(kept, (0, pad)).view(-1, topk2_codec.BLOCK).amax(dim=1)
+        lo = F.pad(kept, (0, pad), value=math.inf).view(-1, topk2_codec.BLOCK).amin(dim=1)
+        out[parts[0].long()] = ((hi - lo) / 2).repeat_interleave(topk2_codec.BLOCK)[: kept.numel()]
         return out
     return None
 
@@ -164,6 +168,7 @@ def error_table() -> str:
     """Bytes and reconstruction error of each codec on 2^20 Gaussian and 2^20 Student-t
     (3 degrees of freedom, heavy-tailed) float32 deltas, seed 0."""
     g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # StudentT samples from the global generator
     deltas = {
         "gaussian": torch.randn(1 << 20, generator=g),
         "student-t": torch.distributions.StudentT(3.0).sample((1 << 20,)),

@@ -179,4 +179,5 @@ def test_new_specs_parse_and_announce_the_fraction() -> None:
         back = UplinkCodec.from_round_config(uplink.round_config())
         assert back.spec == spec and back.round_config() == uplink.round_config()
     assert UplinkCodec.parse("topk2", 0.05).round_config()["uplink_topk_fraction"] == 0.05
-    assert isinstance(make_codec("topk2", 0.2), TopK2) and make_codec("topk2", 0.2).fraction == 0.2
+    codec = make_codec("topk2", 0.2)
+    assert isinstance(codec, TopK2) and codec.fraction == 0.2

@@ -47,20 +47,20 @@ def encoded(uplink: UplinkCodec, model: Manifest) -> Parts:
     }
 
 
-def corrupt(parts: Parts, name: str, index: int, edit: Callable[[torch.Tensor], None]) -> Parts:
+def corrupt(parts: Parts, name: str, index: int, edit: Callable[[torch.Tensor], object]) -> Parts:
     out = {key: [p.clone() for p in value] for key, value in parts.items()}
     edit(out[name][index])
     return out
 
 
-def set_at(position: tuple[int, ...], value: float) -> Callable[[torch.Tensor], None]:
+def set_at(position: tuple[int, ...], value: float) -> Callable[[torch.Tensor], object]:
     def edit(part: torch.Tensor) -> None:
         part[position] = value
 
     return edit
 
 
-MALFORMED: dict[str, list[tuple[str, int, Callable[[torch.Tensor], None], str]]] = {
+MALFORMED: dict[str, list[tuple[str, int, Callable[[torch.Tensor], object], str]]] = {
     # w: 12 elements, one scale, 6 value bytes; h: 5 elements, its 3rd byte's high nibble pads
     "int4": [
         ("w", 0, set_at((0,), math.nan), "scales must be finite and non-negative"),
