@@ -176,11 +176,12 @@ class UplinkConfig:
     """How clients compress the updates they send."""
 
     uplink_codec: str = "raw"
-    """Codec of client updates: raw, fp16, bf16, int8 (per-block scales) or topk."""
+    """Codec of client updates: raw, fp16, bf16, int8 or int4 (per-block scales), topk or
+    topk2 (top-k with 2-bit values)."""
     uplink_zstd: bool = False
     """Compress client updates losslessly with zstd on top of the uplink codec."""
     topk_fraction: float = 0.01
-    """Fraction of each tensor's elements a topk update carries."""
+    """Fraction of each tensor's elements a topk or topk2 update carries."""
 
     def validate(self) -> None:
         if self.uplink_codec not in CODEC_NAMES:

@@ -6,7 +6,9 @@ entries (manifest, then the parts' bytes, as for raw updates):
     raw    NAME                              the delta in the model tensor's dtype
     fp16   NAME F16, bf16  NAME BF16         same shape                 (halfprec.py)
     int8   NAME::scales F32, NAME::values I8  a scale per 256 elements   (int8.py)
+    int4   NAME::scales F32, NAME::values U8  two 4-bit values a byte    (int4.py)
     topk   NAME::indices I32, NAME::values   k = ceil(fraction * n)      (topk.py)
+    topk2  NAME::indices, ::scales, ::values top-k, 2-bit values          (topk2.py)
 
 and `+zstd` compresses the whole stream of parts losslessly (zstd.py). The upload
 manifest's codec field carries the spec (`int8`, `topk+zstd`); the coordinator accepts
@@ -26,13 +28,15 @@ import torch
 from fedstream.common.codecs import zstd
 from fedstream.common.codecs.base import Codec, Raw
 from fedstream.common.codecs.halfprec import BFloat16, Float16
+from fedstream.common.codecs.int4 import Int4
 from fedstream.common.codecs.int8 import Int8
 from fedstream.common.codecs.topk import TopK
+from fedstream.common.codecs.topk2 import TopK2
 from fedstream.common.round_config import ConfigScalar
 from fedstream.common.wire.manifest import Manifest
 from fedstream.common.wire.stream import iter_chunks
 
-CODEC_NAMES = ("raw", "fp16", "bf16", "int8", "topk")
+CODEC_NAMES = ("raw", "fp16", "bf16", "int8", "int4", "topk", "topk2")
 ZSTD_SUFFIX = "+zstd"
 CODEC_KEY = "uplink_codec"
 """Round-config key announcing the uplink spec to clients."""
@@ -42,9 +46,15 @@ TOPK_FRACTION_KEY = "uplink_topk_fraction"
 
 def make_codec(name: str, topk_fraction: float = 0.01) -> Codec:
     """The codec called `name`; ValueError for an unknown one."""
-    simple: dict[str, type[Codec]] = {"raw": Raw, "fp16": Float16, "bf16": BFloat16, "int8": Int8}
-    if name == "topk":
-        return TopK(topk_fraction)
+    simple: dict[str, type[Codec]] = {
+        "raw": Raw,
+        "fp16": Float16,
+        "bf16": BFloat16,
+        "int8": Int8,
+        "int4": Int4,
+    }
+    if name in ("topk", "topk2"):
+        return (TopK2 if name == "topk2" else TopK)(topk_fraction)
     if name not in simple:
         raise ValueError(f"unknown uplink codec {name!r}: use one of {', '.join(CODEC_NAMES)}")
     return simple[name]()
@@ -121,9 +131,11 @@ __all__ = [
     "BFloat16",
     "Codec",
     "Float16",
+    "Int4",
     "Int8",
     "Raw",
     "TopK",
+    "TopK2",
     "UplinkCodec",
     "make_codec",
     "wire_chunks",

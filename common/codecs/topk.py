@@ -26,6 +26,18 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
+def check_indices(indices: torch.Tensor, numel: int) -> torch.Tensor:
+    """`indices` as int64; WireError unless strictly increasing and each below `numel`."""
+    indices = indices.long()
+    if indices.numel() and (
+        int(indices[0]) < 0
+        or int(indices[-1]) >= numel
+        or not bool((indices[1:] > indices[:-1]).all())
+    ):
+        raise WireError(f"top-k indices must be strictly increasing and within 0..{numel - 1}")
+    return indices
+
+
 class TopK(Codec):
     name = "topk"
     error_feedback = True
@@ -57,13 +69,7 @@ class TopK(Codec):
     ) -> torch.Tensor:
         indices, values = parts
         numel = math.prod(shape)
-        indices = indices.long()
-        if indices.numel() and (
-            int(indices[0]) < 0
-            or int(indices[-1]) >= numel
-            or not bool((indices[1:] > indices[:-1]).all())
-        ):
-            raise WireError(f"top-k indices must be strictly increasing and within 0..{numel - 1}")
+        indices = check_indices(indices, numel)
         out = torch.zeros(numel, dtype=dtype)
         out[indices] = values.to(dtype)
         return out.reshape(shape)

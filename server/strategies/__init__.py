@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fedstream.server.strategies.base import DeltaBlock, DeltaStream, Strategy
 from fedstream.server.strategies.catalog import STRATEGIES, NamedStrategy, class_defaults
+from fedstream.server.strategies.diloco import DiLoCo
 from fedstream.server.strategies.fedadagrad import FedAdagrad
 from fedstream.server.strategies.fedadam import FedAdam
 from fedstream.server.strategies.fedavg import FedAvg
@@ -26,6 +27,7 @@ __all__ = [
     "STRATEGIES",
     "DeltaBlock",
     "DeltaStream",
+    "DiLoCo",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",

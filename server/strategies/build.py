@@ -13,6 +13,7 @@ from collections.abc import Callable
 from fedstream.server.aggregation_config import StrategyConfig
 from fedstream.server.strategies.base import Strategy
 from fedstream.server.strategies.catalog import require_robust, strategy_class
+from fedstream.server.strategies.diloco import DiLoCo
 from fedstream.server.strategies.fedadagrad import FedAdagrad
 from fedstream.server.strategies.fedadam import FedAdam
 from fedstream.server.strategies.fedavg import FedAvg
@@ -44,6 +45,7 @@ BUILDERS: dict[str, Callable[[StrategyConfig], Strategy]] = {
         eps=c.tau,
     ),
     "fedavgm": lambda c: FedAvgM(c.server_lr, c.server_momentum),
+    "diloco": lambda c: DiLoCo(c.server_lr, c.server_momentum),
     "fedadam": lambda c: FedAdam(c.server_lr, c.beta1, c.beta2, c.tau),
     "fedyogi": lambda c: FedYogi(c.server_lr, c.beta1, c.beta2, c.tau),
     "fedadagrad": lambda c: FedAdagrad(c.server_lr, c.beta1, c.beta2, c.tau),

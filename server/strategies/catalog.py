@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from fedstream.common.config import ConfigError
 from fedstream.server.strategies.base import MeanOfUpdates, Strategy
+from fedstream.server.strategies.diloco import DiLoCo
 from fedstream.server.strategies.fedadagrad import FedAdagrad
 from fedstream.server.strategies.fedadam import FedAdam
 from fedstream.server.strategies.fedavg import FedAvg
@@ -38,6 +39,7 @@ STRATEGIES: dict[str, NamedStrategy] = {
     "fedavg": NamedStrategy(FedAvg),
     "fedsgd": NamedStrategy(FedSGD),
     "fedavgm": NamedStrategy(FedAvgM),
+    "diloco": NamedStrategy(DiLoCo),
     "fedadam": NamedStrategy(FedAdam),
     "fedyogi": NamedStrategy(FedYogi),
     "fedadagrad": NamedStrategy(FedAdagrad),

@@ -51,3 +51,19 @@ def test_topk_residual_keeps_the_unsent_part_and_a_failed_upload_loses_nothing()
     assert uplink.residuals["s"].item() == 0.0
     uplink.configure(UplinkCodec.parse("int8"))
     assert uplink.residuals == {}
+
+
+def test_low_bit_codecs_feed_their_error_into_the_next_update() -> None:
+    layout = Manifest.from_tensors(DELTAS)
+    for spec in ("int4", "topk2"):
+        uplink = encoder(spec)
+        codec = uplink.uplink.codec
+        update = uplink.encode(layout, deltas)
+        pieces = iter(list(update.pieces()))
+        assert update.manifest.codec == spec and codec.error_feedback
+        update.commit()
+        for entry in layout.entries:
+            parts = [next(pieces) for _ in codec.layout(entry)]
+            sent = codec.decode(parts, torch.float32, entry.shape)
+            torch.testing.assert_close(uplink.residuals[entry.name], DELTAS[entry.name] - sent)
+        assert bool(uplink.residuals["w"].any())  # neither codec sends w exactly

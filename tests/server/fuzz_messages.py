@@ -148,7 +148,11 @@ def manifests(draw: st.DrawFn) -> pb.Manifest:
             pb.TensorSpec(name=f"t{i}", dtype="F32", shape=[1], nbytes=4) for i in range(extra)
         )
     if draw(st.integers(0, 5)) == 0:
-        manifest.codec = draw(st.sampled_from(["", "fp16", "int8", "topk:0.5", "raw+zstd", "RAW"]))
+        manifest.codec = draw(
+            st.sampled_from(
+                ["", "fp16", "int8", "int4", "topk:0.5", "topk2+zstd", "raw+zstd", "RAW"]
+            )
+        )
     return manifest
 
 

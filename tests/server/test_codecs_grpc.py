@@ -37,7 +37,17 @@ def fedavg_of_decoded_tiny(uplink: UplinkCodec, partitions: list[int]) -> dict[s
 
 
 @pytest.mark.parametrize(
-    ("codec", "zstd"), [("int8", False), ("topk", False), ("int8", True), ("fp16", True)]
+    ("codec", "zstd"),
+    [
+        ("int8", False),
+        ("topk", False),
+        ("int8", True),
+        ("fp16", True),
+        ("int4", False),
+        ("topk2", False),
+        ("int4", True),
+        ("topk2", True),
+    ],
 )
 def test_round_with_a_compressed_uplink_folds_the_decoded_updates(
     coordinator, tmp_path, codec: str, zstd: bool
@@ -70,14 +80,18 @@ def test_round_with_a_compressed_uplink_folds_the_decoded_updates(
         )
     else:
         assert record["bytes_up"] == 3 * layout_bytes
-    if codec == "topk":  # the client kept what it did not send for its next update
+    if codec in ("topk", "topk2"):  # the client kept what it did not send for its next update
         residuals = clients[0].client.uplink.residuals
         assert set(residuals) == {"w", "h"}
         assert int((residuals["w"] != 0).sum()) == 12 - 3
+    if codec == "int4":  # equal deltas are block maxima: int4 sent them exactly
+        residuals = clients[0].client.uplink.residuals
+        assert set(residuals) == {"w", "h"} and not any(r.any() for r in residuals.values())
 
 
-def test_topk_error_feedback_sends_the_residual_later(coordinator) -> None:
-    running = coordinator(rounds=3, min_clients=1, uplink_codec="topk", topk_fraction=0.5)
+@pytest.mark.parametrize("codec", ["topk", "topk2"])
+def test_topk_error_feedback_sends_the_residual_later(coordinator, codec: str) -> None:
+    running = coordinator(rounds=3, min_clients=1, uplink_codec=codec, topk_fraction=0.5)
     client = start_client(running.address, 0)
     assert client.join(60) == 0
     running.wait_done(30)

@@ -13,6 +13,7 @@ from fedstream.server.config import ServerConfig
 from fedstream.server.strategies import (
     STRATEGIES,
     DeltaBlock,
+    DiLoCo,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -115,6 +116,37 @@ def test_fedavgm_is_momentum_on_the_mean_delta() -> None:
         v = {k: beta * v[k] + d[k] for k in w}
         w = {k: w[k] + lr * v[k] for k in w}
     check(FedAvgM(lr, beta), w)
+
+
+def test_diloco_is_nesterov_on_the_outer_gradient() -> None:
+    """Algorithm 1 of Douillard et al. (2023) in the paper's own signs: the outer
+    gradient g = -delta, PyTorch's Nesterov SGD b = mu b + g, w -= lr (g + mu b)."""
+    lr, mu = 0.7, 0.9
+    w, b = initial(), {k: torch.zeros_like(t) for k, t in initial().items()}
+    for r in range(ROUNDS):
+        g = {k: -d for k, d in weighted_mean(r, EXAMPLES).items()}
+        b = {k: mu * b[k] + g[k] for k in w}
+        w = {k: w[k] - lr * (g[k] + mu * b[k]) for k in w}
+    check(DiLoCo(), w)
+
+
+def test_diloco_matches_torch_nesterov_sgd_and_numbers_stepped_by_hand() -> None:
+    """One weight at 1, one client whose delta is +1 every round: by hand, with lr 0.7 and
+    mu 0.9, b = -1, -1.9, -2.71 and w = 2.33, 4.227, 6.6343; torch.optim.SGD with
+    nesterov=True on the gradient -delta takes the same three steps."""
+    strategy, model = DiLoCo(), {"w": torch.tensor([1.0])}
+    param = torch.nn.Parameter(torch.tensor([1.0]))
+    sgd = torch.optim.SGD([param], lr=0.7, momentum=0.9, nesterov=True)
+    for expected in (2.33, 4.227, 6.6343):
+        strategy.begin_round(model)
+        verified = VerifiedUpdate.in_memory("a", 1, [DeltaBlock("w", 0, torch.tensor([1.0]))])
+        strategy.accept(verified)
+        strategy.aggregate([verified], model)
+        param.grad = torch.tensor([-1.0])
+        sgd.step()
+        assert model["w"].item() == pytest.approx(expected, abs=1e-5)
+        assert param.item() == pytest.approx(expected, abs=1e-5)
+    assert strategy.state_tensors()["v/w"].item() == pytest.approx(2.71)
 
 
 @pytest.mark.parametrize("method", ["adam", "yogi", "adagrad"])
@@ -233,11 +265,12 @@ def test_every_strategy_with_a_server_optimiser_declares_its_defaults() -> None:
     assert set(with_default("default_lr")) == {
         "fedsgd",
         "fedavgm",
+        "diloco",
         "fedadam",
         "fedyogi",
         "fedadagrad",
     }
-    assert set(with_default("default_momentum")) == {"fedsgd", "fedavgm"}
+    assert set(with_default("default_momentum")) == {"fedsgd", "fedavgm", "diloco"}
 
 
 @pytest.mark.parametrize(("field", "attribute", "_built"), HYPER_PARAMETERS)
