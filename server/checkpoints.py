@@ -90,14 +90,6 @@ class RunIdentity:
 
 
 @dataclass
-class Resumed:
-    round: int
-    model: dict[str, torch.Tensor]
-    strategy_state: dict[str, torch.Tensor]
-    history: list[dict[str, Any]]
-
-
-@dataclass
 class Newest:
     """The newest usable checkpoint: its round, model, strategy state and metadata."""
 

@@ -3,9 +3,6 @@ loopback (sharded_ranks.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import torch
 from fedstream.client.config import ClientConfig
 from fedstream.client.sharded import rows_of
 from fedstream.common.config import ConfigError
+from tests.client.two_ranks import run_two_ranks
 
 HELPER = Path(__file__).with_name("sharded_ranks.py")
 
@@ -23,26 +21,7 @@ HELPER = Path(__file__).with_name("sharded_ranks.py")
 def test_ranks_take_their_shards_and_rank_0_gathers_one_tensor_at_a_time(
     tmp_path: Path, free_port: Callable[[], int]
 ) -> None:
-    port = str(free_port())
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(HELPER), str(tmp_path)],
-            env={
-                **os.environ,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "RANK": str(rank),
-                "WORLD_SIZE": "2",
-            },
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    try:
-        assert [rank.wait(90) for rank in ranks] == [0, 0]
-    finally:
-        for rank in ranks:
-            rank.kill()
-    leader, follower = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    leader, follower = run_two_ranks(HELPER, tmp_path, free_port(), 90)
     assert leader["same_layout"] and follower["same_layout"]
     # Weights of 5 and 3 rows: 3 + 2 and 2 + 1 rows on ranks 0 and 1.
     assert leader["local_rows"]["blocks.0.weight"] == 3

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +12,7 @@ from fedstream.client.config import ClientConfig
 from fedstream.client.site import Command, RankGroup, Ranks, Site, open_site
 from fedstream.common.config import ConfigError
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from tests.client.two_ranks import run_two_ranks
 
 HELPER = Path(__file__).with_name("site_ranks.py")
 
@@ -23,26 +21,7 @@ HELPER = Path(__file__).with_name("site_ranks.py")
 def test_two_ranks_share_commands_the_model_gradients_and_totals(
     tmp_path: Path, free_port: Callable[[], int]
 ) -> None:
-    port = str(free_port())
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, str(HELPER), str(tmp_path)],
-            env={
-                **os.environ,
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": port,
-                "RANK": str(rank),
-                "WORLD_SIZE": "2",
-            },
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    try:
-        assert [rank.wait(60) for rank in ranks] == [0, 0]
-    finally:
-        for rank in ranks:
-            rank.kill()
-    leader, follower = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    leader, follower = run_two_ranks(HELPER, tmp_path, free_port(), 60)
     assert follower["commands"] == [(Command.IDLE, b""), (Command.TRAIN, b"round 7")]
     for name, tensor in leader["state"].items():  # rank 0's weights, bit for bit, bf16 too
         assert torch.equal(follower["state"][name], tensor), name
