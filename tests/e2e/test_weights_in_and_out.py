@@ -181,5 +181,5 @@ def test_a_bad_task_option_is_one_line_and_exit_2(
     argv = ["server", "--address", "127.0.0.1:0", "--task", "digits", "--task-opt"]
     assert main([*argv, "hidden=banana"]) == 2
     assert capsys.readouterr().err == (
-        "fedstream server: task option hidden='banana' is not an integer\n"
+        "fedstream server: task digits option hidden='banana' is not an integer\n"
     )
