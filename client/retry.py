@@ -13,6 +13,7 @@ apart, so a credential mistake ends the client in seconds rather than after
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 
@@ -106,6 +107,8 @@ DEFINITE_AFTER = 3
 """Handshake failures in a row, each naming its cause, after which the client gives up."""
 
 CLOSED_AFTER = 5
+LAST_ADDRESS = re.compile(r"last error: [A-Z_]+: (ipv[46]:.*?:\d+):")
+"""The address grpc names in a failed connection's details (`ipv4:127.0.0.1:P`)."""
 """Connections in a row closed by the coordinator during the handshake after which the
 client gives up: such a close names no cause, and a proxy in front of a coordinator
 that is down may close connections too, so it takes more of them."""
@@ -117,8 +120,11 @@ class HandshakeWatch:
 
     Any other outcome starts the count again: a failure of another kind (nothing
     listening, connection refused, a deadline) through `failed`, and an answered call
-    through `reset`. `target` is the HOST:PORT dialled; `tls` whether this client speaks
-    TLS (--ca), `mutual` whether it presents a certificate (--cert).
+    through `reset`; but a refusal at another address than the one whose handshakes
+    failed does not (a name such as `localhost` has an IPv6 address where nothing
+    listens beside the IPv4 one where the coordinator does). `target` is the HOST:PORT
+    dialled; `tls` whether this client speaks TLS (--ca), `mutual` whether it presents a
+    certificate (--cert).
     """
 
     def __init__(self, target: str, tls: bool, mutual: bool) -> None:
@@ -126,6 +132,7 @@ class HandshakeWatch:
         self.tls = tls
         self.mutual = mutual
         self.in_a_row = 0
+        self.address: str | None = None
 
     def reset(self) -> None:
         self.in_a_row = 0
@@ -134,9 +141,13 @@ class HandshakeWatch:
         """The likely cause, once `code`/`details` make enough handshake failures in a
         row to give up on; None while the client should go on retrying."""
         cause = self.cause(code, details)
+        named = LAST_ADDRESS.search(details)
+        address = named.group(1) if named else None
         if cause is None:
-            self.reset()
+            if not (self.in_a_row and address and self.address and address != self.address):
+                self.reset()
             return None
+        self.address = address
         self.in_a_row += 1
         definite, text = cause
         if self.in_a_row < (DEFINITE_AFTER if definite else CLOSED_AFTER):

@@ -73,6 +73,20 @@ def test_an_outage_between_handshake_failures_starts_the_count_again():
     assert tries(watch, REFUSED, 50) == [None] * 50
 
 
+def test_a_refusal_at_another_address_of_the_name_keeps_the_count():
+    """`localhost` dials ::1 as well, where nothing listens: its refusals say nothing of
+    the handshakes that 127.0.0.1 keeps closing."""
+    watch = HandshakeWatch("localhost:1", True, False)
+    elsewhere = (
+        FAILED + "UNKNOWN: ipv6:%5B::1%5D:1: Failed to connect to remote host: Connection refused"
+    )
+    outcomes = []
+    for _ in range(CLOSED_AFTER):
+        outcomes.append(watch.failed(UNAVAILABLE, CLOSED))
+        assert watch.failed(UNAVAILABLE, elsewhere) is None
+    assert outcomes[:-1] == [None] * (CLOSED_AFTER - 1) and outcomes[-1] is not None
+
+
 def test_an_answered_call_starts_the_count_again():
     watch = HandshakeWatch("127.0.0.1:1", True, False)
     tries(watch, OTHER_CA, DEFINITE_AFTER - 1)
