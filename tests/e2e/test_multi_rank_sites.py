@@ -54,10 +54,14 @@ def history(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_two_rank_site_and_a_one_rank_site_aggregate_as_two_single_processes(
-    procs: Any, wait_for: Any
+    procs: Any, wait_for: Any, parallel: str
 ) -> None:
+    """With DDP, or with FSDP sharding the site's model (`--site-parallel fsdp`; the site
+    of one process has nothing to shard)."""
     rounds = ("--rounds", "2")
+    site_flags = ("--site-parallel", parallel)
     _, ranked = start_server(procs, wait_for, "ranked", *rounds)
     _, flat = start_server(procs, wait_for, "flat", *rounds)
     # Site a of the first federation is a torchrun job of two ranks; site b is one process.
@@ -66,7 +70,7 @@ def test_a_two_rank_site_and_a_one_rank_site_aggregate_as_two_single_processes(
         "ranked-a",
         [
             *torchrun, "--nproc-per-node", "2", "-m", "fedstream", "client",
-            "--server", ranked, "--name", "a", "--partition", "0", *CLIENT,
+            "--server", ranked, "--name", "a", "--partition", "0", *CLIENT, *site_flags,
         ],
         env=ENV,
     )  # fmt: skip
@@ -80,6 +84,7 @@ def test_a_two_rank_site_and_a_one_rank_site_aggregate_as_two_single_processes(
         "--partition",
         "1",
         *CLIENT,
+        *site_flags,
         env=ENV,
     )
     for partition in (0, 1):
@@ -107,6 +112,7 @@ def test_a_two_rank_site_and_a_one_rank_site_aggregate_as_two_single_processes(
         assert not torch.allclose(tensor, initial[name])  # round 2 moved the model
     site_log = site.log()
     assert "rank 1 of 2" in site_log and "the site's 2 ranks: 24 examples in all" in site_log
+    assert ("sharded by FSDP" in site_log) == (parallel == "fsdp")
     assert site_log.count("rank 0 ended the run (exit code 0)") == 1  # rank 1 heard the end
 
 
