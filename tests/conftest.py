@@ -32,6 +32,18 @@ import pytest
 
 T = TypeVar("T")
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `containers` tier builds images for minutes: it runs only when a `-m`
+    expression names it (`.ci/containers`), never as part of `make test` or another tier."""
+    if "containers" in (config.getoption("markexpr") or ""):
+        return
+    left_out = [item for item in items if item.get_closest_marker("containers")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("containers")]
+
+
 STOP_GRACE = 10.0
 """Seconds a process gets to exit after SIGTERM before it is killed."""
 LOG_TAIL_LINES = 40
