@@ -347,6 +347,7 @@ def test_bad_requests_are_refused_and_the_round_completes(
         torch.testing.assert_close(final[name], tensor, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_repeated_update_is_idempotent(
     coordinator: Callable[..., RunningCoordinator], tmp_path: Path
 ) -> None:

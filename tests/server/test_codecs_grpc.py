@@ -104,6 +104,7 @@ def test_topk_error_feedback_sends_the_residual_later(coordinator, codec: str) -
     assert float(sent.sum()) > 0.125 * 12  # more than one round's worth arrived
 
 
+@pytest.mark.slow
 def test_wrong_codec_and_oversize_parts_are_refused_before_spooling(coordinator) -> None:
     running = coordinator(rounds=1, min_clients=2, uplink_codec="int8")
     peer = RawPeer(running.address)

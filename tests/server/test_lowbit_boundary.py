@@ -90,6 +90,7 @@ def upload(layout: Manifest, parts: Parts | bytes) -> list[bytes]:
     return [pb.UpdateChunk(header=msg).SerializeToString(), *chunks]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("codec", sorted(MALFORMED))
 def test_malformed_low_bit_updates_are_refused_precisely(
     coordinator: Callable[..., RunningCoordinator], tmp_path: Path, codec: str

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from .conftest import ClientThread, client_config, wide_task
 from .faultproxy import FaultProxy
 
@@ -31,6 +33,7 @@ def test_cut_download_resumes_from_its_offset(coordinator, tmp_path, caplog):
     assert MODEL_BYTES <= record["bytes_down"] < 2 * MODEL_BYTES
 
 
+@pytest.mark.slow
 def test_slow_upload_still_moving_is_not_a_straggler(coordinator, tmp_path):
     running = coordinator(
         task=wide_task(), rounds=1, min_clients=1, round_timeout=3.0, stall_timeout=1.0

@@ -244,6 +244,7 @@ def test_evaluation_rounds_record_the_example_weighted_client_metrics(coordinato
         assert torch.equal(client.client.task.evaluated_w, final["w"])
 
 
+@pytest.mark.slow
 def test_evaluation_closes_at_its_deadline_without_reports(coordinator, tmp_path):
     running = coordinator(rounds=1, min_clients=2, eval_every=1, eval_timeout=1.0)
     silent = Connection(running.address, 1 << 20, 30.0)
