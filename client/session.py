@@ -50,6 +50,11 @@ class HeartbeatCall(Protocol):
     def heartbeat(self, session: Session, round_number: int) -> pb.HeartbeatReply: ...
 
 
+STOP_WAIT_SECONDS = 10.0
+"""The longest the end of a task waits for a beat in flight (its call's own deadline is
+shorter)."""
+
+
 class Heartbeat:
     """While open, calls Heartbeat(round) every `session.heartbeat_seconds` from a daemon
     thread, so the coordinator does not release this client from a round it is working on.
@@ -78,9 +83,11 @@ class Heartbeat:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        # Not joined: a beat in flight ends within its short deadline, and the task's end
-        # need not wait for it.
+        # Joined, so that no beat lands after the task's end (after the next Poll): a beat
+        # in flight ends within its short deadline, and the wait for it is bounded by that.
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_WAIT_SECONDS)
 
     @property
     def running(self) -> bool:
