@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import torch
 
+from fedstream.client.held_model import HeldModel
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.framing import frame_data
 from fedstream.common.wire.manifest import Manifest
@@ -223,3 +224,12 @@ class UpperBound(random.Random):
     def uniform(self, a: float, b: float) -> float:
         self.ranges.append((a, b))
         return b
+
+
+def assert_holds(held: HeldModel, tensors: Mapping[str, torch.Tensor]) -> None:
+    """`held` is complete and holds exactly `tensors`."""
+    assert held.complete
+    out = {name: torch.zeros_like(t) for name, t in tensors.items()}
+    held.load_into(out)
+    for name, tensor in tensors.items():
+        assert torch.equal(out[name], tensor), name

@@ -7,7 +7,6 @@ from typing import Any
 
 import grpc
 import pytest
-import torch
 
 from fedstream.client import connection
 from fedstream.client.connection import Connection
@@ -18,6 +17,7 @@ from fedstream.common.wire.manifest import Manifest
 from .fakes import (
     FakeChannel,
     FakeRpcError,
+    assert_holds,
     download_answer,
     join_reply,
     model,
@@ -100,11 +100,7 @@ def test_download_asks_for_the_sessions_chunk_size(
         request = pb.DownloadRequest.FromString(sent.wire[0])
         assert (request.model_version, request.offset, request.chunk_bytes) == (4, 0, 2048)
         assert sent.metadata == (("authorization", "Bearer tok"),)
-        assert held.complete
-        out = {name: torch.zeros_like(t) for name, t in tensors.items()}
-        held.load_into(out)
-        for name, tensor in tensors.items():
-            assert torch.equal(out[name], tensor), name
+        assert_holds(held, tensors)
     finally:
         held.close()
 

@@ -19,7 +19,7 @@ from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import stub
 from fedstream.common.wire.manifest import Manifest
 
-from .fakes import FakeChannel, FakeRpcError, download_answer, model
+from .fakes import FakeChannel, FakeRpcError, assert_holds, download_answer, model
 
 CHUNK = 1024
 
@@ -87,11 +87,7 @@ def test_a_broken_download_resumes_from_its_last_byte(code: grpc.StatusCode | No
         first, second = coordinator.requests
         assert (first.offset, second.offset) == (0, 3 * CHUNK)
         assert second.chunk_bytes == CHUNK and second.model_version == 4
-        assert held.complete
-        out = {name: torch.zeros_like(t) for name, t in tensors.items()}
-        held.load_into(out)
-        for name, tensor in tensors.items():
-            assert torch.equal(out[name], tensor), name
+        assert_holds(held, tensors)
     finally:
         held.close()
 
