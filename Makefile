@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv demo test lint docs bench protos quality robust clean distclean
+.PHONY: help venv demo test lint docs bench protos quality robust soak clean distclean
 .PHONY: image base-image wheelhouse
 
 help:
@@ -28,6 +28,7 @@ help:
 	@echo "make protos     regenerate common/proto/v1 from protos/"
 	@echo "make quality    learning-quality report: strategies vs centralised (report/)"
 	@echo "make robust     attacks x strategies on digits, real processes (report/robust.md)"
+	@echo "make soak       60 rounds under kill -9 and cut connections, checked (runs/soak)"
 	@echo "make clean      remove caches and build outputs"
 	@echo "make distclean  clean, and remove .venv and runs/ too"
 	@echo "make wheelhouse download every wheel the image needs into wheels/ (offline builds)"
@@ -99,6 +100,13 @@ quality: $(STAMP)
 ROBUST_ARGS ?=
 robust: $(STAMP)
 	$(BIN)/python -m bench.robust --out report $(ROBUST_ARGS)
+
+# Not part of `make test`: 60 rounds of 6 processes under kill -9 and cut connections, then
+# the same run undisturbed (about 10 minutes on 2 busy cores); exits 1 when a check fails.
+# SOAK_ARGS='--rounds 80 --seed 3' changes it (python -m bench.soak --help).
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -51,9 +51,14 @@ def run_both(args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(args.out / "twin-run", ignore_errors=True)
     print(f"soak: {args.rounds} rounds, {len(plan)} disturbances planned", flush=True)
     soak = Soak(run, plan, protect, args.out / "soak-run").run()
-    print(f"soak: done in {soak.seconds:.0f}s; the undisturbed twin now", flush=True)
-    twin = Soak(run, [], protect, args.out / "twin-run").run()
-    print(f"twin: done in {twin.seconds:.0f}s", flush=True)
+    print(f"soak: done in {soak.seconds:.0f}s", flush=True)
+    if soak.aborted:
+        print(f"soak: aborted ({soak.aborted}); no twin", flush=True)
+        twin = Outcome([], [], [], [], {}, 0, 0.0)
+    else:
+        print("twin: the same run undisturbed", flush=True)
+        twin = Soak(run, [], protect, args.out / "twin-run").run()
+        print(f"twin: done in {twin.seconds:.0f}s", flush=True)
     return judge(args, [d.as_dict() for d in plan], soak, twin)
 
 
@@ -186,7 +191,7 @@ def main() -> int:
     )
     parser.add_argument("--memory-tolerance", type=float, default=0.05)
     parser.add_argument("--accuracy-points", type=float, default=1.0)
-    parser.add_argument("--timeout", type=float, default=420.0, help="seconds each run may take")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds each run may take")
     parser.add_argument(
         "--expect-round-log",
         action="store_true",

@@ -32,8 +32,6 @@ from fedstream.common.tokens import new_token, token_hash
 
 CLIENT_TOKEN = "FEDSTREAM_CLIENT_TOKEN"
 TICK_S = 0.1
-STARTUP_S = 60.0
-"""How long a started coordinator may take to write its coordinator.json."""
 
 
 @dataclass(frozen=True)
@@ -242,6 +240,7 @@ class Soak:
                         self._start_coordinator()
                     else:
                         process.start()
+                self._find_coordinator()
                 self._observe_rounds()
                 self.aborted = self._failed(everyone)
                 if self.aborted:
@@ -289,14 +288,16 @@ class Soak:
     def _start_coordinator(self) -> None:
         self.coordinator.start()
         self.coordinator_pid = None
-        deadline = time.monotonic() + STARTUP_S
+
+    def _find_coordinator(self) -> None:
+        """The running coordinator's pid, from the coordinator.json it wrote (the one a
+        killed coordinator left behind is older than its successor's start)."""
+        if self.coordinator_pid is not None or not self.coordinator.running:
+            return
         path = self.run_dir / "coordinator.json"
-        while time.monotonic() < deadline and self.coordinator.running:
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                if path.stat().st_mtime >= self.coordinator.started - 1:
-                    self.coordinator_pid = int(json.loads(path.read_text())["pid"])
-                    return
-            time.sleep(TICK_S)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            if path.stat().st_mtime >= self.coordinator.started - 1:
+                self.coordinator_pid = int(json.loads(path.read_text())["pid"])
 
     def _read(self, process: Process, now: float) -> list[Line]:
         lines = process.read(now)

@@ -302,22 +302,22 @@ def memory(
     """Coordinator RSS at round `last` against round `first`, within one coordinator life.
 
     `samples` are (round, life, RSS MiB) taken as each round's record appeared. Where no
-    life holds both rounds, the longest life's fifth round and its last are compared, and
-    `same_life_as_asked` says so."""
+    life holds both rounds, the longest life's `first`-th sampled round and its last are
+    compared, and `same_life_as_asked` says so."""
     by_life: dict[int, dict[int, float]] = {}
-    for number, life, rss in samples:
-        by_life.setdefault(life, {})[number] = rss
-    for life, rss in sorted(by_life.items()):
-        if first in rss and last in rss:
-            return _compare(life, first, last, rss, tolerance, True)
+    for number, life, mib in samples:
+        by_life.setdefault(life, {})[number] = mib
+    for life, per_round in sorted(by_life.items()):
+        if first in per_round and last in per_round:
+            return _compare(life, first, last, per_round, tolerance, True)
     if not by_life:
         return {"ok": False, "why": "no RSS sample"}
-    life, rss = max(by_life.items(), key=lambda item: len(item[1]))
-    ordered = sorted(rss)
+    longest, per_round = max(by_life.items(), key=lambda item: len(item[1]))
+    ordered = sorted(per_round)
     if len(ordered) < 2:
         return {"ok": False, "why": "no coordinator life lasted two rounds"}
     start = ordered[min(first - 1, len(ordered) - 2)]
-    return _compare(life, start, ordered[-1], rss, tolerance, False)
+    return _compare(longest, start, ordered[-1], per_round, tolerance, False)
 
 
 def _compare(

@@ -24,13 +24,13 @@ def markdown(result: dict[str, Any], lines: list[str]) -> str:
         "```",
         "",
         "| round | attempt | updates / selected | uploaded | from log | opened | missing | "
-        "asked again | disturbances | problems |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "asked again | acknowledged, then trained again | disturbances | problems |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     rows = [
         f"| {r['round']} | {r['attempt']} | {r['updates']} / {r['selected']} | "
         f"{len(r['uploaded'])} | {r['from_log']} | {r['opens']} | {', '.join(r['missing'])} | "
-        f"{_asked(r['asked_again'])} | "
+        f"{_asked(r['asked_again'])} | {', '.join(r['retrained_after_restart'])} | "
         f"{', '.join(r['disturbances'])} | {'; '.join(r['problems'])} |"
         for r in result["rounds"]
     ]
