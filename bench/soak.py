@@ -30,8 +30,9 @@ from bench.soak_plan import CUT, KILL_CLIENT, KILL_COORDINATOR, PlanShape, make_
 from bench.soak_report import markdown
 
 
-def final_accuracy(records: list[dict[str, Any]]) -> float:
-    scored = [r["eval_accuracy"] for r in records if isinstance(r.get("eval_accuracy"), float)]
+def final(records: list[dict[str, Any]], key: str) -> float:
+    """The last round's `key` (eval_accuracy, eval_loss); NaN when no round has it."""
+    scored = [r[key] for r in records if isinstance(r.get(key), float)]
     return float(scored[-1]) if scored else math.nan
 
 
@@ -71,7 +72,10 @@ def judge(
     mem = memory(soak.rss, first, last, args.memory_tolerance)
     twin_mem = memory(twin.rss, first, last, args.memory_tolerance)
     finite = checkpoint_finite(args.out / "soak-run" / "run")
-    accuracy, twin_accuracy = final_accuracy(soak.records), final_accuracy(twin.records)
+    accuracy, twin_accuracy = (
+        final(soak.records, "eval_accuracy"),
+        final(twin.records, "eval_accuracy"),
+    )
     gap = abs(accuracy - twin_accuracy) * 100
     rounds_done = sorted(int(r["round"]) for r in soak.records if r.get("round"))
     fired = {
@@ -98,6 +102,8 @@ def judge(
             "finite": finite,
             "accuracy": accuracy,
             "twin_accuracy": twin_accuracy,
+            "loss": final(soak.records, "eval_loss"),
+            "twin_loss": final(twin.records, "eval_loss"),
             "gap_points": round(gap, 2),
             "allowed_points": args.accuracy_points,
         },
@@ -160,7 +166,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     lines.append(
         f"{mark[model['ok']]} model: finite {model['finite']}, accuracy "
         f"{model['accuracy']:.4f} vs twin {model['twin_accuracy']:.4f} "
-        f"({model['gap_points']} points, at most {model['allowed_points']})"
+        f"({model['gap_points']} points, at most {model['allowed_points']}); held-out loss "
+        f"{model['loss']:.4f} vs {model['twin_loss']:.4f}"
     )
     if acc["from_log"] == 0 and acc["retrained_after_restart"]:
         lines.append(

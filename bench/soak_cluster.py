@@ -32,6 +32,9 @@ from fedstream.common.tokens import new_token, token_hash
 
 CLIENT_TOKEN = "FEDSTREAM_CLIENT_TOKEN"
 TICK_S = 0.1
+LATEST_S = 30.0
+"""A kill of the coordinator whose booked updates do not come fires this long after its
+delay anyway (a round that cannot get them: too few clients back from their kills)."""
 
 
 @dataclass(frozen=True)
@@ -335,10 +338,10 @@ class Soak:
 
     def _ready(self, event: Disturbance, in_flight: int, waited: float) -> bool:
         """A kill of the coordinator waits for its booked updates of the round in flight
-        (at most 5 s past its delay); the others wait for their delay in their round."""
+        (at most LATEST_S past its delay); the others wait for their delay in their round."""
         if event.kind == KILL_COORDINATOR:
             booked = self.booked.get((self.coordinator.life, in_flight), 0)
-            return booked >= event.after_updates or waited >= event.delay_s + 5.0
+            return booked >= event.after_updates or waited >= event.delay_s + LATEST_S
         return event.round < in_flight or waited >= event.delay_s
 
     def _fire(self, event: Disturbance, now: float, in_flight: int) -> None:

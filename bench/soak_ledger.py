@@ -123,7 +123,8 @@ def parse(lines: Iterable[Line]) -> list[Event]:
 def log_field(record: Mapping[str, Any]) -> str | None:
     """The record's key that counts updates taken from the round's log, if it has one."""
     for key, value in record.items():
-        if isinstance(value, int) and any(hint in key for hint in LOG_FIELD_HINTS):
+        count = isinstance(value, int) and not isinstance(value, bool)
+        if count and any(hint in key for hint in LOG_FIELD_HINTS):
             return key
     return None
 

@@ -115,6 +115,8 @@ def test_a_metrics_key_counting_updates_from_the_log_is_used_and_checked() -> No
     logs.clean_round(1, life=2, sites=SITES[1:])
     (acc,) = account([record(1, updates_from_log=1)], 1, parse(logs.lines), logs.fired)
     assert (acc.from_log, acc.from_log_source, acc.problems) == (1, "updates_from_log", [])
+    (flag,) = account([record(1, resumed=True)], 1, parse(logs.lines), logs.fired)
+    assert (flag.from_log, flag.from_log_source) == (1, "inferred")
     (wrong,) = account([record(1, updates_from_log=2)], 1, parse(logs.lines), logs.fired)
     assert wrong.problems == ["4 uploaded + 2 from the log != 5 booked"]
 
