@@ -1,6 +1,6 @@
 """Low-communication training of a language model: held-out loss against bytes moved.
 
-    python -m bench.lowcomm [--out report] [--steps 800] [--skip-cluster]
+    python -m bench.lowcomm [--out report] [--steps 1000] [--skip-cluster]
 
 charlm (the small GPT of `tasks/gpt.py`, byte tokens of CPython's pydoc topics, no
 download) on 4 clients whose data differ in size and subject (topics dealt by name), each
@@ -30,7 +30,7 @@ from bench.lowcomm_train import LocalSGD, Run, Scale, centralised, ddp, local_sg
 
 TASK_OPT = {"n_layer": "2", "n_head": "2", "n_embd": "32", "block_size": "32"}
 """About 43 thousand parameters: small enough for the grid on 2 shared cores."""
-SWEEP = (10, 50, 100, 200)
+SWEEP = (10, 50, 100, 250, 500)
 """H of the DiLoCo sweep."""
 CODEC_H = 100
 """The H of the codec rows and of the streaming row."""
@@ -41,20 +41,21 @@ STREAMING = LocalSGD(
 
 
 def rows(scale: Scale) -> list[Run]:
-    evals = 8
-    runs = [centralised(scale, evals), ddp(scale, evals)]
+    evals = 10
     grid = [LocalSGD(f"DiLoCo H={h}", h) for h in SWEEP]
     grid += [
         LocalSGD(f"DiLoCo H={CODEC_H}, {codec}", CODEC_H, codec=codec)
         for codec in ("int8", "int4", "topk2")
     ]
     grid.append(STREAMING)
-    for row in grid:
-        runs.append(local_sgd(scale, row))
-    for run in runs:
-        print(
-            f"{run.label}: loss {run.loss:.4f}, {run.bytes_moved} B, {run.seconds:.0f}s", flush=True
-        )
+    runs = []
+    for make in [lambda: centralised(scale, evals), lambda: ddp(scale, evals)] + [
+        (lambda row=row: local_sgd(scale, row)) for row in grid
+    ]:
+        run = make()
+        print(f"{run.label}: loss {run.loss:.4f}, {run.bytes_moved:,} B, {run.seconds:.0f} s",
+              flush=True)  # fmt: skip
+        runs.append(run)
     return runs
 
 
@@ -204,7 +205,7 @@ def scale_sizes(scale: Scale) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("report"))
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-cluster", action="store_true")
     args = parser.parse_args()

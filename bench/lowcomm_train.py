@@ -297,14 +297,17 @@ def local_sgd(scale: Scale, row: LocalSGD, on_sync: Callable[[Run], None] | None
 
 def schedule(steps: int, row: LocalSGD) -> list[tuple[int, str, int]]:
     """(step, "sync" | "merge", fragment) in order. Fragment f syncs at (f + 1) H / F + m H
-    and merges `overlap` steps later (at once when overlap is 0); at the last step every
-    fragment takes a last sync, one after another, so the scored model holds all training."""
+    and merges `overlap` steps later (overlap 0: no merge event, the sync mixes at once); at
+    the last step every fragment takes a last sync, one after another, so the scored model
+    holds all training."""
+    if row.h % row.fragments or steps % row.h or not 0 <= row.overlap < row.h // row.fragments:
+        raise ValueError(f"{row.label}: need F | H, H | steps and overlap < H / F")
     events: list[tuple[int, str, int]] = []
     gap = row.h // row.fragments
     for f in range(row.fragments):
         for at in range((f + 1) * gap, steps + 1, row.h):
             events.append((at, "sync", f))
-            if at + row.overlap <= steps and at != steps:
+            if row.overlap and at + row.overlap <= steps and at != steps:
                 events.append((at + row.overlap, "merge", f))
     last = {f for at, kind, f in events if at == steps}
     events += [(steps, "sync", f) for f in range(row.fragments) if f not in last]
