@@ -60,7 +60,7 @@ class CharLMTask(Task):
     round_settings: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("local_steps", int, 30, "optimiser steps per round"),
         TaskOption("batch_size", int, 16, "windows per step"),
-        TaskOption("lr", float, 3e-3, "AdamW learning rate (fresh each round: keep_optimizer)"),
+        TaskOption("lr", float, 3e-3, "AdamW learning rate (fresh each round unless kept)"),
         TaskOption("proximal_mu", float, 0.0, "FedProx coefficient (also --proximal-mu)"),
     )
 
