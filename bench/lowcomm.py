@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,24 +35,17 @@ SWEEP = (10, 50, 100, 250, 500)
 """H of the DiLoCo sweep."""
 CODEC_H = 100
 """The H of the codec rows and of the streaming row."""
+CLUSTER_H = 250
+"""The H of the row run again through real processes."""
 STREAMING = LocalSGD(
     f"streaming DiLoCo, F=4, H={CODEC_H} (in-process only)",
     CODEC_H, fragments=4, overlap=5, alpha=0.5,
 )  # fmt: skip
 
 
-def rows(scale: Scale) -> list[Run]:
-    evals = 10
-    grid = [LocalSGD(f"DiLoCo H={h}", h) for h in SWEEP]
-    grid += [
-        LocalSGD(f"DiLoCo H={CODEC_H}, {codec}", CODEC_H, codec=codec)
-        for codec in ("int8", "int4", "topk2")
-    ]
-    grid.append(STREAMING)
+def measured(makers: Sequence[Callable[[], Run]]) -> list[Run]:
     runs = []
-    for make in [lambda: centralised(scale, evals), lambda: ddp(scale, evals)] + [
-        (lambda row=row: local_sgd(scale, row)) for row in grid
-    ]:
+    for make in makers:
         run = make()
         print(f"{run.label}: loss {run.loss:.4f}, {run.bytes_moved:,} B, {run.seconds:.0f} s",
               flush=True)  # fmt: skip
@@ -59,13 +53,40 @@ def rows(scale: Scale) -> list[Run]:
     return runs
 
 
+def rows(scale: Scale) -> list[Run]:
+    """The table: centralised, synchronous DP, the H sweep, the codecs, streaming."""
+    evals = 10
+    grid = [LocalSGD(f"DiLoCo H={h}", h) for h in SWEEP]
+    grid += [
+        LocalSGD(f"DiLoCo H={CODEC_H}, {codec}", CODEC_H, codec=codec)
+        for codec in ("int8", "int4", "topk2")
+    ]
+    grid.append(STREAMING)
+    return measured(
+        [lambda: centralised(scale, evals), lambda: ddp(scale, evals)]
+        + [(lambda row=row: local_sgd(scale, row)) for row in grid]
+    )
+
+
+def diagnostics(scale: Scale) -> list[Run]:
+    """What the gap to centralised is made of: each row changes one thing of DiLoCo H=CODEC_H."""
+    iid = replace(scale, iid=True)
+    pooled = f"H={CODEC_H}, every client on the pooled data (IID)"
+    return measured([
+        lambda: local_sgd(iid, LocalSGD(pooled, CODEC_H)),
+        lambda: local_sgd(scale, LocalSGD(f"H={CODEC_H}, outer FedAvg (lr 1, momentum 0)", CODEC_H,
+                                          outer_lr=1.0, outer_momentum=0.0)),
+        lambda: local_sgd(scale, LocalSGD(f"H={CODEC_H}, inner AdamW fresh each round", CODEC_H,
+                                          keep=False)),
+    ])  # fmt: skip
+
+
 def mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
-def table(runs: Sequence[Run]) -> str:
-    base = runs[0].loss
-    sync = next(r for r in runs if r.label.startswith("synchronous"))
+def table(runs: Sequence[Run], base_run: Run, sync: Run) -> str:
+    base = base_run.loss
     lines = [
         "| run | held-out loss | gap to centralised | total bytes moved | DDP bytes / these "
         "| peak bytes per sync | uplink bytes | syncs | wall time |",
@@ -158,12 +179,15 @@ def commit() -> str:
     return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def report(scale: Scale, runs: Sequence[Run], pair: Twin | None, seconds: float) -> str:
+def report(
+    scale: Scale, runs: Sequence[Run], why: Sequence[Run], pair: Twin | None, measured_on: str,
+    seconds: float,
+) -> str:  # fmt: skip
     sizes = ", ".join(f"{n:,}" for n in scale_sizes(scale))
     cluster = pair.text() if pair else "(not run: --skip-cluster)"
     return f"""# Low-communication training: loss against bytes
 
-Measured on commit {commit()} by `make lowcomm` (`python -m bench.lowcomm`), {seconds:.0f} s
+Measured on commit {measured_on} by `make lowcomm` (`python -m bench.lowcomm`), {seconds:.0f} s
 on a shared machine with 2 cores (other jobs running; wall times are indicative only).
 
 **Setup.** charlm (the small GPT of `tasks/gpt.py`, {TASK_OPT}), byte tokens of CPython's
@@ -182,11 +206,15 @@ sync at the end so the scored model holds all training. **In-process only**: the
 does not carry fragments yet. The model is far smaller than the paper's (scale chosen so
 the grid runs in about 15 minutes on 2 busy cores).
 
-{table(runs)}
+{table(runs, runs[0], runs[1])}
 
 ## Targets of issue 21
 
 {targets(runs)}
+
+## Why: DiLoCo H={CODEC_H} with one thing changed
+
+{table(why, runs[0], runs[1])}
 
 ## In-process against real processes
 
@@ -211,12 +239,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the model is small: threads cost more than they give
     scale = Scale(TASK_OPT, steps=args.steps, seed=args.seed)
-    started = time.monotonic()
+    started, measured_on = time.monotonic(), commit()
     runs = rows(scale)
-    pair = None if args.skip_cluster else twin(scale, args.out.parent / "runs" / "lowcomm")
+    why = diagnostics(scale)
+    row = find(runs, f"DiLoCo H={CLUSTER_H}")
+    run_dir = args.out.resolve().parent / "runs" / "lowcomm"
+    pair = None if args.skip_cluster else twin(scale, CLUSTER_H, row, run_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.out / "lowcomm.png")
-    text = report(scale, runs, pair, time.monotonic() - started)
+    text = report(scale, runs, why, pair, measured_on, time.monotonic() - started)
     (args.out / "lowcomm.md").write_text(text)
     print(text)
 

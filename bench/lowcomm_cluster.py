@@ -13,15 +13,13 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.lowcomm_train import LocalSGD, Run, Scale, local_sgd
+from bench.lowcomm_train import Run, Scale
 from bench.robust_cluster import _address, _kill, metrics
 
-H = 50
-ROUNDS = 3
-TIMEOUT_S = 600.0
+TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -29,6 +27,7 @@ class Twin:
     """The same DiLoCo row, in-process and as processes."""
 
     inprocess: Run
+    h: int
     losses: list[float]
     """The coordinator's held-out loss after each round (metrics.jsonl `eval_loss`)."""
     bytes_up: int
@@ -41,7 +40,8 @@ class Twin:
         last = f"{theirs[-1]:.6f}" if theirs else "none (no round completed)"
         diff = abs(theirs[-1] - mine[-1]) if theirs else float("nan")
         return (
-            f"DiLoCo H={H}, {ROUNDS} rounds, 4 clients, raw uplink. Held-out loss after each "
+            f"The table's row {self.inprocess.label!r} ({len(mine)} rounds of H={self.h}, "
+            f"4 clients, raw uplink) again through real processes. Held-out loss after each "
             f"round, in-process: {', '.join(f'{x:.6f}' for x in mine)}; real processes "
             f"(`fedstream server` + 4 `fedstream client` on 127.0.0.1): "
             f"{', '.join(f'{x:.6f}' for x in theirs)}. Final: {mine[-1]:.6f} against {last} "
@@ -51,14 +51,14 @@ class Twin:
         )
 
 
-def server_args(scale: Scale, run_dir: Path) -> list[str]:
+def server_args(scale: Scale, h: int, run_dir: Path) -> list[str]:
     opts = [arg for k, v in scale.task_opt.items() for arg in ("--task-opt", f"{k}={v}")]
-    config = {"local_steps": H, "batch_size": scale.batch_size, "lr": scale.lr}
+    config = {"local_steps": h, "batch_size": scale.batch_size, "lr": scale.lr}
     return [
         "server", "--address", "127.0.0.1:0", "--run-dir", str(run_dir),
         "--task", "charlm", *opts, "--strategy", "diloco",
         *[arg for k, v in config.items() for arg in ("--round-config", f"{k}={v}")],
-        "--rounds", str(ROUNDS), "--min-clients", str(scale.clients),
+        "--rounds", str(scale.steps // h), "--min-clients", str(scale.clients),
         "--seed", str(scale.seed), "--done-grace", "10", "--threads", "1",
     ]  # fmt: skip
 
@@ -74,7 +74,9 @@ def client_args(scale: Scale, address: str, partition: int) -> list[str]:
     ]  # fmt: skip
 
 
-def cluster(scale: Scale, run_dir: Path) -> tuple[list[dict[str, object]], dict[str, int | None]]:
+def cluster(
+    scale: Scale, h: int, run_dir: Path
+) -> tuple[list[dict[str, object]], dict[str, int | None]]:
     """Run the coordinator and the clients in `run_dir` to the end (or TIMEOUT_S)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def cluster(scale: Scale, run_dir: Path) -> tuple[list[dict[str, object]], dict[
 
     deadline = time.monotonic() + TIMEOUT_S
     try:
-        server = start("server", server_args(scale, run_dir))
+        server = start("server", server_args(scale, h, run_dir))
         address = _address(run_dir, server, deadline)
         if address is not None:
             for k in range(scale.clients):
@@ -106,13 +108,11 @@ def cluster(scale: Scale, run_dir: Path) -> tuple[list[dict[str, object]], dict[
     return metrics(run_dir), codes
 
 
-def twin(scale: Scale, run_dir: Path) -> Twin:
-    """The DiLoCo row of H and ROUNDS in-process, then as real processes in `run_dir`."""
+def twin(scale: Scale, h: int, inprocess: Run, run_dir: Path) -> Twin:
+    """`inprocess` (the table's DiLoCo row of `h`) again as real processes in `run_dir`."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    small = replace(scale, steps=H * ROUNDS)
-    inprocess = local_sgd(small, LocalSGD(f"DiLoCo H={H} (in-process twin)", H))
     started = time.monotonic()
-    records, codes = cluster(small, run_dir)
+    records, codes = cluster(scale, h, run_dir)
     losses = [float(r["eval_loss"]) for r in records if "eval_loss" in r]  # type: ignore[arg-type]
     bytes_up = sum(int(r.get("bytes_up", 0)) for r in records)  # type: ignore[call-overload]
-    return Twin(inprocess, losses, bytes_up, codes, time.monotonic() - started)
+    return Twin(inprocess, h, losses, bytes_up, codes, time.monotonic() - started)

@@ -52,6 +52,8 @@ class Scale:
     """Windows per client step; the centralised run takes clients x this per step."""
     lr: float = 3e-3
     seed: int = 0
+    iid: bool = False
+    """Every client draws its windows from the pooled data (a diagnostic: not federated)."""
 
 
 @dataclass
@@ -94,10 +96,25 @@ def exchanged(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-def clients(scale: Scale, keep: bool) -> list[CharLMTask]:
+def partitions(scale: Scale, keep: bool) -> list[CharLMTask]:
+    """One task a client, each holding its own topics."""
     tasks = [charlm(scale, keep) for _ in range(scale.clients)]
     for partition, task in enumerate(tasks):
         task.load_data(partition, scale.clients)
+    return tasks
+
+
+def pooled_tokens(tasks: list[CharLMTask]) -> torch.Tensor:
+    return torch.cat([t._tokens for t in tasks if t._tokens is not None])
+
+
+def clients(scale: Scale, keep: bool) -> list[CharLMTask]:
+    """The clients of a run: their own topics, or (`iid`) each the pooled data."""
+    tasks = partitions(scale, keep)
+    if scale.iid:
+        pooled = pooled_tokens(tasks)
+        for task in tasks:
+            task._tokens = pooled
     return tasks
 
 
@@ -108,9 +125,9 @@ def heldout(task: CharLMTask, model: nn.Module) -> float:
 def centralised(scale: Scale, evals: int) -> Run:
     """AdamW on the pooled data: the same total windows, clients x batch_size per step."""
     started = time.monotonic()
-    parts = clients(scale, keep=True)
+    parts = partitions(scale, keep=True)
     pooled = parts[0]
-    pooled._tokens = torch.cat([p._tokens for p in parts if p._tokens is not None])
+    pooled._tokens = pooled_tokens(parts)
     model = pooled.build_model()
     run = Run("centralised AdamW (pooled data)")
     every = scale.steps // evals
@@ -201,14 +218,20 @@ class LocalSGD:
     """Streaming: inner steps a client takes between sending a fragment and mixing it."""
     alpha: float = 0.0
     """Streaming: the share of the local fragment kept when the global one arrives."""
+    keep: bool = True
+    """The clients keep their inner AdamW across rounds (`keep_optimizer=1`)."""
+    outer_lr: float | None = None
+    """The outer step's learning rate (None: DiLoCo's 0.7)."""
+    outer_momentum: float | None = None
+    """The outer step's Nesterov momentum (None: DiLoCo's 0.9; 0 with lr 1 is FedAvg)."""
 
 
 class Sites:
     """The clients of a local-SGD run: their tasks, models and uplink encoders."""
 
-    def __init__(self, scale: Scale, model: nn.Module, uplink: UplinkCodec) -> None:
+    def __init__(self, scale: Scale, model: nn.Module, uplink: UplinkCodec, keep: bool) -> None:
         self.scale = scale
-        self.tasks = clients(scale, keep=True)
+        self.tasks = clients(scale, keep)
         self.models = [task.build_model() for task in self.tasks]
         for local in self.models:
             local.load_state_dict(model.state_dict())
@@ -263,9 +286,10 @@ def local_sgd(scale: Scale, row: LocalSGD, on_sync: Callable[[Run], None] | None
     model = server.build_model()
     global_tensors = exchanged(model)
     groups = fragments(global_tensors, row.fragments)
-    outers = [strategy("diloco") for _ in groups]
+    flags = {"server_lr": row.outer_lr, "server_momentum": row.outer_momentum}
+    outers = [strategy("diloco", **flags) for _ in groups]
     uplink = UplinkCodec.parse(row.codec, row.topk_fraction)
-    sites = Sites(scale, model, uplink)
+    sites = Sites(scale, model, uplink, row.keep)
     base = {"batch_size": scale.batch_size, "lr": scale.lr, **uplink.round_config()}
     run = Run(row.label)
     step = 0
