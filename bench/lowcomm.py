@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -62,10 +63,11 @@ def rows(scale: Scale) -> list[Run]:
         for codec in ("int8", "int4", "topk2")
     ]
     grid.append(STREAMING)
-    return measured(
-        [lambda: centralised(scale, evals), lambda: ddp(scale, evals)]
-        + [(lambda row=row: local_sgd(scale, row)) for row in grid]
-    )
+    makers: list[Callable[[], Run]] = [
+        partial(centralised, scale, evals),
+        partial(ddp, scale, evals),
+    ]
+    return measured(makers + [partial(local_sgd, scale, row) for row in grid])
 
 
 def diagnostics(scale: Scale) -> list[Run]:

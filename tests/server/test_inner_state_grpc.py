@@ -33,10 +33,7 @@ def charlm(partition: int) -> CharLMTask:
 def run_sites(address: str) -> list[CharLMTask]:
     """Two charlm clients (as two fresh client processes) through to the run's end."""
     tasks = [charlm(p) for p in (0, 1)]
-    threads = [
-        ClientThread(client_config(address, p, num_partitions=4), tasks[p])
-        for p in (0, 1)
-    ]
+    threads = [ClientThread(client_config(address, p, num_partitions=4), tasks[p]) for p in (0, 1)]
     assert [t.join(120) for t in threads] == [0, 0]
     return tasks
 
