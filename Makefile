@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help venv demo test lint docs bench protos quality robust soak clean distclean
+.PHONY: help venv demo test lint docs bench protos quality robust soak lowcomm clean distclean
 .PHONY: image base-image wheelhouse
 
 help:
@@ -29,6 +29,7 @@ help:
 	@echo "make quality    learning-quality report: strategies vs centralised (report/)"
 	@echo "make robust     attacks x strategies on digits, real processes (report/robust.md)"
 	@echo "make soak       60 rounds under kill -9 and cut connections, checked (runs/soak)"
+	@echo "make lowcomm    DiLoCo, codecs, streaming: loss against bytes (report/lowcomm.md)"
 	@echo "make clean      remove caches and build outputs"
 	@echo "make distclean  clean, and remove .venv and runs/ too"
 	@echo "make wheelhouse download every wheel the image needs into wheels/ (offline builds)"
@@ -107,6 +108,11 @@ robust: $(STAMP)
 SOAK_ARGS ?=
 soak: $(STAMP)
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# Not part of `make test`: about 15 minutes on 2 busy cores, written to
+# report/lowcomm.{md,png}, with one DiLoCo row through real processes (runs/lowcomm).
+lowcomm: $(STAMP)
+	$(BIN)/python -m bench.lowcomm --out report
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,12 +1,17 @@
 """Built-in task `charlm`: a small byte-level GPT on the text of CPython's pydoc topics.
 
 The text, its split and its byte tokens are `fedstream.tasks.bytetext`'s: no download.
+
+With `keep_optimizer=1` (a site option) the inner AdamW's moments are kept by parameter name
+from one round to the next, as DiLoCo's inner optimiser is (Douillard et al., 2023,
+arXiv:2311.08105; docs/low-communication.md). They live in the task object, which a client
+process builds once: a restarted client starts its AdamW afresh.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,7 @@ from fedstream.tasks.bytetext import (
     window_batches,
 )
 from fedstream.tasks.gpt import GPT, GPTConfig
+from fedstream.tasks.options import TRUE
 from fedstream.tasks.training import (
     ProximalTerm,
     check_partition,
@@ -32,12 +38,16 @@ from fedstream.tasks.training import (
 
 
 class CharLMTask(Task):
-    """Options: `n_layer` (2), `n_head` (4), `n_embd` (128), `block_size` (64), `dropout` (0).
+    """Options: `n_layer` (2), `n_head` (4), `n_embd` (128), `block_size` (64), `dropout` (0),
+    `keep_optimizer` (0; a site option).
 
     Round config: `local_steps` (30), `batch_size` (16), `lr` (3e-3; AdamW, fresh each
-    round), `proximal_mu` (0), `round` (varies the windows drawn). In gradient mode
-    (FedSGD) the gradient is the mean over `local_steps` batches, without clipping.
+    round unless `keep_optimizer=1`), `proximal_mu` (0), `round` (varies the windows drawn).
+    In gradient mode (FedSGD) the gradient is the mean over `local_steps` batches, without
+    clipping.
     """
+
+    site_options: ClassVar[frozenset[str]] = frozenset({"keep_optimizer"})
 
     declared_options: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("n_layer", int, 2, "transformer blocks"),
@@ -45,11 +55,12 @@ class CharLMTask(Task):
         TaskOption("n_embd", int, 128, "width of the residual stream"),
         TaskOption("block_size", int, 64, "longest context, in bytes"),
         TaskOption("dropout", float, 0.0, "dropout probability in training"),
+        TaskOption("keep_optimizer", bool, False, "keep AdamW's state across rounds"),
     )
     round_settings: ClassVar[tuple[TaskOption, ...]] = (
         TaskOption("local_steps", int, 30, "optimiser steps per round"),
         TaskOption("batch_size", int, 16, "windows per step"),
-        TaskOption("lr", float, 3e-3, "AdamW learning rate (a fresh optimiser each round)"),
+        TaskOption("lr", float, 3e-3, "AdamW learning rate (fresh each round unless kept)"),
         TaskOption("proximal_mu", float, 0.0, "FedProx coefficient (also --proximal-mu)"),
     )
 
@@ -65,6 +76,9 @@ class CharLMTask(Task):
             )
         except ValueError as exc:
             raise TaskError(f"charlm options: {exc}") from exc
+        self.keep_optimizer = self.option("keep_optimizer", "0").strip().lower() in TRUE
+        self.inner_state: dict[str, dict[str, Any]] = {}
+        """AdamW's state by parameter name at the end of the last round (keep_optimizer)."""
         self.partition = 0
         self._tokens: torch.Tensor | None = None
 
@@ -115,7 +129,7 @@ class CharLMTask(Task):
     def train(self, model: nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
         batches = self._batches(config)
         total = config_int(config, "local_steps", 30)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config_float(config, "lr", 3e-3))
+        optimizer = self._optimizer(model, config_float(config, "lr", 3e-3))
         proximal = ProximalTerm(model, config_float(config, "proximal_mu", 0.0))
         model.train()
         loss_sum = torch.zeros((), device=self.device)
@@ -132,7 +146,26 @@ class CharLMTask(Task):
             steps += 1
             examples += y.numel()
             self.report_progress(steps, total)
+        if self.keep_optimizer:
+            self.inner_state = {
+                name: dict(optimizer.state[p])
+                for name, p in model.named_parameters()
+                if p in optimizer.state
+            }
         return TrainResult(num_examples=examples, metrics={"loss": loss_sum.item() / steps})
+
+    def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.AdamW:
+        """A new AdamW over `model`, holding the kept moments of each same-named, same-shaped
+        parameter (the client loads every global model into a model object it may rebuild,
+        so the moments follow names, not objects)."""
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        for name, param in model.named_parameters():
+            state = self.inner_state.get(name)
+            if state is not None and state["exp_avg"].shape == param.shape:
+                optimizer.state[param] = {
+                    k: v if k == "step" else v.to(param.device) for k, v in state.items()
+                }
+        return optimizer
 
     def evaluate(self, model: nn.Module) -> EvalResult:
         tokens = heldout_tokens()
