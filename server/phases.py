@@ -144,6 +144,10 @@ class OpenRound(OpenPhase):
     """What the safeguards refused or capped (server/safeguards.py), by counter."""
     bytes_up: int = 0
     bytes_down: int = 0
+    updates_from_log: int = 0
+    """Updates taken from the round's log after a restart, not uploaded to this process."""
+    uploads_resumed: int = 0
+    """Uploads that resumed a cut one at its byte offset."""
 
     @property
     def num_examples(self) -> int:
@@ -189,7 +193,13 @@ class OpenRound(OpenPhase):
 
     def work(self, model_version: int, now: float) -> TrainWork:
         """What a selected client that owes its update is told to do."""
-        return TrainWork(self.number, model_version, max(0.0, self.deadline - now), self.config)
+        return TrainWork(
+            self.number,
+            model_version,
+            max(0.0, self.deadline - now),
+            self.config,
+            attempt=self.attempt,
+        )
 
     def check_accepting(self) -> None:
         """WrongRound once the round has closed (an update verified too late)."""
@@ -228,6 +238,8 @@ class OpenRound(OpenPhase):
             "num_examples": self.num_examples,
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
+            "updates_from_log": self.updates_from_log,
+            "uploads_resumed": self.uploads_resumed,
             **self.totals.means("train_"),
         }
 

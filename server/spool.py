@@ -21,6 +21,7 @@ bounded by the model's largest tensor.
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
 import os
 import tempfile
@@ -207,6 +208,9 @@ class UploadSpool:
         raw = isinstance(uplink.codec, Raw) and not uplink.zstd
         self._scan = FiniteScan(manifest) if raw else None
         self._sum_squares = 0.0
+        self._sha256 = hashlib.sha256()
+        """Of the bytes written, in order: the whole update's digest once finished (a
+        resumed upload's kept and resumed parts alike, `server/partial_uploads.py`)."""
 
     def write(self, chunk: memoryview) -> None:
         """Append `chunk`; WireError past the manifest's size, NonFiniteValues when a raw
@@ -220,6 +224,7 @@ class UploadSpool:
             )
         if self._scan is not None:
             self._scan.feed(chunk)
+        self._sha256.update(chunk)
         rest = chunk
         try:
             while rest:  # an unbuffered file may take part of a write
@@ -241,6 +246,24 @@ class UploadSpool:
                 f"update ended after {self.bytes_written} of "
                 f"{self.manifest.total_bytes} declared bytes"
             )
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written so far."""
+        return self._sha256.hexdigest()
+
+    def copy_to(self, target: int) -> None:
+        """Copy the finished spool's bytes into the file descriptor `target` (from its
+        current position), in the kernel: the round's log keeps them (`round_log.py`)."""
+        if self._file is None or self._writing:
+            raise WireError(f"spool {self.name} is not complete")
+        source = self._file.fileno()
+        done = 0
+        while done < self.bytes_written:
+            n = os.copy_file_range(source, target, self.bytes_written - done, done)
+            if not n:
+                raise WireError(f"spool {self.name} is shorter than its {self.bytes_written} bytes")
+            done += n
 
     def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[DeltaBlock]:
         """The decoded update tensors in model order, a block of elements at a time.
