@@ -44,6 +44,7 @@ from fedstream.client.retry import (
 )
 from fedstream.client.session import Heartbeat, Session
 from fedstream.client.site import Command, Site
+from fedstream.client.transfers import Sent
 from fedstream.client.uplink import Deltas, UplinkEncoder
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.progress import progress_view
@@ -222,6 +223,7 @@ class FederatedClient:
             model_version=task.model_version,
             num_examples=num_examples,
             metrics=metrics,
+            attempt=task.attempt,
         )
         return self._upload(header, task, self._gradients if plan.gradient else self._deltas)
 
@@ -262,15 +264,18 @@ class FederatedClient:
         pieces: Deltas,
     ) -> bool:
         """Push the update, retrying transient failures until the round's deadline; whether
-        the coordinator accepted it."""
+        the coordinator accepted it. A retry resumes at the byte the coordinator holds of
+        the cut upload (UploadOffset), or from byte 0 where it holds none."""
         assert self.session is not None and self.held is not None
         update = self.uplink.encode(self.layout, pieces)
         deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
         backoff = Backoff(cap=self.config.max_backoff)
+        sent = Sent()
+        offset = 0
         while True:
             try:
                 reply = self.connection.upload(
-                    self.session, header, update.manifest, update.pieces()
+                    self.session, header, update.manifest, update.pieces(), offset, sent
                 )
                 self._contacted()
                 update.commit()
@@ -278,20 +283,41 @@ class FederatedClient:
                 code, details = rpc_status(exc)
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     raise  # the session is gone: join again
+                if code == grpc.StatusCode.OUT_OF_RANGE and offset:
+                    log.warning("round %d: %s; uploading from byte 0", task.round, details)
+                    offset = 0
+                    continue
                 if code not in RETRYABLE or time.monotonic() + backoff.base > deadline:
                     log.warning("round %d: update refused (%s): %s", task.round, code.name, details)
                     return False
                 log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
                 backoff.sleep()
+                offset = self._held_offset(header)
                 continue
             log.log(
                 logging.INFO if reply.accepted else logging.WARNING,
-                "round %d: update %s (%s)",
+                "round %d: update %s (%s); %d bytes sent for an update of %d",
                 task.round,
                 "accepted" if reply.accepted else "not accepted",
                 reply.detail,
+                sent.bytes,
+                update.manifest.total_bytes,
             )
             return reply.accepted
+
+    def _held_offset(self, header: pb.UpdateHeader) -> int:
+        """Where to resume a cut upload: the bytes the coordinator holds of it (0 when it
+        cannot be asked)."""
+        assert self.session is not None
+        try:
+            offset = self.connection.upload_offset(self.session, header)
+        except grpc.RpcError:
+            return 0
+        if offset:
+            log.info(
+                "round %d: the coordinator holds %d bytes; resuming there", header.round, offset
+            )
+        return offset
 
     def _pause_after_refusal(self) -> None:
         """Wait before polling again, longer each time in a row the coordinator refuses

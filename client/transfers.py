@@ -8,6 +8,7 @@ bytes cut to the session's chunk size, framed by hand (common/wire/framing.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -148,6 +149,13 @@ def download(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+class Sent:
+    """Bytes an upload put on the wire, all its attempts together."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 def upload(
     call: Callable[..., Any],
     session: Session,
@@ -155,18 +163,36 @@ def upload(
     manifest: Manifest,
     pieces: Iterable[torch.Tensor],
     progress_view: ProgressView,
+    offset: int = 0,
+    sent: Sent | None = None,
 ) -> pb.UploadReply:
-    """Stream one update through the Upload stub `call`: the header, then the bytes of
-    `pieces` (in manifest order)."""
+    """Stream one update through the Upload stub `call`: the header, the bytes of
+    `pieces` (in manifest order) from byte `offset` on (the bytes before it are the ones
+    the coordinator kept of a cut upload, `UploadOffset`), then a trailer with the
+    SHA-256 of the whole stream, skipped bytes included, so that the coordinator checks
+    the update whole. `sent` adds up the data bytes sent."""
     header.manifest.CopyFrom(manifest.to_proto())
+    header.resume_offset = offset
+    counted = sent or Sent()
 
     def messages(progress: Tracker) -> Iterator[pb.UpdateChunk | bytes]:
         yield pb.UpdateChunk(header=header)
+        digest = hashlib.sha256()
+        position = 0
         for chunk in wire_chunks(manifest, pieces, session.chunk_bytes):
-            yield frame_data(chunk)
+            digest.update(chunk)
+            start = max(0, offset - position)
+            position += len(chunk)
+            if start < len(chunk):
+                part = memoryview(chunk)[start:]
+                yield frame_data(part)
+                counted.bytes += len(part)
             progress.advance(len(chunk))
+        yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest.hexdigest()))
 
     label = f"upload for round {header.round}"
+    if offset:
+        label += f" (resumed at byte {offset})"
     with progress_view.track("upload", label, manifest.total_bytes) as progress:
         reply: pb.UploadReply = call(messages(progress), metadata=session.metadata)
     return reply

@@ -263,12 +263,18 @@ class Coordinator:
         )
         return Receipt(True, f"booked for round {open_round.number}")
 
-    def upload_offset(
+    async def upload_offset(
         self, client: ClientRecord, round_number: int, model_version: int, attempt: int
     ) -> int:
-        """Bytes held of `client`'s cut upload for `round_number` (0: start from byte 0)."""
-        open_round = self.round
-        if open_round is not None and model_version != open_round.model_version:
+        """Bytes held of `client`'s cut upload for `round_number` (0: start from byte 0).
+        A cut stream may not have ended here yet when its client asks: it is waited for,
+        up to the stall timeout."""
+        deadline = self.clock.now() + self.transport.stall_timeout
+        while (open_round := self.round) is not None and client.name in open_round.uploading:
+            if self.clock.now() >= deadline:
+                break
+            await self.changes.wait(deadline - self.clock.now())
+        if open_round is None or model_version != open_round.model_version:
             return 0
         return self.uploads.offset(client.name, open_round, round_number, attempt)
 

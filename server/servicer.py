@@ -287,7 +287,7 @@ class CoordinatorServicer:
     ) -> pb.UploadOffsetReply:
         try:
             request = _decoded(message)
-            offset = self.coordinator.upload_offset(
+            offset = await self.coordinator.upload_offset(
                 self._client(context), request.round, request.model_version, request.attempt
             )
         except FedstreamError as exc:
