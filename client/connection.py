@@ -131,11 +131,24 @@ class Connection:
         return reply
 
     def download(
-        self, session: Session, version: int, expected: Manifest, attempts: int = 5
+        self,
+        session: Session,
+        version: int,
+        expected: Manifest,
+        attempts: int = 5,
+        directory: Path | None = None,
     ) -> HeldModel:
-        """The global model `version`, on disk, resuming after a break (transfers.py)."""
+        """The global model `version`, on disk (kept in `directory` when given), resuming
+        after a break (transfers.py)."""
         return transfers.download(
-            self._download, session, version, expected, self.stall_timeout, self.progress, attempts
+            self._download,
+            session,
+            version,
+            expected,
+            self.stall_timeout,
+            self.progress,
+            attempts,
+            directory,
         )
 
     def upload(

@@ -175,13 +175,28 @@ class FederatedClient:
         self.session = session
         self._contacted()
 
-    def _pull(self, model_version: int) -> None:
-        """Make the model hold global version `model_version`, downloading it unless held."""
+    def _pull(self, model_version: int, sha256: str = "") -> None:
+        """Make the model hold global version `model_version`, downloading it unless held
+        (in memory, or in --model-dir with the SHA-256 `sha256` the task names)."""
         assert self.session is not None
-        if self.held is None or self.held.version != model_version:
+        held = self.held
+        if held is None or held.version != model_version or (sha256 and held.sha256 != sha256):
             self._forget_model()
+            directory = self.config.model_dir
+            if directory is not None and sha256:
+                self.held = HeldModel.kept(directory, self.layout, model_version, sha256)
+                if self.held is not None:
+                    log.info(
+                        "model v%d is the one kept in %s (sha256 %s): no download",
+                        model_version,
+                        directory,
+                        sha256[:16],
+                    )
+                    return
             try:
-                self.held = self.connection.download(self.session, model_version, self.layout)
+                self.held = self.connection.download(
+                    self.session, model_version, self.layout, directory=directory
+                )
             except InvalidManifest as exc:
                 raise Refused(
                     f"the coordinator's model is not this client's model "
@@ -210,7 +225,7 @@ class FederatedClient:
 
     def _train(self, task: pb.TrainTask) -> bool:
         """Train (or compute the gradient) and push the update; whether it was accepted."""
-        self._pull(task.model_version)
+        self._pull(task.model_version, task.model_sha256)
         plan = steps.read_round_config(task)
         self.uplink.configure(plan.uplink)
         self.site.send(Command.TRAIN, task.SerializeToString())
@@ -234,7 +249,7 @@ class FederatedClient:
     def _evaluate(self, task: pb.EvaluateTask) -> bool:
         """Evaluate and report; whether the report was accepted."""
         assert self.session is not None
-        self._pull(task.model_version)
+        self._pull(task.model_version, task.model_sha256)
         self.site.send(Command.EVALUATE, task.SerializeToString())
         self.site.share_model(self.model, self.layout, self.held)
         report = self.site.total_report(steps.evaluate(self.task, self.model, task))

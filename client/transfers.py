@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -79,6 +80,7 @@ def download(
     stall_timeout: float,
     progress_view: ProgressView,
     attempts: int = 5,
+    directory: Path | None = None,
 ) -> HeldModel:
     """The global model `version` through the Download stub `call`, resuming from the
     last byte received after a break.
@@ -86,8 +88,11 @@ def download(
     The bytes go to a `HeldModel` on disk as they arrive, never to a second copy of
     the model in memory. InvalidManifest, before any model bytes are received, when
     the coordinator's model is not laid out as `expected` (the client's own model).
+    With `directory` (--model-dir) the model is kept there once complete; WireError when
+    its bytes are not the ones the coordinator's header names (SHA-256).
     """
     held: HeldModel | None = None
+    digest = ""
     backoff = Backoff(cap=5.0)
     progress: Tracker | None = None
     for attempt in range(1, attempts + 1):
@@ -110,8 +115,9 @@ def download(
                 elif isinstance(item, pb.ModelHeader):
                     received = Manifest.from_proto(item.manifest)
                     expected.require_same_layout(received)
+                    digest = digest or item.sha256
                     if held is None:
-                        held = HeldModel(received, version)
+                        held = HeldModel(received, version, directory)
                         progress = progress_view.start(
                             "download", f"download of model v{version}", received.total_bytes
                         )
@@ -126,6 +132,11 @@ def download(
                 got = held.bytes_written if held else 0
                 total = held.manifest.total_bytes if held else "?"
                 raise WireError(f"download ended after {got} of {total} bytes")
+            if digest and held.sha256 != digest:
+                raise WireError(
+                    f"model v{version} arrived with SHA-256 {held.sha256}, not {digest[:64]!r}"
+                )
+            held.keep()
             if progress is not None:
                 progress.finish()
             return held
