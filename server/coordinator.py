@@ -152,6 +152,7 @@ class Coordinator:
                 open_round = self._open_round(number, attempt, pending)
                 if pending is not None:
                     await self.uploads.take_logged(open_round, pending)
+                    self.changes.notify()  # a client whose logged update failed is owed
                     pending = None
                 if not await self._close(open_round):
                     log.warning(
@@ -245,7 +246,7 @@ class Coordinator:
         if open_round is None:
             raise WrongRound(f"round {claim.round} is not open for updates")
         open_round.check_update(client.name, claim)
-        if client.name in open_round.reported:
+        if client.name in open_round.reported | open_round.awaiting_log:
             return Receipt(False, f"update for round {open_round.number} already booked")
         try:
             update = await self.uploads.receive(open_round, client, claim, chunks)
@@ -346,6 +347,7 @@ class Coordinator:
         selected = select_clients(live, rounds.fraction, rounds.min_clients, seed, number, attempt)
         if pending is not None and pending.selected:
             selected = pending.selected
+        logged = {entry.client for entry in pending.updates} if pending is not None else set()
         now = self.clock.now()
         open_round = OpenRound(
             number=number,
@@ -356,6 +358,7 @@ class Coordinator:
             started=now,
             deadline=now + self.rounds.round_timeout,
             hard_end=now + HARD_END_TIMEOUTS * self.rounds.round_timeout,
+            awaiting_log=logged & selected,
         )
         self.strategy.begin_round(self.model.tensors)
         self.uploads.begin(open_round)

@@ -148,6 +148,9 @@ class OpenRound(OpenPhase):
     """Updates taken from the round's log after a restart, not uploaded to this process."""
     uploads_resumed: int = 0
     """Uploads that resumed a cut one at its byte offset."""
+    awaiting_log: set[str] = field(default_factory=set)
+    """Clients whose update the round's log holds from before a restart, until it is
+    taken again (or fails its checks): they are not asked for one."""
 
     @property
     def num_examples(self) -> int:
@@ -173,6 +176,9 @@ class OpenRound(OpenPhase):
 
     def arriving(self) -> bool:
         return bool(self.uploading)
+
+    def owes(self, client: str) -> bool:
+        return super().owes(client) and client not in self.awaiting_log
 
     @contextlib.contextmanager
     def upload_from(self, client: str) -> Iterator[None]:

@@ -110,6 +110,7 @@ class RoundUploads:
             try:
                 await self._take(open_round, entry)
             except FedstreamError as exc:
+                open_round.awaiting_log.discard(entry.client)
                 log.warning(
                     "round %d: the logged update of %s is not taken (%s); it is asked again",
                     open_round.number,
@@ -142,6 +143,7 @@ class RoundUploads:
             trailer=UploadTrailer(str(header.get("sha256", "-"))),
         ) as update:
             await self._book(open_round, update, claim.manifest, entry)
+            open_round.awaiting_log.discard(entry.client)
         if not self.aggregation.keeps_updates:
             update.release()
         open_round.updates_from_log += 1
