@@ -193,7 +193,7 @@ class UplinkConfig:
 
 
 @dataclass
-class RoundLogConfig:
+class DurabilityConfig:
     """What outlives a cut upload and a coordinator crash: the round's log of verified
     updates (docs/checkpoints.md, "The round's log") and cut uploads kept for resuming."""
 
@@ -258,7 +258,7 @@ class ServerConfig(
     SecurityConfig,
     RoundsConfig,
     UplinkConfig,
-    RoundLogConfig,
+    DurabilityConfig,
     StrategyConfig,
     SafeguardsConfig,
     PrivacyConfig,
@@ -302,7 +302,7 @@ class ServerConfig(
         require_tls_off_loopback("address", self.address, self.tls, self.insecure)
         RoundsConfig.validate(self)
         UplinkConfig.validate(self)
-        RoundLogConfig.validate(self)
+        DurabilityConfig.validate(self)
         validate_aggregation(self, self, self)
         EvaluationConfig.validate(self)
         if self.init_weights is not None and not Path(self.init_weights).is_file():

@@ -277,6 +277,7 @@ class CoordinatorServicer:
                 )
             finally:
                 meter.uploads -= 1
+            meter.booked += receipt.accepted
             return pb.UploadReply(**_receipt(receipt))
         except FedstreamError as exc:
             self.live.rejected_update(exc)
