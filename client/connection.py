@@ -159,11 +159,12 @@ class Connection:
         pieces: Iterable[torch.Tensor],
         offset: int = 0,
         sent: transfers.Sent | None = None,
+        trailer: bool = True,
     ) -> pb.UploadReply:
         """Stream one update: the header, then the bytes of `pieces` (in manifest order)
         from byte `offset` on, then its digest (transfers.py)."""
         return transfers.upload(
-            self._upload, session, header, manifest, pieces, self.progress, offset, sent
+            self._upload, session, header, manifest, pieces, self.progress, offset, sent, trailer
         )
 
     def upload_offset(self, session: Session, header: pb.UpdateHeader) -> int:

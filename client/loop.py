@@ -287,10 +287,11 @@ class FederatedClient:
         backoff = Backoff(cap=self.config.max_backoff)
         sent = Sent()
         offset = 0
+        resumable = bool(task.model_sha256)  # a coordinator that knows trailers and resumes
         while True:
             try:
                 reply = self.connection.upload(
-                    self.session, header, update.manifest, update.pieces(), offset, sent
+                    self.session, header, update.manifest, update.pieces(), offset, sent, resumable
                 )
                 self._contacted()
                 update.commit()
@@ -307,7 +308,7 @@ class FederatedClient:
                     return False
                 log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
                 backoff.sleep()
-                offset = self._held_offset(header)
+                offset = self._held_offset(header) if resumable else 0
                 continue
             log.log(
                 logging.INFO if reply.accepted else logging.WARNING,

@@ -176,12 +176,14 @@ def upload(
     progress_view: ProgressView,
     offset: int = 0,
     sent: Sent | None = None,
+    trailer: bool = True,
 ) -> pb.UploadReply:
     """Stream one update through the Upload stub `call`: the header, the bytes of
     `pieces` (in manifest order) from byte `offset` on (the bytes before it are the ones
     the coordinator kept of a cut upload, `UploadOffset`), then a trailer with the
     SHA-256 of the whole stream, skipped bytes included, so that the coordinator checks
-    the update whole. `sent` adds up the data bytes sent."""
+    the update whole (unless not `trailer`: a coordinator older than the trailer refuses
+    it). `sent` adds up the data bytes sent."""
     header.manifest.CopyFrom(manifest.to_proto())
     header.resume_offset = offset
     counted = sent or Sent()
@@ -199,7 +201,8 @@ def upload(
                 yield frame_data(part)
                 counted.bytes += len(part)
             progress.advance(len(chunk))
-        yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest.hexdigest()))
+        if trailer:
+            yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest.hexdigest()))
 
     label = f"upload for round {header.round}"
     if offset:

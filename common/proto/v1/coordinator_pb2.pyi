@@ -621,7 +621,9 @@ class UpdateChunk(_message.Message):
     @_builtins.property
     def trailer(self) -> Global___UpdateTrailer:
         """Last message of an upload: the digest of the whole update's stream, resumed
-        part and kept part together. Optional on an upload from byte 0.
+        part and kept part together. Optional on an upload from byte 0; a client sends
+        it only to a coordinator whose tasks name model_sha256 (an older one refuses a
+        message it does not know).
         """
 
     def __init__(
