@@ -125,6 +125,14 @@ class FiniteScan:
         self.sum_squares += sum_of_squares(values)
 
 
+_NO_RANGE_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+"""copy_file_range's refusals where sendfile still copies in the kernel."""
+
+
+def _send(source: int, target: int, count: int, offset: int) -> int:
+    return os.sendfile(target, source, offset, count)
+
+
 class SpoolFull(LimitExceeded):
     """The spool directory's filesystem is out of space or quota: the upload is refused
     (RESOURCE_EXHAUSTED); the operator has to make room."""
@@ -259,8 +267,15 @@ class UploadSpool:
             raise WireError(f"spool {self.name} is not complete")
         source = self._file.fileno()
         done = 0
+        copy = os.copy_file_range
         while done < self.bytes_written:
-            n = os.copy_file_range(source, target, self.bytes_written - done, done)
+            try:
+                n = copy(source, target, self.bytes_written - done, done)
+            except OSError as exc:
+                if exc.errno not in _NO_RANGE_COPY or copy is _send:
+                    raise
+                copy = _send  # another filesystem (--spool-dir), or an older kernel
+                continue
             if not n:
                 raise WireError(f"spool {self.name} is shorter than its {self.bytes_written} bytes")
             done += n
