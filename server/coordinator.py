@@ -35,6 +35,7 @@ from fedstream.server.calls import (
     NoWork,
     Receipt,
     RunDone,
+    TrainWork,
     UpdateClaim,
     Work,
 )
@@ -318,6 +319,8 @@ class Coordinator:
         if isinstance(phase, OpenRound | OpenEvaluation) and phase.owes(client.name):
             client.busy = True
             work = phase.work(self.model.version, self.clock.now())
+            if isinstance(work, TrainWork) and isinstance(phase, OpenRound):
+                work = dataclasses.replace(work, attempt=phase.attempt)
             return dataclasses.replace(work, model_sha256=self.model.sha256())
         client.busy = False
         return NoWork()

@@ -199,13 +199,7 @@ class OpenRound(OpenPhase):
 
     def work(self, model_version: int, now: float) -> TrainWork:
         """What a selected client that owes its update is told to do."""
-        return TrainWork(
-            self.number,
-            model_version,
-            max(0.0, self.deadline - now),
-            self.config,
-            attempt=self.attempt,
-        )
+        return TrainWork(self.number, model_version, max(0.0, self.deadline - now), self.config)
 
     def check_accepting(self) -> None:
         """WrongRound once the round has closed (an update verified too late)."""

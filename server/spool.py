@@ -129,6 +129,10 @@ _NO_RANGE_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
 """copy_file_range's refusals where sendfile still copies in the kernel."""
 
 
+def _range(source: int, target: int, count: int, offset: int) -> int:
+    return os.copy_file_range(source, target, count, offset)
+
+
 def _send(source: int, target: int, count: int, offset: int) -> int:
     return os.sendfile(target, source, offset, count)
 
@@ -267,7 +271,7 @@ class UploadSpool:
             raise WireError(f"spool {self.name} is not complete")
         source = self._file.fileno()
         done = 0
-        copy = os.copy_file_range
+        copy = _range
         while done < self.bytes_written:
             try:
                 n = copy(source, target, self.bytes_written - done, done)
