@@ -34,6 +34,7 @@ from fedstream.client import steps
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
+from fedstream.client.push import Unsent, push
 from fedstream.client.retry import (
     DEFERRED_AT_JOIN,
     REFUSED_AT_JOIN,
@@ -44,8 +45,7 @@ from fedstream.client.retry import (
 )
 from fedstream.client.session import Heartbeat, Session
 from fedstream.client.site import Command, Site
-from fedstream.client.transfers import Sent
-from fedstream.client.uplink import Deltas, UplinkEncoder
+from fedstream.client.uplink import UplinkEncoder
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
@@ -95,6 +95,8 @@ class FederatedClient:
         self.refusals = Backoff(cap=config.max_backoff)
         """Paces polling after refused updates and reports; reset by an accepted update."""
         self.last_contact = time.monotonic()
+        self.unsent: Unsent | None = None
+        """The update a coordinator restart cut off, sent again if asked for (push.py)."""
 
     def run(self) -> int:
         """Take part in the run until it ends; the exit code, which every rank exits with."""
@@ -224,23 +226,45 @@ class FederatedClient:
             self.refusals.reset()
 
     def _train(self, task: pb.TrainTask) -> bool:
-        """Train (or compute the gradient) and push the update; whether it was accepted."""
+        """Train (or compute the gradient) and push the update; whether it was accepted.
+        An update trained for this very task that a restarted coordinator never
+        acknowledged is pushed again instead of trained again (push.py)."""
         self._pull(task.model_version, task.model_sha256)
         plan = steps.read_round_config(task)
         self.uplink.configure(plan.uplink)
-        self.site.send(Command.TRAIN, task.SerializeToString())
-        self.site.share_model(self.model, self.layout, self.held)
-        result = steps.train(self.task, self.trained, plan, task.round, self.progress)
-        num_examples, metrics = self.site.total(result.num_examples, result.metrics)
-        self.outcome = self.site.collect(self.model, self.layout, plan.gradient)
-        header = pb.UpdateHeader(
-            round=task.round,
-            model_version=task.model_version,
-            num_examples=num_examples,
-            metrics=metrics,
-            attempt=task.attempt,
-        )
-        return self._upload(header, task, self._gradients if plan.gradient else self._deltas)
+        unsent, self.unsent = self.unsent, None
+        if unsent is not None and unsent.answers(task):
+            log.info("round %d: sending the update trained before a restart", task.round)
+            header, update = unsent.header, unsent.update
+        else:
+            self.site.send(Command.TRAIN, task.SerializeToString())
+            self.site.share_model(self.model, self.layout, self.held)
+            result = steps.train(self.task, self.trained, plan, task.round, self.progress)
+            num_examples, metrics = self.site.total(result.num_examples, result.metrics)
+            self.outcome = self.site.collect(self.model, self.layout, plan.gradient)
+            header = pb.UpdateHeader(
+                round=task.round,
+                model_version=task.model_version,
+                num_examples=num_examples,
+                metrics=metrics,
+                attempt=task.attempt,
+            )
+            pieces = self._gradients if plan.gradient else self._deltas
+            update = self.uplink.encode(self.layout, pieces)
+        assert self.session is not None
+        try:
+            return push(
+                self.connection,
+                self.session,
+                header,
+                task,
+                update,
+                self.config.max_backoff,
+                self._contacted,
+            )
+        except grpc.RpcError:
+            self.unsent = Unsent(header, Unsent.key(task), update)
+            raise
 
     def _evaluate_round(self, task: pb.EvaluateTask) -> None:
         """Evaluate global version `task.model_version` on our own held-out data; report."""
@@ -271,69 +295,6 @@ class FederatedClient:
             reply.detail,
         )
         return reply.accepted
-
-    def _upload(
-        self,
-        header: pb.UpdateHeader,
-        task: pb.TrainTask,
-        pieces: Deltas,
-    ) -> bool:
-        """Push the update, retrying transient failures until the round's deadline; whether
-        the coordinator accepted it. A retry resumes at the byte the coordinator holds of
-        the cut upload (UploadOffset), or from byte 0 where it holds none."""
-        assert self.session is not None and self.held is not None
-        update = self.uplink.encode(self.layout, pieces)
-        deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
-        backoff = Backoff(cap=self.config.max_backoff)
-        sent = Sent()
-        offset = 0
-        resumable = bool(task.model_sha256)  # a coordinator that knows trailers and resumes
-        while True:
-            try:
-                reply = self.connection.upload(
-                    self.session, header, update.manifest, update.pieces(), offset, sent, resumable
-                )
-                self._contacted()
-                update.commit()
-            except grpc.RpcError as exc:
-                code, details = rpc_status(exc)
-                if code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise  # the session is gone: join again
-                if code == grpc.StatusCode.OUT_OF_RANGE and offset:
-                    log.warning("round %d: %s; uploading from byte 0", task.round, details)
-                    offset = 0
-                    continue
-                if code not in RETRYABLE or time.monotonic() + backoff.base > deadline:
-                    log.warning("round %d: update refused (%s): %s", task.round, code.name, details)
-                    return False
-                log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
-                backoff.sleep()
-                offset = self._held_offset(header) if resumable else 0
-                continue
-            log.log(
-                logging.INFO if reply.accepted else logging.WARNING,
-                "round %d: update %s (%s); %d bytes sent for an update of %d",
-                task.round,
-                "accepted" if reply.accepted else "not accepted",
-                reply.detail,
-                sent.bytes,
-                update.manifest.total_bytes,
-            )
-            return reply.accepted
-
-    def _held_offset(self, header: pb.UpdateHeader) -> int:
-        """Where to resume a cut upload: the bytes the coordinator holds of it (0 when it
-        cannot be asked)."""
-        assert self.session is not None
-        try:
-            offset = self.connection.upload_offset(self.session, header)
-        except grpc.RpcError:
-            return 0
-        if offset:
-            log.info(
-                "round %d: the coordinator holds %d bytes; resuming there", header.round, offset
-            )
-        return offset
 
     def _pause_after_refusal(self) -> None:
         """Wait before polling again, longer each time in a row the coordinator refuses

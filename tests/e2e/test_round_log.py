@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,19 @@ def test_kill_9_after_k_of_n_acknowledged_resumes_with_those_k(procs, free_port,
 
     restarted = fed.start_server("server-restarted")
     wait_for(lambda: listening(fed.run, restarted.pid), 60, "the restarted server to listen")
+    fed.open(2, 1)
+    status_url = json.loads((fed.run / "coordinator.json").read_text())["status_url"]
+
+    def after_round_1() -> dict[str, Any] | None:
+        with urllib.request.urlopen(status_url + "status.json", timeout=10) as reply:
+            snapshot: dict[str, Any] = json.loads(reply.read())
+        return snapshot if snapshot["run"]["completed"] >= 1 else None
+
+    snapshot = wait_for(after_round_1, 120, "round 1 to complete", alive=[restarted])
+    booked = {c["name"]: c["updates_booked"] for c in snapshot["clients"]}
+    print(f"per-client uploads booked by the restarted coordinator after round 1: {booked}")
+    # the coordinator's own counters: only the client whose update was not logged uploaded
+    assert booked == {"site-0": 0, "site-1": 0, "site-2": 1}
     for number in range(1, ROUNDS + 1):
         for i in range(CLIENTS):
             fed.open(i, number)
@@ -163,8 +177,12 @@ def test_kill_9_after_k_of_n_acknowledged_resumes_with_those_k(procs, free_port,
     assert uploaded == {0: 0, 1: 0, 2: 1}
     assert records[0]["updates"] == CLIENTS and records[0]["updates_from_log"] == k
     assert records[0]["attempt"] == 1
-    for i in range(CLIENTS):  # each client's update of round 1 was acknowledged once
-        assert accepted(fed.clients[i].log(), 1) == 1, f"client {i}"
+    for i in range(CLIENTS):  # each client trained round 1 once, acknowledged once
+        client_log = fed.clients[i].log()
+        assert accepted(client_log, 1) == 1, f"client {i}"
+        assert client_log.count("round 1: trained on") == 1, f"client {i}"
+    # the client training when the coordinator died sent that update to the restarted one
+    assert "sending the update trained before a restart" in fed.clients[2].log()
     assert not list((fed.run / "round-log").glob("*.update"))  # gone with the checkpoints
 
     mine, theirs = final_model(fed.run), final_model(whole.run)
