@@ -139,6 +139,7 @@ def test_a_resume_without_the_trailer_is_refused(arena: Arena) -> None:
     assert "must end with a trailer" in info.value.details()
 
 
+@pytest.mark.slow
 def test_a_client_whose_upload_is_cut_sends_only_the_rest(coordinator, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     running = coordinator(task=wide_task(), rounds=1, min_clients=1, chunk_bytes=64 << 10)
