@@ -159,7 +159,7 @@ class Connection:
         pieces: Iterable[torch.Tensor],
         offset: int = 0,
         sent: transfers.Sent | None = None,
-        trailer: bool = True,
+        trailer: bool = False,
     ) -> pb.UploadReply:
         """Stream one update: the header, then the bytes of `pieces` (in manifest order)
         from byte `offset` on, then its digest (transfers.py)."""

@@ -176,14 +176,14 @@ def upload(
     progress_view: ProgressView,
     offset: int = 0,
     sent: Sent | None = None,
-    trailer: bool = True,
+    trailer: bool = False,
 ) -> pb.UploadReply:
     """Stream one update through the Upload stub `call`: the header, the bytes of
     `pieces` (in manifest order) from byte `offset` on (the bytes before it are the ones
-    the coordinator kept of a cut upload, `UploadOffset`), then a trailer with the
+    the coordinator kept of a cut upload, `UploadOffset`), then, with `trailer`, the
     SHA-256 of the whole stream, skipped bytes included, so that the coordinator checks
-    the update whole (unless not `trailer`: a coordinator older than the trailer refuses
-    it). `sent` adds up the data bytes sent."""
+    the update whole (a coordinator older than the trailer refuses it; a resumed upload
+    needs it). `sent` adds up the data bytes sent."""
     header.manifest.CopyFrom(manifest.to_proto())
     header.resume_offset = offset
     counted = sent or Sent()
