@@ -35,7 +35,7 @@ CHUNK = 7
 @pytest.fixture
 def arena(coordinator: Callable[..., RunningCoordinator]) -> Iterator[Arena]:
     """Round 1 open with mallory, alone, selected for it (as in test_bad_requests)."""
-    running = coordinator(rounds=1, min_clients=1)
+    running = coordinator(rounds=1, min_clients=1, done_grace=0.5)
     opened = Arena(running, RawPeer(running.address), "")
     opened.token = opened.join("mallory", 2)
     assert opened.poll().train.round == 1
