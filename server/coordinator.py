@@ -250,35 +250,22 @@ class Coordinator:
         if client.name in open_round.reported | open_round.awaiting_log:
             return Receipt(False, f"update for round {open_round.number} already booked")
         try:
-            update = await self.uploads.receive(open_round, client, claim, chunks)
+            await self.uploads.receive(open_round, client, claim, chunks)
         finally:
             self.changes.notify()
-        if not self.aggregation.keeps_updates:
-            update.release()
         client.busy = False
-        log.info(
-            "round %d: update from %s (%d examples, %s reported)",
-            open_round.number,
-            client.name,
-            claim.num_examples,
-            open_round.progress(),
-        )
         return Receipt(True, f"booked for round {open_round.number}")
 
     async def upload_offset(
         self, client: ClientRecord, round_number: int, model_version: int, attempt: int
     ) -> int:
         """Bytes held of `client`'s cut upload for `round_number` (0: start from byte 0).
-        A cut stream may not have ended here yet when its client asks: it is waited for,
-        up to the stall timeout."""
+        A cut stream may not have ended here yet when its client asks: it is waited for
+        (`changes`), up to the stall timeout."""
         deadline = self.clock.now() + self.transport.stall_timeout
-        while (open_round := self.round) is not None and client.name in open_round.uploading:
-            if self.clock.now() >= deadline:
-                break
-            await self.changes.wait(deadline - self.clock.now())
-        if open_round is None or model_version != open_round.model_version:
-            return 0
-        return self.uploads.offset(client.name, open_round, round_number, attempt)
+        while (now := self.clock.now()) < deadline and self.uploads.streaming(self.round, client):
+            await self.changes.wait(deadline - now)
+        return self.uploads.offset(client.name, self.round, round_number, model_version, attempt)
 
     def report_evaluation(self, client: ClientRecord, claim: EvaluationClaim) -> Receipt:
         """Book one client's federated evaluation of the current global model."""

@@ -64,9 +64,17 @@ class RoundUploads:
         """Round `number` as the log holds it from before a restart, if it does."""
         return self.round_log.pending(number, model_version) if self.round_log else None
 
-    def offset(self, client: str, open_round: OpenRound | None, number: int, attempt: int) -> int:
-        """Bytes held of `client`'s cut upload for round `number`'s try `attempt`."""
-        if open_round is None or open_round.number != number:
+    @staticmethod
+    def streaming(open_round: OpenRound | None, client: ClientRecord) -> bool:
+        """Whether an upload of `client`'s is still streaming into `open_round`."""
+        return open_round is not None and client.name in open_round.uploading
+
+    def offset(
+        self, client: str, open_round: OpenRound | None, number: int, version: int, attempt: int
+    ) -> int:
+        """Bytes held of `client`'s cut upload for round `number`'s try `attempt`, which
+        trains model `version`."""
+        if open_round is None or (open_round.number, open_round.model_version) != (number, version):
             return 0
         if attempt and attempt != open_round.attempt:
             return 0
@@ -78,7 +86,7 @@ class RoundUploads:
         client: ClientRecord,
         claim: UpdateClaim,
         chunks: AsyncIterator[memoryview],
-    ) -> VerifiedUpdate:
+    ) -> None:
         """Spool, verify, log and book `client`'s upload into `open_round`."""
         manifest = self.intake.check_manifest(claim.manifest)
         key = key_of(open_round)
@@ -101,7 +109,15 @@ class RoundUploads:
             ) as update:
                 open_round.check_accepting()
                 await self._book(open_round, update, claim.manifest, None)
-        return update
+        if not self.aggregation.keeps_updates:
+            update.release()
+        log.info(
+            "round %d: update from %s (%d examples, %s reported)",
+            open_round.number,
+            client.name,
+            claim.num_examples,
+            open_round.progress(),
+        )
 
     async def take_logged(self, open_round: OpenRound, pending: PendingRound) -> None:
         """Book the updates the log held when the coordinator restarted, each verified
