@@ -162,11 +162,15 @@ class RoundLog:
 
     def committed(self, round_number: int) -> None:
         """The checkpoint of round `round_number` is on disk: its entries, and those of
-        every earlier round, go."""
-        for path in self.directory.iterdir():
-            number = _round_of(path)
-            if number is not None and number <= round_number:
-                path.unlink(missing_ok=True)
+        every earlier round, go. Called in the checkpoint's sync thread: a failure to
+        delete is logged, never raised into the next checkpoint."""
+        try:
+            for path in self.directory.iterdir():
+                number = _round_of(path)
+                if number is not None and number <= round_number:
+                    path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("round log: entries up to round %d not removed: %s", round_number, exc)
 
     def _write_json(self, path: Path, value: Mapping[str, Any]) -> None:
         tmp = path.with_suffix(".json.tmp")
