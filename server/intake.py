@@ -24,7 +24,7 @@ from fedstream.common.wire.manifest import Manifest, ManifestLimits
 from fedstream.server.calls import UploadTrailer
 from fedstream.server.config import UplinkConfig
 from fedstream.server.errors import DigestMismatch, TransferStalled
-from fedstream.server.spool import SpoolFiles, SpoolFull, UploadSpool
+from fedstream.server.spool import SpoolFiles, SpoolFull, UpdateCutShort, UploadSpool
 from fedstream.server.transfer import RateFloor, release_refused
 from fedstream.server.updates import VerifiedUpdate
 
@@ -152,7 +152,7 @@ class UploadIntake:
         except BaseException as exc:
             if writing is not None:
                 concurrent.futures.wait([writing])  # never close the spool under a write
-            cut = isinstance(exc, asyncio.CancelledError | TransferStalled)
+            cut = isinstance(exc, asyncio.CancelledError | TransferStalled | UpdateCutShort)
             if not (cut and keep is not None and keep(spool)):
                 spool.discard()
             raise

@@ -137,6 +137,11 @@ def _send(source: int, target: int, count: int, offset: int) -> int:
     return os.sendfile(target, source, offset, count)
 
 
+class UpdateCutShort(WireError):
+    """An upload whose stream ended before its declared bytes: a connection reset can end
+    the stream before it cancels the call, so it is kept for a resume as a cut one is."""
+
+
 class SpoolFull(LimitExceeded):
     """The spool directory's filesystem is out of space or quota: the upload is refused
     (RESOURCE_EXHAUSTED); the operator has to make room."""
@@ -248,7 +253,13 @@ class UploadSpool:
         self.bytes_written += len(chunk)
 
     def finish(self) -> None:
-        """Stop writing; WireError unless every declared byte arrived."""
+        """Stop writing; WireError unless every declared byte arrived (UpdateCutShort, the
+        spool still open for the rest, when fewer did)."""
+        if not self.uplink.zstd and self.bytes_written < self.manifest.total_bytes:
+            raise UpdateCutShort(
+                f"update ended after {self.bytes_written} of "
+                f"{self.manifest.total_bytes} declared bytes"
+            )
         if self._file is not None and self._writing:
             self._writing = False
             if os.fstat(self._file.fileno()).st_size > self.bytes_written:
