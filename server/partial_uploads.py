@@ -1,6 +1,7 @@
 """Cut uploads, kept for a while so that their clients resume at the byte they reached.
 
-A client whose upload is cut (the link drops, or the coordinator cuts a stalled stream)
+A client whose upload is cut (the link drops, the stream ends short of its declared
+bytes, or the coordinator cuts a stalled stream)
 asks `UploadOffset` how much the coordinator holds of its update for (round, attempt)
 and sends the rest (`UpdateHeader.resume_offset`). What is kept is the cut upload's
 spool as it stood: its file, and the state of the checks it was under (the finiteness
