@@ -68,6 +68,10 @@ class ClientConfig:
     site_parallel: str = "ddp"
     """How a site of several ranks trains: ddp (every rank holds the whole model) or fsdp
     (each rank holds a shard of it: for a model that does not fit one device)."""
+    model_dir: Path | None = None
+    """Directory the received global model is kept in (model.bin, model.json): a restarted
+    client holding the round's model (its SHA-256 as the coordinator names it) does not
+    download it again."""
     progress_file: Path | None = None
     """JSON file this client keeps its current download, training or upload in, for
     another process to show (fedstream demo does); progress itself goes to stderr: bars on

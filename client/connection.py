@@ -87,6 +87,7 @@ class Connection:
         self._report_evaluation = stub(self.control, "ReportEvaluation")
         self._download = stub(self.bulk, "Download")
         self._upload = stub(self.bulk, "Upload")
+        self._upload_offset = stub(self.control, "UploadOffset")
 
     def close(self) -> None:
         self.control.close()
@@ -130,11 +131,24 @@ class Connection:
         return reply
 
     def download(
-        self, session: Session, version: int, expected: Manifest, attempts: int = 5
+        self,
+        session: Session,
+        version: int,
+        expected: Manifest,
+        attempts: int = 5,
+        directory: Path | None = None,
     ) -> HeldModel:
-        """The global model `version`, on disk, resuming after a break (transfers.py)."""
+        """The global model `version`, on disk (kept in `directory` when given), resuming
+        after a break (transfers.py)."""
         return transfers.download(
-            self._download, session, version, expected, self.stall_timeout, self.progress, attempts
+            self._download,
+            session,
+            version,
+            expected,
+            self.stall_timeout,
+            self.progress,
+            attempts,
+            directory,
         )
 
     def upload(
@@ -143,6 +157,28 @@ class Connection:
         header: pb.UpdateHeader,
         manifest: Manifest,
         pieces: Iterable[torch.Tensor],
+        offset: int = 0,
+        sent: transfers.Sent | None = None,
+        trailer: bool = False,
     ) -> pb.UploadReply:
-        """Stream one update: the header, then the bytes of `pieces` (in manifest order)."""
-        return transfers.upload(self._upload, session, header, manifest, pieces, self.progress)
+        """Stream one update: the header, then the bytes of `pieces` (in manifest order)
+        from byte `offset` on, then its digest (transfers.py)."""
+        return transfers.upload(
+            self._upload, session, header, manifest, pieces, self.progress, offset, sent, trailer
+        )
+
+    def upload_offset(self, session: Session, header: pb.UpdateHeader) -> int:
+        """Bytes the coordinator holds of this update from a cut upload; 0 from one that
+        holds none or does not know the call (older than it)."""
+        request = pb.UploadOffsetRequest(
+            round=header.round, model_version=header.model_version, attempt=header.attempt
+        )
+        try:
+            reply: pb.UploadOffsetReply = self._upload_offset(
+                request, metadata=session.metadata, timeout=CONTROL_DEADLINE
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # type: ignore[attr-defined]
+                return 0
+            raise
+        return int(reply.offset)

@@ -34,6 +34,7 @@ from fedstream.client import steps
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
+from fedstream.client.push import Unsent, push
 from fedstream.client.retry import (
     DEFERRED_AT_JOIN,
     REFUSED_AT_JOIN,
@@ -44,7 +45,7 @@ from fedstream.client.retry import (
 )
 from fedstream.client.session import Heartbeat, Session
 from fedstream.client.site import Command, Site
-from fedstream.client.uplink import Deltas, UplinkEncoder
+from fedstream.client.uplink import UplinkEncoder
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
@@ -94,6 +95,8 @@ class FederatedClient:
         self.refusals = Backoff(cap=config.max_backoff)
         """Paces polling after refused updates and reports; reset by an accepted update."""
         self.last_contact = time.monotonic()
+        self.unsent: Unsent | None = None
+        """The update a coordinator restart cut off, sent again if asked for (push.py)."""
 
     def run(self) -> int:
         """Take part in the run until it ends; the exit code, which every rank exits with."""
@@ -174,13 +177,28 @@ class FederatedClient:
         self.session = session
         self._contacted()
 
-    def _pull(self, model_version: int) -> None:
-        """Make the model hold global version `model_version`, downloading it unless held."""
+    def _pull(self, model_version: int, sha256: str = "") -> None:
+        """Make the model hold global version `model_version`, downloading it unless held
+        (in memory, or in --model-dir with the SHA-256 `sha256` the task names)."""
         assert self.session is not None
-        if self.held is None or self.held.version != model_version:
+        held = self.held
+        if held is None or held.version != model_version or (sha256 and held.sha256 != sha256):
             self._forget_model()
+            directory = self.config.model_dir
+            if directory is not None and sha256:
+                self.held = HeldModel.kept(directory, self.layout, model_version, sha256)
+                if self.held is not None:
+                    log.info(
+                        "model v%d is the one kept in %s (sha256 %s): no download",
+                        model_version,
+                        directory,
+                        sha256[:16],
+                    )
+                    return
             try:
-                self.held = self.connection.download(self.session, model_version, self.layout)
+                self.held = self.connection.download(
+                    self.session, model_version, self.layout, directory=directory
+                )
             except InvalidManifest as exc:
                 raise Refused(
                     f"the coordinator's model is not this client's model "
@@ -208,22 +226,45 @@ class FederatedClient:
             self.refusals.reset()
 
     def _train(self, task: pb.TrainTask) -> bool:
-        """Train (or compute the gradient) and push the update; whether it was accepted."""
-        self._pull(task.model_version)
+        """Train (or compute the gradient) and push the update; whether it was accepted.
+        An update trained for this very task that a restarted coordinator never
+        acknowledged is pushed again instead of trained again (push.py)."""
+        self._pull(task.model_version, task.model_sha256)
         plan = steps.read_round_config(task)
         self.uplink.configure(plan.uplink)
-        self.site.send(Command.TRAIN, task.SerializeToString())
-        self.site.share_model(self.model, self.layout, self.held)
-        result = steps.train(self.task, self.trained, plan, task.round, self.progress)
-        num_examples, metrics = self.site.total(result.num_examples, result.metrics)
-        self.outcome = self.site.collect(self.model, self.layout, plan.gradient)
-        header = pb.UpdateHeader(
-            round=task.round,
-            model_version=task.model_version,
-            num_examples=num_examples,
-            metrics=metrics,
-        )
-        return self._upload(header, task, self._gradients if plan.gradient else self._deltas)
+        unsent, self.unsent = self.unsent, None
+        if unsent is not None and unsent.answers(task):
+            log.info("round %d: sending the update trained before a restart", task.round)
+            header, update = unsent.header, unsent.update
+        else:
+            self.site.send(Command.TRAIN, task.SerializeToString())
+            self.site.share_model(self.model, self.layout, self.held)
+            result = steps.train(self.task, self.trained, plan, task.round, self.progress)
+            num_examples, metrics = self.site.total(result.num_examples, result.metrics)
+            self.outcome = self.site.collect(self.model, self.layout, plan.gradient)
+            header = pb.UpdateHeader(
+                round=task.round,
+                model_version=task.model_version,
+                num_examples=num_examples,
+                metrics=metrics,
+                attempt=task.attempt,
+            )
+            pieces = self._gradients if plan.gradient else self._deltas
+            update = self.uplink.encode(self.layout, pieces)
+        assert self.session is not None
+        try:
+            return push(
+                self.connection,
+                self.session,
+                header,
+                task,
+                update,
+                self.config.max_backoff,
+                self._contacted,
+            )
+        except grpc.RpcError:
+            self.unsent = Unsent(header, Unsent.key(task), update)
+            raise
 
     def _evaluate_round(self, task: pb.EvaluateTask) -> None:
         """Evaluate global version `task.model_version` on our own held-out data; report."""
@@ -232,7 +273,7 @@ class FederatedClient:
     def _evaluate(self, task: pb.EvaluateTask) -> bool:
         """Evaluate and report; whether the report was accepted."""
         assert self.session is not None
-        self._pull(task.model_version)
+        self._pull(task.model_version, task.model_sha256)
         self.site.send(Command.EVALUATE, task.SerializeToString())
         self.site.share_model(self.model, self.layout, self.held)
         report = self.site.total_report(steps.evaluate(self.task, self.model, task))
@@ -254,44 +295,6 @@ class FederatedClient:
             reply.detail,
         )
         return reply.accepted
-
-    def _upload(
-        self,
-        header: pb.UpdateHeader,
-        task: pb.TrainTask,
-        pieces: Deltas,
-    ) -> bool:
-        """Push the update, retrying transient failures until the round's deadline; whether
-        the coordinator accepted it."""
-        assert self.session is not None and self.held is not None
-        update = self.uplink.encode(self.layout, pieces)
-        deadline = time.monotonic() + max(task.deadline_seconds, 1.0)
-        backoff = Backoff(cap=self.config.max_backoff)
-        while True:
-            try:
-                reply = self.connection.upload(
-                    self.session, header, update.manifest, update.pieces()
-                )
-                self._contacted()
-                update.commit()
-            except grpc.RpcError as exc:
-                code, details = rpc_status(exc)
-                if code == grpc.StatusCode.UNAUTHENTICATED:
-                    raise  # the session is gone: join again
-                if code not in RETRYABLE or time.monotonic() + backoff.base > deadline:
-                    log.warning("round %d: update refused (%s): %s", task.round, code.name, details)
-                    return False
-                log.warning("round %d: upload failed (%s); retrying", task.round, code.name)
-                backoff.sleep()
-                continue
-            log.log(
-                logging.INFO if reply.accepted else logging.WARNING,
-                "round %d: update %s (%s)",
-                task.round,
-                "accepted" if reply.accepted else "not accepted",
-                reply.detail,
-            )
-            return reply.accepted
 
     def _pause_after_refusal(self) -> None:
         """Wait before polling again, longer each time in a row the coordinator refuses

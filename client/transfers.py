@@ -8,10 +8,12 @@ bytes cut to the session's chunk size, framed by hand (common/wire/framing.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -78,6 +80,7 @@ def download(
     stall_timeout: float,
     progress_view: ProgressView,
     attempts: int = 5,
+    directory: Path | None = None,
 ) -> HeldModel:
     """The global model `version` through the Download stub `call`, resuming from the
     last byte received after a break.
@@ -85,8 +88,11 @@ def download(
     The bytes go to a `HeldModel` on disk as they arrive, never to a second copy of
     the model in memory. InvalidManifest, before any model bytes are received, when
     the coordinator's model is not laid out as `expected` (the client's own model).
+    With `directory` (--model-dir) the model is kept there once complete; WireError when
+    its bytes are not the ones the coordinator's header names (SHA-256).
     """
     held: HeldModel | None = None
+    digest = ""
     backoff = Backoff(cap=5.0)
     progress: Tracker | None = None
     for attempt in range(1, attempts + 1):
@@ -109,8 +115,9 @@ def download(
                 elif isinstance(item, pb.ModelHeader):
                     received = Manifest.from_proto(item.manifest)
                     expected.require_same_layout(received)
+                    digest = digest or item.sha256
                     if held is None:
-                        held = HeldModel(received, version)
+                        held = HeldModel(received, version, directory)
                         progress = progress_view.start(
                             "download", f"download of model v{version}", received.total_bytes
                         )
@@ -125,6 +132,11 @@ def download(
                 got = held.bytes_written if held else 0
                 total = held.manifest.total_bytes if held else "?"
                 raise WireError(f"download ended after {got} of {total} bytes")
+            if digest and held.sha256 != digest:
+                raise WireError(
+                    f"model v{version} arrived with SHA-256 {held.sha256}, not {digest[:64]!r}"
+                )
+            held.keep()
             if progress is not None:
                 progress.finish()
             return held
@@ -148,6 +160,13 @@ def download(
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
+class Sent:
+    """Bytes an upload put on the wire, all its attempts together."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
 def upload(
     call: Callable[..., Any],
     session: Session,
@@ -155,18 +174,39 @@ def upload(
     manifest: Manifest,
     pieces: Iterable[torch.Tensor],
     progress_view: ProgressView,
+    offset: int = 0,
+    sent: Sent | None = None,
+    trailer: bool = False,
 ) -> pb.UploadReply:
-    """Stream one update through the Upload stub `call`: the header, then the bytes of
-    `pieces` (in manifest order)."""
+    """Stream one update through the Upload stub `call`: the header, the bytes of
+    `pieces` (in manifest order) from byte `offset` on (the bytes before it are the ones
+    the coordinator kept of a cut upload, `UploadOffset`), then, with `trailer`, the
+    SHA-256 of the whole stream, skipped bytes included, so that the coordinator checks
+    the update whole (a coordinator older than the trailer refuses it; a resumed upload
+    needs it). `sent` adds up the data bytes sent."""
     header.manifest.CopyFrom(manifest.to_proto())
+    header.resume_offset = offset
+    counted = sent or Sent()
 
     def messages(progress: Tracker) -> Iterator[pb.UpdateChunk | bytes]:
         yield pb.UpdateChunk(header=header)
+        digest = hashlib.sha256()
+        position = 0
         for chunk in wire_chunks(manifest, pieces, session.chunk_bytes):
-            yield frame_data(chunk)
+            digest.update(chunk)
+            start = max(0, offset - position)
+            position += len(chunk)
+            if start < len(chunk):
+                part = memoryview(chunk)[start:]
+                yield frame_data(part)
+                counted.bytes += len(part)
             progress.advance(len(chunk))
+        if trailer:
+            yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest.hexdigest()))
 
     label = f"upload for round {header.round}"
+    if offset:
+        label += f" (resumed at byte {offset})"
     with progress_view.track("upload", label, manifest.total_bytes) as progress:
         reply: pb.UploadReply = call(messages(progress), metadata=session.metadata)
     return reply

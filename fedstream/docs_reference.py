@@ -44,6 +44,12 @@ METRICS_JSONL: tuple[tuple[str, str], ...] = (
     ("num_examples", "Examples behind the round's updates (FedAvg's weights)."),
     ("bytes_down", "Model bytes streamed to clients."),
     ("bytes_up", "Update bytes received from clients."),
+    (
+        "updates_from_log",
+        "Updates taken again from the round's log after a coordinator restart, not uploaded "
+        "again (docs/checkpoints.md).",
+    ),
+    ("uploads_resumed", "Uploads that resumed a cut one at its byte offset."),
     ("coordinator_peak_rss_mb", "The coordinator's peak resident memory so far, in MiB."),
     (
         "train_<metric>",

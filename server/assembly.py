@@ -7,6 +7,8 @@ configuration and handed to the `Coordinator`, which builds nothing itself.
                        RunFile: the id outlives a restart)
     admission          SecurityConfig and TransportConfig: who may join, as whom
     upload intake      UplinkConfig and TransportConfig: uploads spooled and verified
+    round's log        RoundLogConfig: acknowledged updates kept until their checkpoint
+                       is on disk, cut uploads kept for a resume
     safeguards         SafeguardsConfig, and the aggregate behind them
     clock              monotonic, or the one a test drives
 
@@ -25,6 +27,8 @@ from fedstream.server.coordinator import Coordinator
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
+from fedstream.server.partial_uploads import PartialUploads
+from fedstream.server.round_log import RoundLog
 from fedstream.server.run_file import RunFile
 from fedstream.server.run_store import RunIdentity, RunStore
 from fedstream.server.safeguards import Safeguards
@@ -98,4 +102,10 @@ def assemble(
         evaluation=config,
         transport=config,
         completed=resumed or 0,
+        round_log=RoundLog(
+            config.run_dir,
+            {**vars(store.identity), "run_id": store.run_id},
+            fsync=config.round_log_fsync,
+        ),
+        partials=PartialUploads(config.partial_upload_seconds, config.partial_upload_bytes),
     )

@@ -5,7 +5,7 @@ protobuf messages, so the coordinator itself never touches the wire's types."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import ConfigScalar
@@ -94,6 +94,19 @@ class UpdateClaim:
     metrics: Mapping[str, float]
     manifest: pb.Manifest
     """Checked against the run's upload layout before anything is spooled."""
+    attempt: int = 0
+    """The try of the round the update was trained for (0: the client did not say)."""
+    resume_offset: int = 0
+    """Where the upload's data starts: past the bytes kept of a cut upload."""
+    trailer: UploadTrailer = field(default_factory=lambda: UploadTrailer())
+    """Filled in as the stream ends: what the client says the whole update is."""
+
+
+@dataclass
+class UploadTrailer:
+    """An upload's last message: the hex SHA-256 of the whole update ("" when none came)."""
+
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,9 @@ class TrainWork:
     model_version: int
     deadline_seconds: float
     config: Mapping[str, ConfigScalar]
+    attempt: int = 0
+    model_sha256: str = ""
+    """Of the model's data stream: a client holding that model skips the download."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,7 @@ class EvaluateWork:
     round: int
     model_version: int
     deadline_seconds: float
+    model_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,3 +166,5 @@ class ModelStream:
     manifest: Manifest
     offset: int
     chunks: Iterator[memoryview | bytes]
+    sha256: str = ""
+    """Of the whole data stream (`GlobalModel.sha256`)."""

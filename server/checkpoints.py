@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,9 @@ class Checkpoints:
         self._lock = _lock(run_dir)
         self._syncer = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-sync")
         self._syncing: concurrent.futures.Future[None] | None = None
+        self.on_disk: list[Callable[[int], None]] = []
+        """Called (in the sync thread) with each round whose checkpoint is on disk: the
+        round's log lets go of its updates then (`round_log.py`)."""
 
     def checkpoint_path(self, round_number: int) -> Path:
         return self.checkpoint_dir / f"round_{round_number:05d}.safetensors"
@@ -147,14 +150,17 @@ class Checkpoints:
         path = self.checkpoint_path(round_number)
         self.wait_on_disk()
         save_checkpoint(path, tensors, metadata, sync=False)
-        self._syncing = self._syncer.submit(self._settle, path)
+        self._syncing = self._syncer.submit(self._settle, path, round_number)
         return path
 
-    def _settle(self, path: Path) -> None:
-        """Put `path` on disk, then delete the checkpoints it makes redundant."""
+    def _settle(self, path: Path, round_number: int) -> None:
+        """Put `path` on disk, then delete the checkpoints (and the round's log) it makes
+        redundant."""
         sync_to_disk(path)
         for _, old in self.checkpoints()[: -self.keep]:
             old.unlink(missing_ok=True)
+        for call in self.on_disk:
+            call(round_number)
 
     def wait_on_disk(self) -> None:
         """Return once the newest checkpoint is on disk; raise what putting it there raised."""

@@ -28,8 +28,11 @@ class MonotonicClock:
         return time.monotonic()
 
     async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a cancellation that
+        # arrives as the event is set, and a cancelled coordinator then runs on.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max(0.0, timeout))
+            async with asyncio.timeout(max(0.0, timeout)):
+                await event.wait()
 
 
 class Changes:

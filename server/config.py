@@ -193,6 +193,33 @@ class UplinkConfig:
 
 
 @dataclass
+class DurabilityConfig:
+    """What outlives a cut upload and a coordinator crash: the round's log of verified
+    updates (docs/checkpoints.md, "The round's log") and cut uploads kept for resuming."""
+
+    round_log_fsync: bool = False
+    """Put each logged update on disk (fsync) before acknowledging it: a power cut then
+    loses no acknowledged update, at the cost of writing it out at once
+    (docs/checkpoints.md gives the figure). Without it a kill -9 loses nothing, a power
+    cut the updates not yet written back."""
+    partial_upload_seconds: float = 600.0
+    """Seconds a cut upload is kept for its client to resume at the byte it reached
+    (0: cut uploads are not kept; a client starts again from byte 0)."""
+    partial_upload_bytes: int = 8 << 30
+    """Most bytes of a cut upload kept per client; a larger cut upload is dropped."""
+
+    def validate(self) -> None:
+        if not self.partial_upload_seconds >= 0:
+            raise ConfigError(
+                f"partial_upload_seconds must be at least 0, got {self.partial_upload_seconds}"
+            )
+        if self.partial_upload_bytes < 0:
+            raise ConfigError(
+                f"partial_upload_bytes must be at least 0, got {self.partial_upload_bytes}"
+            )
+
+
+@dataclass
 class EvaluationConfig:
     """Federated evaluation: selected clients score the new global model on their own
     held-out data."""
@@ -231,6 +258,7 @@ class ServerConfig(
     SecurityConfig,
     RoundsConfig,
     UplinkConfig,
+    DurabilityConfig,
     StrategyConfig,
     SafeguardsConfig,
     PrivacyConfig,
@@ -274,6 +302,7 @@ class ServerConfig(
         require_tls_off_loopback("address", self.address, self.tls, self.insecure)
         RoundsConfig.validate(self)
         UplinkConfig.validate(self)
+        DurabilityConfig.validate(self)
         validate_aggregation(self, self, self)
         EvaluationConfig.validate(self)
         if self.init_weights is not None and not Path(self.init_weights).is_file():

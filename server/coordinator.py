@@ -21,6 +21,7 @@ raises the domain errors of `server/errors.py`, which the servicer maps to gRPC 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -34,6 +35,7 @@ from fedstream.server.calls import (
     NoWork,
     Receipt,
     RunDone,
+    TrainWork,
     UpdateClaim,
     Work,
 )
@@ -43,6 +45,7 @@ from fedstream.server.errors import NotSelected, WrongRound
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
+from fedstream.server.partial_uploads import PartialUploads
 from fedstream.server.phases import (
     Aggregating,
     Done,
@@ -52,6 +55,8 @@ from fedstream.server.phases import (
     Waiting,
     select_clients,
 )
+from fedstream.server.round_log import PendingRound, RoundLog
+from fedstream.server.round_uploads import RoundUploads
 from fedstream.server.run_store import RunStore
 from fedstream.server.safeguards import Safeguards
 from fedstream.server.starting_weights import record_round_zero
@@ -85,6 +90,8 @@ class Coordinator:
         evaluation: EvaluationConfig,
         transport: TransportConfig,
         completed: int = 0,
+        round_log: RoundLog | None = None,
+        partials: PartialUploads | None = None,
     ) -> None:
         self.task = task
         self.model = model
@@ -103,6 +110,13 @@ class Coordinator:
         """Rounds done: those of the checkpoint the run resumed from, then each committed."""
         self.base_round_config = {**rounds.published(), **intake.uplink.round_config()}
         self.changes = Changes(clock)
+        self.uploads = RoundUploads(
+            intake, aggregation, partials or PartialUploads(600.0, 8 << 30), round_log
+        )
+        """Updates into the round: received or resumed, logged, booked; after a restart,
+        taken again from the round's log (`server/round_uploads.py`)."""
+        if round_log is not None:
+            store.on_disk.append(round_log.committed)
         self.observers: list[Callable[[Phase], None]] = []
         """Called with each phase the coordinator enters (the live state listens)."""
 
@@ -129,12 +143,18 @@ class Coordinator:
         """Run rounds until the configured number have completed."""
         if self.store.origin and self.completed == 0 and not self.store.history:
             await record_round_zero(self.task, self.model, self.strategy, self.store, self.clock)
+        pending = self.uploads.pending(self.completed + 1, self.model.version)
         while self.completed < self.rounds.rounds:
             number = self.completed + 1
-            attempt = 1
+            attempt = pending.attempt if pending is not None else 1
             while True:
                 await self._wait_for_clients()
-                open_round = self._open_round(number, attempt)
+                await asyncio.to_thread(self.model.sha256)  # once per version, off the loop
+                open_round = self._open_round(number, attempt, pending)
+                if pending is not None:
+                    await self.uploads.take_logged(open_round, pending)
+                    self.changes.notify()  # a client whose logged update failed is owed
+                    pending = None
                 if not await self._close(open_round):
                     log.warning(
                         "round %d: %s reported, fewer than needed; running it again",
@@ -166,6 +186,7 @@ class Coordinator:
             await self.changes.wait(deadline - self.clock.now())
 
     def close(self) -> None:
+        self.uploads.close()
         self.intake.close()
 
     # ---- calls from clients ------------------------------------------------------------
@@ -226,36 +247,25 @@ class Coordinator:
         if open_round is None:
             raise WrongRound(f"round {claim.round} is not open for updates")
         open_round.check_update(client.name, claim)
-        if client.name in open_round.reported:
+        if client.name in open_round.reported | open_round.awaiting_log:
             return Receipt(False, f"update for round {open_round.number} already booked")
-        manifest = self.intake.check_manifest(claim.manifest)
-        label = f"r{open_round.number}-{client.name}"
         try:
-            with open_round.upload_from(client.name):
-                async with self.intake.receive(
-                    label,
-                    client.name,
-                    claim.num_examples,
-                    claim.metrics,
-                    manifest,
-                    open_round.while_open(chunks),
-                ) as update:
-                    open_round.check_accepting()
-                    await self.aggregation.arrived(update, len(open_round.selected))
-                    open_round.book(update)
+            await self.uploads.receive(open_round, client, claim, chunks)
         finally:
             self.changes.notify()
-        if not self.aggregation.keeps_updates:
-            update.release()
         client.busy = False
-        log.info(
-            "round %d: update from %s (%d examples, %s reported)",
-            open_round.number,
-            client.name,
-            claim.num_examples,
-            open_round.progress(),
-        )
         return Receipt(True, f"booked for round {open_round.number}")
+
+    async def upload_offset(
+        self, client: ClientRecord, round_number: int, model_version: int, attempt: int
+    ) -> int:
+        """Bytes held of `client`'s cut upload for `round_number` (0: start from byte 0).
+        A cut stream may not have ended here yet when its client asks: it is waited for
+        (`changes`), up to the stall timeout."""
+        deadline = self.clock.now() + self.transport.stall_timeout
+        while (now := self.clock.now()) < deadline and self.uploads.streaming(self.round, client):
+            await self.changes.wait(deadline - now)
+        return self.uploads.offset(client.name, self.round, round_number, model_version, attempt)
 
     def report_evaluation(self, client: ClientRecord, claim: EvaluationClaim) -> Receipt:
         """Book one client's federated evaluation of the current global model."""
@@ -295,7 +305,10 @@ class Coordinator:
             return RunDone(f"run complete: {phase.completed} rounds")
         if isinstance(phase, OpenRound | OpenEvaluation) and phase.owes(client.name):
             client.busy = True
-            return phase.work(self.model.version, self.clock.now())
+            work = phase.work(self.model.version, self.clock.now())
+            if isinstance(work, TrainWork) and isinstance(phase, OpenRound):
+                work = dataclasses.replace(work, attempt=phase.attempt)
+            return dataclasses.replace(work, model_sha256=self.model.sha256())
         client.busy = False
         return NoWork()
 
@@ -315,11 +328,16 @@ class Coordinator:
                 announced = live
             await self.changes.wait(1.0)
 
-    def _open_round(self, number: int, attempt: int) -> OpenRound:
+    def _open_round(self, number: int, attempt: int, pending: PendingRound | None) -> OpenRound:
+        """Round `number`'s try `attempt`: a fresh selection, or the one `pending` logged
+        before a restart (its logged updates are taken again, the others carry on)."""
         live = self._live()
         rounds = self.rounds
         seed = self.store.identity.seed
         selected = select_clients(live, rounds.fraction, rounds.min_clients, seed, number, attempt)
+        if pending is not None and pending.selected:
+            selected = pending.selected
+        logged = {entry.client for entry in pending.updates} if pending is not None else set()
         now = self.clock.now()
         open_round = OpenRound(
             number=number,
@@ -330,8 +348,10 @@ class Coordinator:
             started=now,
             deadline=now + self.rounds.round_timeout,
             hard_end=now + HARD_END_TIMEOUTS * self.rounds.round_timeout,
+            awaiting_log=logged & selected,
         )
         self.strategy.begin_round(self.model.tensors)
+        self.uploads.begin(open_round)
         self._enter(open_round)
         total = self.rounds.rounds
         log.info(
@@ -386,6 +406,7 @@ class Coordinator:
         """Clients evaluate the checkpointed model version `trained.number` on their own
         held-out data; the strategy's aggregate of their reports joins the round's record."""
         live = frozenset(self._live())
+        await asyncio.to_thread(self.model.sha256)
         now = self.clock.now()
         evaluation = OpenEvaluation(
             number=trained.number,

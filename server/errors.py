@@ -40,7 +40,14 @@ class UpdateTooLarge(InvalidUpdate):
 
 
 class OffsetOutOfRange(FedstreamError):
-    """A download resume offset beyond the end of the model's byte stream."""
+    """A download resume offset beyond the end of the model's byte stream, or an upload
+    resumed at an offset the coordinator does not hold (`server/partial_uploads.py`)."""
+
+
+class DigestMismatch(FedstreamError):
+    """An update whose bytes, kept and resumed parts together, are not the ones its
+    trailer's SHA-256 names (or a logged update whose file is not its header's): the
+    whole update is refused (DATA_LOSS)."""
 
 
 class IdentityMismatch(FedstreamError):

@@ -7,6 +7,7 @@ where it stopped), for as long as the phase it was opened in stays open.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -37,8 +38,21 @@ class GlobalModel:
             if not tensor.is_contiguous():
                 raise ValueError(f"model tensor {name!r} is not contiguous")
         self.version = 0
+        self._digest: tuple[int, str] | None = None
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the current version's data stream, computed once per version (a
+        pass over the model: call it off the event loop first, as the round opens). A
+        client holding a model of this digest needs no download (docs/checkpoints.md)."""
+        if self._digest is None or self._digest[0] != self.version:
+            digest = hashlib.sha256()
+            for chunk in iter_chunks(list(self.tensors.values()), 1 << 20, 0):
+                digest.update(chunk)
+            self._digest = (self.version, digest.hexdigest())
+        return self._digest[1]
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._digest = None
         self.manifest.require_same_tensors(Manifest.from_tensors(tensors))
         with torch.no_grad():
             for name, target in self.tensors.items():
@@ -69,7 +83,11 @@ class GlobalModel:
             raise OffsetOutOfRange(f"offset {offset} is beyond the model's {total} bytes")
         chunks = iter_chunks(list(self.tensors.values()), max(MIN_CHUNK_BYTES, chunk_bytes), offset)
         return ModelStream(
-            self.version, self.manifest, offset, _while_open(chunks, still_open, phase_name)
+            self.version,
+            self.manifest,
+            offset,
+            _while_open(chunks, still_open, phase_name),
+            self.sha256(),
         )
 
 

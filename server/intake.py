@@ -21,8 +21,10 @@ from fedstream.common.errors import InvalidManifest
 from fedstream.common.logs import RateLimitedLog
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.manifest import Manifest, ManifestLimits
+from fedstream.server.calls import UploadTrailer
 from fedstream.server.config import UplinkConfig
-from fedstream.server.spool import SpoolFiles, SpoolFull, UploadSpool
+from fedstream.server.errors import DigestMismatch, TransferStalled
+from fedstream.server.spool import SpoolFiles, SpoolFull, UpdateCutShort, UploadSpool
 from fedstream.server.transfer import RateFloor, release_refused
 from fedstream.server.updates import VerifiedUpdate
 
@@ -89,16 +91,24 @@ class UploadIntake:
         metrics: Mapping[str, float],
         manifest: Manifest,
         chunks: AsyncIterator[memoryview],
+        *,
+        trailer: UploadTrailer | None = None,
+        resume: UploadSpool | None = None,
+        keep: Callable[[UploadSpool], bool] | None = None,
     ) -> AsyncIterator[VerifiedUpdate]:
         """Spool the upload, verify it whole, and yield it, holding `readback`.
 
         The body decides what becomes of the update (a strategy takes it, the round books
-        it); when the body raises, or anything before it does, the spool is given back.
+        it); when the body raises, or anything before it does, the spool is given back,
+        except that an upload cut on its way (the stream cancelled, or stalled) goes to
+        `keep`, which may hold it for a resume (`server/partial_uploads.py`). A resumed
+        upload continues the spool `resume` holds; it must end with a `trailer`, whose
+        SHA-256, when given, is checked against the whole update's.
         """
         try:
             async with self.slots:
-                spool = UploadSpool(self._files, label, manifest, self.uplink, self.model)
-                await self._spool(spool, chunks)
+                spool = resume or UploadSpool(self._files, label, manifest, self.uplink, self.model)
+                await self._spool(spool, chunks, keep)
         except BaseException as exc:
             if isinstance(exc, SpoolFull):
                 _disk_full.log(logging.ERROR, "spool", "uploads refused: %s", exc)
@@ -107,6 +117,7 @@ class UploadIntake:
             release_refused()
             raise
         try:
+            _check_digest(spool, trailer, resumed=resume is not None)
             async with self.readback:
                 await asyncio.to_thread(spool.verify_finite)
                 yield VerifiedUpdate(
@@ -116,8 +127,14 @@ class UploadIntake:
             spool.discard()
             raise
 
-    async def _spool(self, spool: UploadSpool, chunks: AsyncIterator[memoryview]) -> None:
-        """Write the chunks to `spool`; the spool is discarded when anything fails."""
+    async def _spool(
+        self,
+        spool: UploadSpool,
+        chunks: AsyncIterator[memoryview],
+        keep: Callable[[UploadSpool], bool] | None,
+    ) -> None:
+        """Write the chunks to `spool`; the spool is discarded when anything fails, unless
+        the stream was cut and `keep` keeps it."""
         floor = RateFloor(self.min_rate, self.window, self.clock)
         writing: concurrent.futures.Future[None] | None = None
         try:
@@ -132,12 +149,30 @@ class UploadIntake:
             if writing is not None:
                 await asyncio.wrap_future(writing)
             spool.finish()
-        except BaseException:
+        except BaseException as exc:
             if writing is not None:
                 concurrent.futures.wait([writing])  # never close the spool under a write
-            spool.discard()
+            cut = isinstance(exc, asyncio.CancelledError | TransferStalled | UpdateCutShort)
+            if not (cut and keep is not None and keep(spool)):
+                spool.discard()
             raise
 
     def close(self) -> None:
         self._writer.shutdown()
         self._files.close()
+
+
+def _check_digest(spool: UploadSpool, trailer: UploadTrailer | None, *, resumed: bool) -> None:
+    """DigestMismatch unless the whole spooled update is what its trailer names; a resumed
+    upload must name it (its kept part came over another stream)."""
+    claimed = trailer.sha256 if trailer is not None else ""
+    if not claimed:
+        if resumed:
+            raise DigestMismatch("a resumed upload must end with a trailer naming its SHA-256")
+        return
+    if claimed.lower() != spool.sha256:
+        raise DigestMismatch(
+            f"update {spool.name} is not the one its trailer names: SHA-256 {spool.sha256} "
+            f"of the {spool.bytes_written} bytes received, {claimed[:64]!r} claimed; "
+            "the whole update is refused"
+        )

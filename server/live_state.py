@@ -69,6 +69,9 @@ class TransferMeter:
     """Download streams open now."""
     uploads: int = 0
     """Upload streams open now."""
+    booked: int = 0
+    """Updates of this client's uploads booked since the coordinator started (an update
+    taken from the round's log after a restart is not one)."""
     down_at_phase: int = 0
     up_at_phase: int = 0
     """`down` and `up` when the current phase opened."""
@@ -194,6 +197,7 @@ class LiveState:
             "down_rate_Bps": round(down_rate, 1) if meter.downloads else 0.0,
             "up_rate_Bps": round(up_rate, 1) if meter.uploads else 0.0,
             "last_seen_s": round(max(0.0, now - max(record.last_seen, meter.moved_at)), 3),
+            "updates_booked": meter.booked,
         }
 
     def _state(self, record: ClientRecord) -> str:

@@ -144,6 +144,13 @@ class OpenRound(OpenPhase):
     """What the safeguards refused or capped (server/safeguards.py), by counter."""
     bytes_up: int = 0
     bytes_down: int = 0
+    updates_from_log: int = 0
+    """Updates taken from the round's log after a restart, not uploaded to this process."""
+    uploads_resumed: int = 0
+    """Uploads that resumed a cut one at its byte offset."""
+    awaiting_log: set[str] = field(default_factory=set)
+    """Clients whose update the round's log holds from before a restart, until it is
+    taken again (or fails its checks): they are not asked for one."""
 
     @property
     def num_examples(self) -> int:
@@ -169,6 +176,9 @@ class OpenRound(OpenPhase):
 
     def arriving(self) -> bool:
         return bool(self.uploading)
+
+    def owes(self, client: str) -> bool:
+        return super().owes(client) and client not in self.awaiting_log
 
     @contextlib.contextmanager
     def upload_from(self, client: str) -> Iterator[None]:
@@ -228,6 +238,8 @@ class OpenRound(OpenPhase):
             "num_examples": self.num_examples,
             "bytes_down": self.bytes_down,
             "bytes_up": self.bytes_up,
+            "updates_from_log": self.updates_from_log,
+            "uploads_resumed": self.uploads_resumed,
             **self.totals.means("train_"),
         }
 

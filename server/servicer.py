@@ -39,12 +39,14 @@ from fedstream.server.calls import (
     RunDone,
     TrainWork,
     UpdateClaim,
+    UploadTrailer,
     Work,
 )
 from fedstream.server.config import TransportConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.errors import (
     AlreadyJoined,
+    DigestMismatch,
     IdentityMismatch,
     InvalidJoin,
     InvalidUpdate,
@@ -79,6 +81,7 @@ STATUS_OF: dict[type[FedstreamError], grpc.StatusCode] = {
     UploadInProgress: grpc.StatusCode.ABORTED,
     TransferStalled: grpc.StatusCode.DEADLINE_EXCEEDED,
     OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    DigestMismatch: grpc.StatusCode.DATA_LOSS,
     InvalidJoin: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidUpdate: grpc.StatusCode.INVALID_ARGUMENT,
     UpdateTooLarge: grpc.StatusCode.INVALID_ARGUMENT,
@@ -130,6 +133,8 @@ def poll_reply(work: Work) -> pb.PollReply:
             round=work.round,
             model_version=work.model_version,
             deadline_seconds=work.deadline_seconds,
+            attempt=work.attempt,
+            model_sha256=work.model_sha256,
         )
         config_to_proto(work.config, task.config)
         return pb.PollReply(train=task)
@@ -139,6 +144,7 @@ def poll_reply(work: Work) -> pb.PollReply:
                 round=work.round,
                 model_version=work.model_version,
                 deadline_seconds=work.deadline_seconds,
+                model_sha256=work.model_sha256,
             )
         )
     if isinstance(work, RunDone):
@@ -218,7 +224,10 @@ class CoordinatorServicer:
         except FedstreamError as exc:
             await _reject(context, "Download", exc)
         header = pb.ModelHeader(
-            model_version=stream.version, manifest=stream.manifest.to_proto(), offset=stream.offset
+            model_version=stream.version,
+            manifest=stream.manifest.to_proto(),
+            offset=stream.offset,
+            sha256=stream.sha256,
         )
         floor = RateFloor(self.min_transfer_rate, self.transfer_window)
         meter = self.live.meter(client.name)
@@ -252,20 +261,39 @@ class CoordinatorServicer:
             if not isinstance(first, pb.UpdateHeader):
                 raise WireError("the first upload message must be the header")
             claim = UpdateClaim(
-                first.round, first.model_version, first.num_examples, first.metrics, first.manifest
+                first.round,
+                first.model_version,
+                first.num_examples,
+                first.metrics,
+                first.manifest,
+                first.attempt,
+                first.resume_offset,
             )
             meter = self.live.meter(client.name)
             meter.uploads += 1
             try:
                 receipt = await self.coordinator.receive_upload(
-                    client, claim, self._data_chunks(iterator, meter)
+                    client, claim, self._data_chunks(iterator, meter, claim.trailer)
                 )
             finally:
                 meter.uploads -= 1
+            meter.booked += receipt.accepted
             return pb.UploadReply(**_receipt(receipt))
         except FedstreamError as exc:
             self.live.rejected_update(exc)
             await _reject(context, "Upload", exc)
+
+    async def upload_offset(
+        self, message: pb.UploadOffsetRequest | MalformedMessage, context: grpc.aio.ServicerContext
+    ) -> pb.UploadOffsetReply:
+        try:
+            request = _decoded(message)
+            offset = await self.coordinator.upload_offset(
+                self._client(context), request.round, request.model_version, request.attempt
+            )
+        except FedstreamError as exc:
+            await _reject(context, "UploadOffset", exc)
+        return pb.UploadOffsetReply(offset=offset)
 
     async def report_evaluation(
         self, message: pb.EvaluationReport | MalformedMessage, context: grpc.aio.ServicerContext
@@ -291,9 +319,10 @@ class CoordinatorServicer:
         return pb.HeartbeatReply(phase_open=open_)
 
     async def _data_chunks(
-        self, iterator: AsyncIterator[Any], meter: TransferMeter
+        self, iterator: AsyncIterator[Any], meter: TransferMeter, trailer: UploadTrailer
     ) -> AsyncIterator[memoryview]:
-        """The data chunks after an upload's header, failing when none arrives in time."""
+        """The data chunks after an upload's header, failing when none arrives in time; a
+        trailer fills in `trailer` and must be the last message."""
         while True:
             try:
                 # asyncio.timeout, not wait_for: wait_for wraps every chunk in a new Task.
@@ -307,6 +336,11 @@ class CoordinatorServicer:
                 ) from None
             if isinstance(item, MalformedChunk):
                 raise WireError(item.reason)
+            if trailer.sha256:
+                raise WireError("a message arrived after the upload's trailer")
+            if isinstance(item, pb.UpdateTrailer):
+                trailer.sha256 = item.sha256 or "-"
+                continue
             if not isinstance(item, memoryview):
                 raise WireError("a second header arrived in the middle of the upload")
             if len(item) > self.max_chunk_bytes:
@@ -324,6 +358,7 @@ class CoordinatorServicer:
                 "Poll": self.poll,
                 "Download": self.download,
                 "Upload": self.upload,
+                "UploadOffset": self.upload_offset,
                 "ReportEvaluation": self.report_evaluation,
                 "Heartbeat": self.heartbeat,
             }

@@ -21,6 +21,7 @@ bounded by the model's largest tensor.
 from __future__ import annotations
 
 import errno
+import hashlib
 import math
 import os
 import tempfile
@@ -124,6 +125,23 @@ class FiniteScan:
         self.sum_squares += sum_of_squares(values)
 
 
+_NO_RANGE_COPY = (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP)
+"""copy_file_range's refusals where sendfile still copies in the kernel."""
+
+
+def _range(source: int, target: int, count: int, offset: int) -> int:
+    return os.copy_file_range(source, target, count, offset)
+
+
+def _send(source: int, target: int, count: int, offset: int) -> int:
+    return os.sendfile(target, source, offset, count)
+
+
+class UpdateCutShort(WireError):
+    """An upload whose stream ended before its declared bytes: a connection reset can end
+    the stream before it cancels the call, so it is kept for a resume as a cut one is."""
+
+
 class SpoolFull(LimitExceeded):
     """The spool directory's filesystem is out of space or quota: the upload is refused
     (RESOURCE_EXHAUSTED); the operator has to make room."""
@@ -207,6 +225,9 @@ class UploadSpool:
         raw = isinstance(uplink.codec, Raw) and not uplink.zstd
         self._scan = FiniteScan(manifest) if raw else None
         self._sum_squares = 0.0
+        self._sha256 = hashlib.sha256()
+        """Of the bytes written, in order: the whole update's digest once finished (a
+        resumed upload's kept and resumed parts alike, `server/partial_uploads.py`)."""
 
     def write(self, chunk: memoryview) -> None:
         """Append `chunk`; WireError past the manifest's size, NonFiniteValues when a raw
@@ -220,6 +241,7 @@ class UploadSpool:
             )
         if self._scan is not None:
             self._scan.feed(chunk)
+        self._sha256.update(chunk)
         rest = chunk
         try:
             while rest:  # an unbuffered file may take part of a write
@@ -231,7 +253,13 @@ class UploadSpool:
         self.bytes_written += len(chunk)
 
     def finish(self) -> None:
-        """Stop writing; WireError unless every declared byte arrived."""
+        """Stop writing; WireError unless every declared byte arrived (UpdateCutShort, the
+        spool still open for the rest, when fewer did)."""
+        if not self.uplink.zstd and self.bytes_written < self.manifest.total_bytes:
+            raise UpdateCutShort(
+                f"update ended after {self.bytes_written} of "
+                f"{self.manifest.total_bytes} declared bytes"
+            )
         if self._file is not None and self._writing:
             self._writing = False
             if os.fstat(self._file.fileno()).st_size > self.bytes_written:
@@ -241,6 +269,31 @@ class UploadSpool:
                 f"update ended after {self.bytes_written} of "
                 f"{self.manifest.total_bytes} declared bytes"
             )
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written so far."""
+        return self._sha256.hexdigest()
+
+    def copy_to(self, target: int) -> None:
+        """Copy the finished spool's bytes into the file descriptor `target` (from its
+        current position), in the kernel: the round's log keeps them (`round_log.py`)."""
+        if self._file is None or self._writing:
+            raise WireError(f"spool {self.name} is not complete")
+        source = self._file.fileno()
+        done = 0
+        copy = _range
+        while done < self.bytes_written:
+            try:
+                n = copy(source, target, self.bytes_written - done, done)
+            except OSError as exc:
+                if exc.errno not in _NO_RANGE_COPY or copy is _send:
+                    raise
+                copy = _send  # another filesystem (--spool-dir), or an older kernel
+                continue
+            if not n:
+                raise WireError(f"spool {self.name} is shorter than its {self.bytes_written} bytes")
+            done += n
 
     def blocks(self, block_bytes: int = BLOCK_BYTES) -> Iterator[DeltaBlock]:
         """The decoded update tensors in model order, a block of elements at a time.

@@ -41,6 +41,10 @@ OPTIONS: dict[str, set[str]] = {
         "--uplink-zstd",
         "--no-uplink-zstd",
         "--topk-fraction",
+        "--round-log-fsync",
+        "--no-round-log-fsync",
+        "--partial-upload-seconds",
+        "--partial-upload-bytes",
         "--seed",
         "--init-weights",
         "--chunk-bytes",
@@ -117,6 +121,7 @@ OPTIONS: dict[str, set[str]] = {
         "--max-restarts",
         "--rank-timeout",
         "--site-parallel",
+        "--model-dir",
         "--progress-file",
     },
     "demo": {
@@ -202,6 +207,7 @@ SERVER_GROUPS = [
     "security",
     "rounds",
     "uplink",
+    "durability",
     "strategy",
     "safeguards",
     "privacy",
@@ -225,7 +231,7 @@ def test_server_help_groups_the_flags_by_component() -> None:
     assert groups["options"] == {"-h", "--help", "--config"}
     for component, fields in components(ServerConfig):
         flags = {"--" + f.name.replace("_", "-") for f in fields}
-        for flag in ("--uplink-zstd", "--insecure", "--safeguards"):
+        for flag in ("--uplink-zstd", "--insecure", "--safeguards", "--round-log-fsync"):
             if flag in flags:
                 flags.add("--no-" + flag[2:])
         assert groups[component_title(component)] == flags, component.__name__

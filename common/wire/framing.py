@@ -99,4 +99,6 @@ class ChunkParser(Generic[H]):
             return memoryview(message.data)  # type: ignore[attr-defined]
         if kind == self.header_field:
             return getattr(message, self.header_field)  # type: ignore[no-any-return]
+        if kind is not None:  # another member of the payload (an upload's trailer)
+            return getattr(message, kind)  # type: ignore[no-any-return]
         return MalformedChunk("chunk message carries neither header nor data")

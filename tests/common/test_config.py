@@ -21,6 +21,7 @@ from fedstream.common.config import (
     load_config,
 )
 from fedstream.server.config import (
+    DurabilityConfig,
     EvaluationConfig,
     PrivacyConfig,
     RoundsConfig,
@@ -360,6 +361,7 @@ SERVER_COMPONENTS = [
     SecurityConfig,
     RoundsConfig,
     UplinkConfig,
+    DurabilityConfig,
     StrategyConfig,
     SafeguardsConfig,
     PrivacyConfig,

@@ -32,6 +32,7 @@ CARDINALITY = {
     "Poll": (False, False),
     "Download": (False, True),
     "Upload": (True, False),
+    "UploadOffset": (False, False),
     "ReportEvaluation": (False, False),
     "Heartbeat": (False, False),
 }

@@ -2,6 +2,7 @@
 
     with FaultProxy(target="127.0.0.1:50051", upstream_delay_s=0.02) as proxy:
         proxy.cut_downstream_after(2 << 20)   # cut the next connection that carries 2 MiB
+        proxy.cut_upstream_after(2 << 20)     # the same, towards the server (an upload)
         client connects to proxy.address ...
 
 `upstream_delay_s` slows the client-to-server direction: every 64 KiB read waits that long.
@@ -25,7 +26,10 @@ class FaultProxy:
         self.target = (host, int(port))
         self.upstream_delay_s = upstream_delay_s
         self.cuts = 0
+        self.upstream_bytes = 0
+        """Bytes carried towards the server, every connection together."""
         self._cut_after: int | None = None
+        self._cut_upstream_after: int | None = None
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._sockets: list[socket.socket] = []
@@ -38,6 +42,11 @@ class FaultProxy:
         """Reset the first connection whose bytes towards the client pass `nbytes`, once."""
         with self._lock:
             self._cut_after = nbytes
+
+    def cut_upstream_after(self, nbytes: int) -> None:
+        """Reset the first connection whose bytes towards the server pass `nbytes`, once."""
+        with self._lock:
+            self._cut_upstream_after = nbytes
 
     def _accept(self) -> None:
         while not self._closing.is_set():
@@ -79,6 +88,12 @@ class FaultProxy:
                 if downstream and self._should_cut(carried):
                     self._reset(pair)
                     return
+                if not downstream:
+                    with self._lock:
+                        self.upstream_bytes += len(data)
+                    if self._should_cut_upstream(carried):
+                        self._reset(pair)
+                        return
                 sink.sendall(data)
         except OSError:
             pass
@@ -91,6 +106,14 @@ class FaultProxy:
             if self._cut_after is None or carried < self._cut_after:
                 return False
             self._cut_after = None
+            self.cuts += 1
+            return True
+
+    def _should_cut_upstream(self, carried: int) -> bool:
+        with self._lock:
+            if self._cut_upstream_after is None or carried < self._cut_upstream_after:
+                return False
+            self._cut_upstream_after = None
             self.cuts += 1
             return True
 

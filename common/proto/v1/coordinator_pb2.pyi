@@ -318,10 +318,20 @@ class TrainTask(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    MODEL_SHA256_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     model_version: _builtins.int
     deadline_seconds: _builtins.float
     """Seconds the coordinator will wait for this round's updates."""
+    attempt: _builtins.int
+    """Which try of the round this is (a round without enough updates is run again);
+    0 from a coordinator older than this field.
+    """
+    model_sha256: _builtins.str
+    """Hex SHA-256 of model `model_version`'s data stream: a client holding a model of
+    that digest needs no download. Empty from a coordinator older than this field.
+    """
     @_builtins.property
     def config(self) -> _containers.MessageMap[_builtins.str, Global___ConfigValue]: ...
     def __init__(
@@ -331,10 +341,12 @@ class TrainTask(_message.Message):
         model_version: _builtins.int = ...,
         config: _abc.Mapping[_builtins.str, Global___ConfigValue] | None = ...,
         deadline_seconds: _builtins.float = ...,
+        attempt: _builtins.int = ...,
+        model_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "deadline_seconds", b"deadline_seconds", "model_version", b"model_version", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "config", b"config", "deadline_seconds", b"deadline_seconds", "model_sha256", b"model_sha256", "model_version", b"model_version", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,20 +363,24 @@ class EvaluateTask(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    MODEL_SHA256_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     model_version: _builtins.int
     deadline_seconds: _builtins.float
     """Seconds the coordinator will wait for this evaluation's reports."""
+    model_sha256: _builtins.str
+    """As TrainTask.model_sha256."""
     def __init__(
         self,
         *,
         round: _builtins.int = ...,
         model_version: _builtins.int = ...,
         deadline_seconds: _builtins.float = ...,
+        model_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "model_version", b"model_version", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "model_sha256", b"model_sha256", "model_version", b"model_version", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,9 +492,14 @@ class ModelHeader(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     model_version: _builtins.int
     offset: _builtins.int
     """Offset in the data stream of the first data chunk that follows."""
+    sha256: _builtins.str
+    """Hex SHA-256 of the whole data stream (from byte 0), for the client to check a
+    download against and keep it by (empty from an older coordinator).
+    """
     @_builtins.property
     def manifest(self) -> Global___Manifest: ...
     def __init__(
@@ -487,10 +508,11 @@ class ModelHeader(_message.Message):
         model_version: _builtins.int = ...,
         manifest: Global___Manifest | None = ...,
         offset: _builtins.int = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "model_version", b"model_version", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "model_version", b"model_version", "offset", b"offset", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -550,10 +572,19 @@ class UpdateHeader(_message.Message):
     NUM_EXAMPLES_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    RESUME_OFFSET_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     model_version: _builtins.int
     """The global model version the delta was computed against."""
     num_examples: _builtins.int
+    attempt: _builtins.int
+    """The TrainTask.attempt this update was trained for (0: not said)."""
+    resume_offset: _builtins.int
+    """Resume a cut upload: the data chunks that follow start at this byte of the
+    update's stream; the bytes before it are the ones the coordinator holds
+    (UploadOffset). A resumed upload must end with a trailer.
+    """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
@@ -566,10 +597,12 @@ class UpdateHeader(_message.Message):
         num_examples: _builtins.int = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         manifest: Global___Manifest | None = ...,
+        attempt: _builtins.int = ...,
+        resume_offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest", "metrics", b"metrics", "model_version", b"model_version", "num_examples", b"num_examples", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "manifest", b"manifest", "metrics", b"metrics", "model_version", b"model_version", "num_examples", b"num_examples", "resume_offset", b"resume_offset", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -581,24 +614,99 @@ class UpdateChunk(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___UpdateHeader: ...
+    @_builtins.property
+    def trailer(self) -> Global___UpdateTrailer:
+        """Last message of an upload: the digest of the whole update's stream, resumed
+        part and kept part together. Optional on an upload from byte 0; a client sends
+        it only to a coordinator whose tasks name model_sha256 (an older one refuses a
+        message it does not know).
+        """
+
     def __init__(
         self,
         *,
         header: Global___UpdateHeader | None = ...,
         data: _builtins.bytes = ...,
+        trailer: Global___UpdateTrailer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "payload", b"payload", "trailer", b"trailer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "payload", b"payload", "trailer", b"trailer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "data"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "data", "trailer"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___UpdateChunk: _TypeAlias = UpdateChunk  # noqa: Y015
+
+@_typing.final
+class UpdateTrailer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """Hex SHA-256 of the update's whole data stream."""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTrailer: _TypeAlias = UpdateTrailer  # noqa: Y015
+
+@_typing.final
+class UploadOffsetRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUND_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    round: _builtins.int
+    model_version: _builtins.int
+    attempt: _builtins.int
+    def __init__(
+        self,
+        *,
+        round: _builtins.int = ...,
+        model_version: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "model_version", b"model_version", "round", b"round"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadOffsetRequest: _TypeAlias = UploadOffsetRequest  # noqa: Y015
+
+@_typing.final
+class UploadOffsetReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Bytes of the update the coordinator holds; the next Upload resumes there."""
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadOffsetReply: _TypeAlias = UploadOffsetReply  # noqa: Y015
 
 @_typing.final
 class UploadReply(_message.Message):

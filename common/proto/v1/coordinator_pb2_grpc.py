@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=fedstream_dot_v1_dot_coordinator__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=fedstream_dot_v1_dot_coordinator__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.UploadOffset = channel.unary_unary(
+                '/fedstream.v1.Coordinator/UploadOffset',
+                request_serializer=fedstream_dot_v1_dot_coordinator__pb2.UploadOffsetRequest.SerializeToString,
+                response_deserializer=fedstream_dot_v1_dot_coordinator__pb2.UploadOffsetReply.FromString,
+                _registered_method=True)
         self.ReportEvaluation = channel.unary_unary(
                 '/fedstream.v1.Coordinator/ReportEvaluation',
                 request_serializer=fedstream_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
@@ -100,6 +105,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadOffset(self, request, context):
+        """How many bytes of this client's update for (round, attempt) the coordinator holds
+        from an upload that was cut: a new Upload resumes from there (UpdateHeader.
+        resume_offset). 0 when it holds none; a coordinator keeps a cut upload for a
+        bounded time only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportEvaluation(self, request, context):
         """Report a federated evaluation: the metrics of the global model named by an
         EvaluateTask on the client's own held-out data.
@@ -139,6 +154,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=fedstream_dot_v1_dot_coordinator__pb2.UpdateChunk.FromString,
                     response_serializer=fedstream_dot_v1_dot_coordinator__pb2.UploadReply.SerializeToString,
+            ),
+            'UploadOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadOffset,
+                    request_deserializer=fedstream_dot_v1_dot_coordinator__pb2.UploadOffsetRequest.FromString,
+                    response_serializer=fedstream_dot_v1_dot_coordinator__pb2.UploadOffsetReply.SerializeToString,
             ),
             'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvaluation,
@@ -259,6 +279,33 @@ class Coordinator:
             '/fedstream.v1.Coordinator/Upload',
             fedstream_dot_v1_dot_coordinator__pb2.UpdateChunk.SerializeToString,
             fedstream_dot_v1_dot_coordinator__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedstream.v1.Coordinator/UploadOffset',
+            fedstream_dot_v1_dot_coordinator__pb2.UploadOffsetRequest.SerializeToString,
+            fedstream_dot_v1_dot_coordinator__pb2.UploadOffsetReply.FromString,
             options,
             channel_credentials,
             insecure,

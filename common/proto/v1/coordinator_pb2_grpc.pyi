@@ -51,6 +51,12 @@ class CoordinatorStub:
     """Stream a global model: one header message (manifest), then data chunks."""
     Upload: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.UpdateChunk, _coordinator_pb2.UploadReply]
     """Stream an update: one header message, then data chunks."""
+    UploadOffset: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.UploadOffsetRequest, _coordinator_pb2.UploadOffsetReply]
+    """How many bytes of this client's update for (round, attempt) the coordinator holds
+    from an upload that was cut: a new Upload resumes from there (UpdateHeader.
+    resume_offset). 0 when it holds none; a coordinator keeps a cut upload for a
+    bounded time only.
+    """
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.EvaluationReport, _coordinator_pb2.EvaluationReply]
     """Report a federated evaluation: the metrics of the global model named by an
     EvaluateTask on the client's own held-out data.
@@ -77,6 +83,12 @@ class CoordinatorAsyncStub(CoordinatorStub):
     """Stream a global model: one header message (manifest), then data chunks."""
     Upload: _aio.StreamUnaryMultiCallable[_coordinator_pb2.UpdateChunk, _coordinator_pb2.UploadReply]  # type: ignore[assignment]
     """Stream an update: one header message, then data chunks."""
+    UploadOffset: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.UploadOffsetRequest, _coordinator_pb2.UploadOffsetReply]  # type: ignore[assignment]
+    """How many bytes of this client's update for (round, attempt) the coordinator holds
+    from an upload that was cut: a new Upload resumes from there (UpdateHeader.
+    resume_offset). 0 when it holds none; a coordinator keeps a cut upload for a
+    bounded time only.
+    """
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.EvaluationReport, _coordinator_pb2.EvaluationReply]  # type: ignore[assignment]
     """Report a federated evaluation: the metrics of the global model named by an
     EvaluateTask on the client's own held-out data.
@@ -124,6 +136,18 @@ class CoordinatorServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.UploadReply, _abc.Awaitable[_coordinator_pb2.UploadReply]]:
         """Stream an update: one header message, then data chunks."""
+
+    @_abc_1.abstractmethod
+    def UploadOffset(
+        self,
+        request: _coordinator_pb2.UploadOffsetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.UploadOffsetReply, _abc.Awaitable[_coordinator_pb2.UploadOffsetReply]]:
+        """How many bytes of this client's update for (round, attempt) the coordinator holds
+        from an upload that was cut: a new Upload resumes from there (UpdateHeader.
+        resume_offset). 0 when it holds none; a coordinator keeps a cut upload for a
+        bounded time only.
+        """
 
     @_abc_1.abstractmethod
     def ReportEvaluation(
