@@ -43,6 +43,7 @@ from fedstream.server.errors import NotSelected, WrongRound
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
+from fedstream.server.liveness import RoundLiveness
 from fedstream.server.phases import (
     Aggregating,
     Done,
@@ -105,6 +106,7 @@ class Coordinator:
         self.changes = Changes(clock)
         self.observers: list[Callable[[Phase], None]] = []
         """Called with each phase the coordinator enters (the live state listens)."""
+        self.liveness = RoundLiveness(safeguards.max_round_attempts)
 
     @property
     def run_id(self) -> str:
@@ -135,7 +137,8 @@ class Coordinator:
             while True:
                 await self._wait_for_clients()
                 open_round = self._open_round(number, attempt)
-                if not await self._close(open_round):
+                enough = await self._close(open_round)
+                if not enough:
                     log.warning(
                         "round %d: %s reported, fewer than needed; running it again",
                         number,
@@ -145,6 +148,7 @@ class Coordinator:
                     break
                 self.strategy.abort_round()
                 open_round.release_updates()
+                self.liveness.attempt_ended(open_round, enough)
                 attempt += 1
             every = self.evaluation_config.eval_every
             if every and number % every == 0:
