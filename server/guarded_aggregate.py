@@ -17,7 +17,7 @@ from typing import Any
 from fedstream.common.memory import peak_rss_bytes
 from fedstream.server.finite import all_finite
 from fedstream.server.global_model import GlobalModel
-from fedstream.server.influence import model_norm, scale_exploded
+from fedstream.server.influence import model_norm, scale_exploded, step_scale
 from fedstream.server.phases import OpenRound
 from fedstream.server.run_store import RunStore
 from fedstream.server.safeguards import Review, Safeguards
@@ -78,6 +78,12 @@ class GuardedAggregate:
         review = self.safeguards.review(
             open_round.number, open_round.updates, open_round.safeguarded
         )
+        try:
+            return self._aggregate_reviewed(open_round, review)
+        finally:
+            review.close()
+
+    def _aggregate_reviewed(self, open_round: OpenRound, review: Review) -> bool:
         folded = self.folds_on_arrival(len(open_round.selected))
         while review.kept:
             if not self.strategy.holds_updates and (review.changed or not folded):
@@ -100,11 +106,11 @@ class GuardedAggregate:
         if not all_finite(self.model.tensors):
             return "the aggregate was not finite"
         norm = model_norm(self.model.tensors)
-        step = review.clip_bound or max(u.norm for u in review.kept)
+        step = step_scale(self.safeguards.clip.reference, self.model_norm, review.clip_bound)
         if scale_exploded(norm, self.model_norm, step):
             return (
                 f"the aggregate's L2 norm {norm:.4g} exploded from the last model's "
-                f"{self.model_norm:.4g} (steps of at most {step:.4g})"
+                f"{self.model_norm:.4g} (the run's step scale {step:.4g})"
             )
         self.model_norm = norm
         return None
@@ -139,6 +145,8 @@ class GuardedAggregate:
                 record["clip_bound"] = review.clip_bound
             if review is not None and review.clip_scale is not None:
                 record["clip_reference"] = review.clip_scale
+            if review is not None and review.clip_radius is not None:
+                record["clip_radius"] = review.clip_radius
         record.update(self.strategy.round_metrics(open_round.number))
         if evaluation is not None:
             record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})

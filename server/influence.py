@@ -26,10 +26,14 @@ any history; a bound known on arrival could come from H alone (CLIP_GROWTH x H),
 later change can use to fold clipped updates as they arrive.
 
 A committed model is the other half. A strategy that is not a mean of clipped updates (a
-server optimiser, say) may still step further, so a new model whose L2 norm is over
-MODEL_GROWTH x (the last model's norm + the round's step bound) is treated like a
-non-finite one (`server/guarded_aggregate.py`): never committed. A finite 1e29 in every
-weight is caught so, and so is any model that grows tenfold in one round.
+server optimiser, say) may still step further, and a round whose every update is huge
+(two insiders in a round of two) clips nothing. So a new model whose L2 norm is over
+MODEL_GROWTH x (the last model's norm + the run's step scale) is treated like a
+non-finite one (`server/guarded_aggregate.py`): never committed. The step scale comes
+from the history, not from the round: CLIP_GROWTH x H once a round is committed, before
+that the starting model's own norm (or, for a model that starts at 0, the round's clip
+bound). A finite 1e29 in every weight is caught so, and so is any model that grows
+tenfold in one round.
 """
 
 from __future__ import annotations
@@ -101,10 +105,19 @@ class ClipBound:
             self.reference = scale
 
 
-def scale_exploded(new_norm: float, last_norm: float, step_bound: float) -> bool:
-    """Whether a model of norm `new_norm` after one of `last_norm`, in a round whose
-    updates were at most `step_bound` long, has exploded (module docstring)."""
-    return not new_norm <= MODEL_GROWTH * (last_norm + step_bound)
+def step_scale(reference: float | None, last_norm: float, clip_bound: float | None) -> float:
+    """How far the run's history says one round may step (module docstring)."""
+    if reference is not None:
+        return CLIP_GROWTH * reference
+    if last_norm > 0 or clip_bound is None:
+        return last_norm
+    return clip_bound
+
+
+def scale_exploded(new_norm: float, last_norm: float, step: float) -> bool:
+    """Whether a model of norm `new_norm` after one of `last_norm`, in a run whose step
+    scale is `step`, has exploded (module docstring)."""
+    return not new_norm <= MODEL_GROWTH * (last_norm + step)
 
 
 def absurd(tensor: torch.Tensor) -> bool:

@@ -11,7 +11,10 @@ every strategy unless `--no-safeguards`:
   `--outlier-factor` (10) times the round's median norm is left out of the aggregate: the
   median is the norm of an honest update as long as most of the round is honest (a
   median of 0 gives no scale, and the rule is skipped);
-- every update left is clipped to the round's clip bound (`--clip-factor` (1) times the
+- with 3 or more updates, every update left is pulled to within a radius of the round's
+  centre, the mean of its majority nearest the coordinate-wise median
+  (`server/centred_clip.py`): its direction is bounded, not only its length;
+- then every update is clipped to the round's clip bound (`--clip-factor` (1) times the
   round's low median norm, grown by at most a factor a round: `server/influence.py`), so no
   update, an insider's just inside the outlier rule included, moves the model further
   than a typical one, in rounds of two as well;
@@ -31,7 +34,8 @@ every strategy unless `--no-safeguards`:
 
 Every decision is logged with the client's identity and counted in the round's line of
 metrics.jsonl (`refused_max_norm`, `refused_outlier`, `refused_overflow`,
-`capped_examples`, `clipped`, with the round's `clip_bound` and `clip_reference`). A
+`capped_examples`, `centred`, `clipped`, with the round's `clip_bound`, `clip_reference`
+and `clip_radius`). A
 claim capped to the median claim is routine where honest shares
 differ in size (the stock digits split does so every round), so it is logged at INFO; a
 claim over `--max-examples` or over `SUSPICIOUS_CLAIM_FACTOR` times the median is a
@@ -42,11 +46,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from fedstream.server.aggregation_config import SafeguardsConfig
+from fedstream.server.centred_clip import RADIUS_FACTOR, CentredBlocks, CentreFile
+from fedstream.server.centred_clip import centre as centre_of
 from fedstream.server.errors import UpdateTooLarge
 from fedstream.server.influence import ClipBound
 from fedstream.server.updates import BlockSource, DeltaBlock, VerifiedUpdate
@@ -79,6 +86,17 @@ class Review:
     a bound (clipping off, or no scale)."""
     clip_scale: float | None = None
     """The scale C_r was taken from (`ClipBound.scale`): the run's next reference."""
+    clip_radius: float | None = None
+    """rho_r, the distance to the round's centre every kept update was pulled within
+    (`centred_clip`); None when no update was centred."""
+    centre: CentreFile | None = None
+    """The round's centre, while centred updates read it."""
+
+    def close(self) -> None:
+        """Free the round's centre file (after the aggregate)."""
+        if self.centre is not None:
+            self.centre.close()
+            self.centre = None
 
     def leave_out(self, update: VerifiedUpdate, counter: str) -> None:
         self.kept.remove(update)
@@ -161,8 +179,9 @@ class Safeguards:
         if not self.enabled:
             return review
         counts.setdefault("clipped", 0)
+        counts.setdefault("centred", 0)
         self._leave_out_outliers(round_number, review)
-        self._clip(round_number, review)
+        self._bound_influence(round_number, review)
         self._cap_claims(round_number, review)
         return review
 
@@ -204,31 +223,50 @@ class Safeguards:
                 median,
             )
 
-    def _clip(self, round_number: int, review: Review) -> None:
-        """Every kept update over the round's clip bound scaled down to it."""
-        bound, why = self.clip.bound([u.norm for u in review.kept])
-        review.clip_scale, _ = self.clip.scale([u.norm for u in review.kept])
-        if bound is None:
-            return
+    def _bound_influence(self, round_number: int, review: Review) -> None:
+        """Each kept update pulled towards the round's centre (`centred_clip`, with 3 or
+        more updates), then clipped to the round's clip bound (`influence`)."""
+        norms = [u.norm for u in review.kept]
+        bound, why = self.clip.bound(norms)
+        review.clip_scale, _ = self.clip.scale(norms)
         review.clip_bound = bound
-        clipped = []
-        for i, update in enumerate(review.kept):
-            if update.norm > bound:
-                factor = bound / update.norm
+        keep = [1.0] * len(norms)
+        after = list(norms)
+        if self.clip.factor and len(norms) >= MIN_FOR_OUTLIERS:
+            centre = centre_of(review.kept)
+            review.centre = centre.file
+            radius = RADIUS_FACTOR * self.clip.factor * statistics.median_low(centre.distances)
+            if radius > 0:
+                review.clip_radius = radius
+                for k, distance in enumerate(centre.distances):
+                    if distance > radius:
+                        keep[k] = (radius / distance) ** 2
+                        after[k] = centre.norm_after(k, norms, keep[k])
+        moved = []
+        for k, update in enumerate(review.kept):
+            source = update.source
+            if keep[k] < 1 and review.centre is not None:
+                source = CentredBlocks(source, review.centre, keep[k])
+                review.counts["centred"] += 1
+            if bound is not None and after[k] > bound:
+                source = ScaledBlocks(source, bound / after[k])
+                review.counts["clipped"] += 1
+            if source is not update.source:
                 # its measured norm stays: the largest is the one left out after an overflow
-                review.kept[i] = dataclasses.replace(
-                    update, source=ScaledBlocks(update.source, factor)
+                review.kept[k] = dataclasses.replace(update, source=source)
+                moved.append(
+                    f"{update.client} ({update.norm:.4g} -> {min(after[k], bound or math.inf):.4g})"
                 )
-                clipped.append(f"{update.client} ({update.norm:.4g})")
-        if clipped:
-            review.counts["clipped"] += len(clipped)
+        if moved:
             review.changed = True
+            radius_text = "-" if review.clip_radius is None else f"{review.clip_radius:.4g}"
             log.info(
-                "round %d: clipped to L2 norm %.4g (%s): %s",
+                "round %d: centred within %s of the round's centre, clipped to %s (%s): %s",
                 round_number,
-                bound,
+                radius_text,
+                "-" if bound is None else f"{bound:.4g}",
                 why,
-                ", ".join(clipped),
+                ", ".join(moved),
             )
 
     def _cap_claims(self, round_number: int, review: Review) -> None:
