@@ -135,8 +135,10 @@ class SafeguardsConfig:
     (in a round of two, the smaller claim; 0: no relative cap; raise it where sites
     legitimately differ in size)."""
     clip_factor: float = 1.0
-    """Every update is clipped to this many times the round's low median L2 norm, which
-    grows by at most 2x a round (bounded influence, docs/security.md; 0: no clipping)."""
+    """Bounded influence (docs/strategies.md#safeguards): with 3 or more updates each is
+    pulled to within 2 x this many times the low median distance of the round's centre,
+    then every update is clipped to this many times the round's low median L2 norm, which
+    grows by at most 2x a round (0: neither)."""
     max_round_attempts: int = 5
     """A round whose updates are all refused, or give no model that may be committed,
     this many times ends the run with an error (exit 1), keeping the last
