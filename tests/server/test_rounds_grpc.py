@@ -51,9 +51,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_clients_complete_rounds_and_model_is_the_weighted_mean(coordinator, tmp_path):
-    # FedAvg by the claims as made: the default claim cap would weigh 30 examples as the
-    # round's median claim, 20 (tests/server/test_safeguards.py)
-    running = coordinator(rounds=3, min_clients=3, claim_cap_factor=0)
+    # FedAvg by the claims and updates as made: the default claim cap would weigh 30
+    # examples as the round's median claim, 20 (tests/server/test_safeguards.py), and
+    # bounded influence clip the largest update (tests/server/test_influence.py)
+    running = coordinator(rounds=3, min_clients=3, claim_cap_factor=0, clip_factor=0)
     clients = [start_client(running.address, p) for p in (0, 1, 2)]
     assert [c.join(60) for c in clients] == [0, 0, 0]
     running.wait_done(30)

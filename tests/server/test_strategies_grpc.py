@@ -78,7 +78,9 @@ def test_resumed_run_ends_where_the_uninterrupted_run_ends(coordinator, tmp_path
 
 
 def test_fedsgd_clients_send_gradients_and_the_server_steps_sgd(coordinator, tmp_path):
-    running = coordinator(rounds=2, min_clients=2, strategy="fedsgd", server_lr=0.5)
+    running = coordinator(  # the mean gradient as sent: no claim cap, no clipping
+        rounds=2, min_clients=2, strategy="fedsgd", server_lr=0.5, claim_cap_factor=0, clip_factor=0
+    )
     clients = [start_client(running.address, p) for p in (0, 1)]
     assert [c.join(60) for c in clients] == [0, 0]
     running.wait_done(30)
