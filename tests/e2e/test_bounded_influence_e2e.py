@@ -148,8 +148,8 @@ def test_a_round_of_two_moves_the_model_no_further_than_the_clip_bound(procs, fr
     accuracy = final_accuracy(run, rounds)
     print(f"2 clients, {attack}: accuracy per round {[r['eval_accuracy'] for r in history]}")
     saved = sorted((run / "checkpoints").glob("round_*.safetensors"))
-    assert len(saved) == rounds
-    for record, before, after in zip(history[1:], saved, saved[1:], strict=True):
+    assert len(saved) == rounds + 1  # round 0, the starting model, and every round's
+    for record, before, after in zip(history, saved[:-1], saved[1:], strict=True):
         old, new = weights(before), weights(after)
         step = math.sqrt(sum(float((new[k] - old[k]).double().square().sum()) for k in new))
         assert record["clipped"] == 1  # the insider, bounded, not refused
