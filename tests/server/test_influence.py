@@ -61,7 +61,9 @@ def test_the_reference_grows_at_most_clip_growth_a_round() -> None:
     # Honest norms that shrink are followed down at once.
     assert clip.bound([0.25, 0.25, 0.5])[0] == 0.25
     # A round with no scale of its own (every update 0) falls back on the history.
-    assert clip.bound([0.0, 0.0])[0] == CLIP_GROWTH * clip.reference
+    reference = clip.reference  # the last committed round's scale
+    assert reference is not None and reference == CLIP_GROWTH**3
+    assert clip.bound([0.0, 0.0])[0] == CLIP_GROWTH * reference
 
 
 def test_review_clips_every_update_over_the_bound_and_counts_it() -> None:
@@ -126,12 +128,12 @@ def test_an_exploded_model_is_not_committed_and_the_stalled_round_ends_the_run(
         h = Harness(tmp_path, min_clients=2, max_round_attempts=2)
         running, _ = await h.start("a", "b")
         for attempt in (1, 2):
-            await h.until(
-                lambda a=attempt: (
-                    (r := h.coordinator.round) is not None and r.attempt == a and r.accepting
-                ),
-                f"attempt {attempt}",
-            )
+
+            def is_open(a: int = attempt) -> bool:
+                r = h.coordinator.round
+                return r is not None and r.attempt == a and r.accepting
+
+            await h.until(is_open, f"attempt {attempt}")
             await h.upload("a", 0, value=1e29)
             await h.upload("b", 1, value=1e29)
         with pytest.raises(RoundStalled, match="round 1 could not be aggregated in 2 attempts"):
