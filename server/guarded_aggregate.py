@@ -17,7 +17,7 @@ from typing import Any
 from fedstream.common.memory import peak_rss_bytes
 from fedstream.server.finite import all_finite
 from fedstream.server.global_model import GlobalModel
-from fedstream.server.influence import model_norm, scale_exploded, step_scale
+from fedstream.server.influence import model_norm, model_size, scale_exploded, step_scale
 from fedstream.server.phases import OpenRound
 from fedstream.server.run_store import RunStore
 from fedstream.server.safeguards import Review, Safeguards
@@ -45,6 +45,7 @@ class GuardedAggregate:
         self.store = store
         self.model_norm = model_norm(model.tensors)
         """The L2 norm of the last committed model (or the starting one)."""
+        self.model_size = model_size(model.tensors)
         self.review: Review | None = None
         """The review of the round being committed."""
         if store.history and "clip_reference" in store.history[-1]:
@@ -106,7 +107,7 @@ class GuardedAggregate:
         if not all_finite(self.model.tensors):
             return "the aggregate was not finite"
         norm = model_norm(self.model.tensors)
-        step = step_scale(self.safeguards.clip.reference, self.model_norm, review.clip_bound)
+        step = step_scale(self.safeguards.clip.reference, self.model_norm, self.model_size)
         if scale_exploded(norm, self.model_norm, step):
             return (
                 f"the aggregate's L2 norm {norm:.4g} exploded from the last model's "

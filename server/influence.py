@@ -31,9 +31,10 @@ server optimiser, say) may still step further, and a round whose every update is
 MODEL_GROWTH x (the last model's norm + the run's step scale) is treated like a
 non-finite one (`server/guarded_aggregate.py`): never committed. The step scale comes
 from the history, not from the round: CLIP_GROWTH x H once a round is committed, before
-that the starting model's own norm (or, for a model that starts at 0, the round's clip
-bound). A finite 1e29 in every weight is caught so, and so is any model that grows
-tenfold in one round.
+that the larger of the starting model's norm and a step of 1 in every weight (sqrt of
+the number of values: a model that starts at 0, or has large parts that do, such as
+LoRA's B, must still take its first step). A finite 1e29 in every weight is caught so,
+and so is any model that grows tenfold in one round.
 """
 
 from __future__ import annotations
@@ -105,13 +106,17 @@ class ClipBound:
             self.reference = scale
 
 
-def step_scale(reference: float | None, last_norm: float, clip_bound: float | None) -> float:
-    """How far the run's history says one round may step (module docstring)."""
+def step_scale(reference: float | None, last_norm: float, size: int) -> float:
+    """How far the run's history says one round of a model of `size` floating values
+    may step (module docstring)."""
     if reference is not None:
         return CLIP_GROWTH * reference
-    if last_norm > 0 or clip_bound is None:
-        return last_norm
-    return clip_bound
+    return max(last_norm, math.sqrt(size))
+
+
+def model_size(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The number of floating values in `tensors`."""
+    return sum(t.numel() for t in tensors.values() if t.is_floating_point())
 
 
 def scale_exploded(new_norm: float, last_norm: float, step: float) -> bool:
