@@ -1,18 +1,19 @@
 """Adversarial evaluation (issue #12): final accuracy of each strategy under each attack.
 
-    python -m bench.robust [--out report] [--malicious 1 2] [--jobs 1]
+    python -m bench.robust [--out report] [--malicious 1 2] [--jobs 1] [--clients 5]
 
-digits, 5 clients as real `fedstream` processes, of which 1 (or 2) attack in every round
+digits, 5 clients (or --clients) as real `fedstream` processes, of which 1 (or 2) attack
+in every round
 (bench/robust_attacks.py), against the coordinator's strategies and safeguards. Each cell
 is the coordinator's held-out accuracy after the last round, from its metrics.jsonl; the
 honest run (nobody attacks) is the reference. Writes OUT/robust.md (one table per number
 of attackers) and OUT/robust.png; every finished run is also kept in WORK/results.json, and
 a later invocation reuses the runs found there with the same settings (`--fresh` reruns).
 
-The robust strategies are configured for the number of attackers m they face, as an
-operator who expects m would: trimmed-mean drops m/N at each end, Krum tolerates f = m
-(at most (N-3)/2, which is 1 for N = 5) and averages the N - m best-scored updates
-(Multi-Krum).
+Krum is configured for the number of attackers m it faces, as an operator who expects m
+would: it tolerates f = m (at most (N-3)/2, which is 1 for N = 5) and averages the N - m
+best-scored updates (Multi-Krum). Median and trimmed-mean run on their defaults (since
+issue #23 trimmed-mean's default drops at least one update at each end from N = 3).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.robust_attacks import ATTACKS
+from bench.robust_attacks import ALL_ATTACKS
 from bench.robust_cluster import ClusterRun, RunOutcome, run_cluster
 from bench.robust_report import HONEST, Result, plot, table, worst_gaps
 
@@ -43,10 +44,6 @@ DP_NOISE = 0.1
 """--dp-noise-multiplier: the Gaussian noise's standard deviation is z x the clip on the
 sum; with 5 clients anything much larger drowns the signal (the privacy bought at this
 size is nominal: central DP needs hundreds of clients a round to cost little accuracy)."""
-
-
-def _trimmed_mean(m: int) -> tuple[str, ...]:
-    return ("--strategy", "trimmed-mean", "--trim-fraction", f"{max(m, 1) / CLIENTS:g}")
 
 
 def _krum(m: int) -> tuple[str, ...]:
@@ -65,7 +62,7 @@ STRATEGIES: dict[str, Callable[[int], tuple[str, ...]]] = {
     "fedavg": lambda m: (),
     "fedavg-no-safeguards": lambda m: ("--no-safeguards",),
     "median": lambda m: ("--strategy", "median"),
-    "trimmed-mean": _trimmed_mean,
+    "trimmed-mean": lambda m: ("--strategy", "trimmed-mean"),
     "krum": _krum,
     "geomedian": lambda m: ("--strategy", "geomedian"),
     "fedavg-dp": lambda m: (
@@ -122,16 +119,17 @@ def plan(
     strategies: Sequence[str],
     rounds: int,
     seed: int,
+    clients: int = CLIENTS,
 ) -> dict[str, tuple[str, ClusterRun]]:
     """Every run to make, by results key, most telling first (a grid cut short still leaves
     a report): the honest reference, the attacks with the fewest attackers, the robust
     strategies' honest runs (their own cost on non-IID data), the other attacks, the rest."""
 
     def honest(label: str) -> ClusterRun:
-        return ClusterRun(STRATEGIES[label](0), HONEST, 0, CLIENTS, rounds, seed, ROUND_CONFIG)
+        return ClusterRun(STRATEGIES[label](0), HONEST, 0, clients, rounds, seed, ROUND_CONFIG)
 
     def attacked(label: str, attack: str, m: int) -> ClusterRun:
-        return ClusterRun(STRATEGIES[label](m), attack, m, CLIENTS, rounds, seed, ROUND_CONFIG)
+        return ClusterRun(STRATEGIES[label](m), attack, m, clients, rounds, seed, ROUND_CONFIG)
 
     robust = [label for label in strategies if label in ROBUST]
     order = [(label, honest(label)) for label in strategies if label == "fedavg"]
@@ -153,27 +151,31 @@ def markdown(
     flags = {label: " ".join(STRATEGIES[label](1)) or "(defaults)" for label in strategies}
     parts = [
         "# Robustness: digits under attack\n",
-        f"`make robust` (`python -m bench.robust`): digits, {CLIENTS} clients as real "
+        f"`make robust` (`python -m bench.robust`): digits, {args.clients} clients as real "
         f"`fedstream` processes on loopback, {args.rounds} rounds (round config "
         f"{', '.join(ROUND_CONFIG)}, seed {args.seed}); each cell is the coordinator's "
         "held-out accuracy (%) after the last round, from its metrics.jsonl. The attackers "
         "(bench/robust_attacks.py) are the last clients, attacking in every round: "
         "sign-flip = -10 x the honest update, scale = 100 x, noise = Gaussian of 10 x the "
         "honest norm, constant = 0.05 in every weight claiming 10^12 examples, overflow = "
-        "1e30 in every weight claiming 10^12 examples. A note in a cell says what went "
+        "1e30 in every weight claiming 10^12 examples, scaled-sign-flip = the negative of "
+        "the honest mean update at 0.95 x 10 x the median honest norm (just inside the "
+        "outlier rule), little-is-enough = the honest mean less z_max standard deviations "
+        "per coordinate (Baruch et al. 2019). A note in a cell says what went "
         "wrong: non-finite (the last checkpoint holds inf or NaN), k/R rounds (the run "
         f"stopped early or was killed at its {args.timeout:g} s deadline).\n",
-        "Coordinator flags per column (for 1 attacker; trimmed-mean and Krum are set for "
-        "the number of attackers, see bench/robust.py):\n",
+        "Coordinator flags per column (for 1 attacker; Krum is set for the number of "
+        "attackers, see bench/robust.py):\n",
         *[f"- {label}: `{flag}`" for label, flag in flags.items()],
         "",
         "Every column but fedavg-no-safeguards has the coordinator's safe defaults on: an "
         "update over 10 x the round's median L2 norm is left out before the strategy sees it, "
-        "a claim over the round's median claim weighs as the median, and a non-finite "
-        "aggregate is never committed. The robust columns therefore measure each strategy "
-        "behind those defaults; where the outlier rule leaves 4 updates of 5, Krum (which "
-        "needs 2f + 3) takes their coordinate-wise median instead (logged by the "
-        "coordinator).\n",
+        "every update is clipped to the round's low median norm (growing at most 2x a round; "
+        "since issue #23), a claim over the round's low median claim weighs as that, and a "
+        "non-finite or exploded aggregate is never committed. The robust columns therefore "
+        "measure each strategy behind those defaults; where the outlier rule leaves 4 "
+        "updates of 5, Krum (which needs 2f + 3) takes their coordinate-wise median "
+        "instead (logged by the coordinator).\n",
         "Measured on commit "
         + ", ".join(f"{c} ({n} runs)" for c, n in sorted(commits.items()))
         + f"; {len(results)} runs, "
@@ -181,7 +183,7 @@ def markdown(
     ]
     for m in args.malicious:
         parts += [
-            f"## {m} malicious of {CLIENTS}\n",
+            f"## {m} malicious of {args.clients}\n",
             table(results, strategies, args.attacks, m, args.rounds),
             "",
             worst_gaps(results, strategies, args.attacks, m) + "\n",
@@ -213,7 +215,8 @@ def main() -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--malicious", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=list(ATTACKS))
+    parser.add_argument("--clients", type=int, default=CLIENTS, help="clients in every run")
+    parser.add_argument("--attacks", nargs="+", default=ALL_ATTACKS, choices=ALL_ATTACKS)
     parser.add_argument(
         "--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES)
     )
@@ -229,7 +232,7 @@ def main() -> int:
     args.work_dir = args.work_dir.resolve()
     store = args.work_dir / "results.json"
     known = load(store)
-    runs = plan(args.malicious, args.attacks, args.strategies, args.rounds, args.seed)
+    runs = plan(args.malicious, args.attacks, args.strategies, args.rounds, args.seed, args.clients)
     todo = [
         (k, label, run)
         for k, (label, run) in runs.items()

@@ -50,12 +50,13 @@ class StrategyConfig:
         default=None, metadata={DEFAULT_HELP: class_defaults("default_trim_fraction")}
     )
     """trimmed-mean: fraction b of the updates dropped at each end, per coordinate
-    (floor(b*N) largest and smallest); below 0.5, so a value is left."""
+    (floor(b*N) largest and smallest; unset, at least 1 from N = 3); below 0.5, so a
+    value is left."""
     krum_byzantine: int | None = field(
-        default=None, metadata={DEFAULT_HELP: class_defaults("default_byzantine")}
+        default=None, metadata={DEFAULT_HELP: "krum floor((N-3)/2) for a round of N"}
     )
     """krum: f, the Byzantine clients tolerated; a round with fewer than 2f+3 updates takes
-    their coordinate-wise median instead (logged)."""
+    their coordinate-wise median instead (logged); unset, f follows each round's N."""
     krum_select: int | None = field(
         default=None, metadata={DEFAULT_HELP: class_defaults("default_select")}
     )
@@ -130,8 +131,18 @@ class SafeguardsConfig:
     max_examples: int | None = None
     """The most examples one update may claim for its weight; larger claims are capped."""
     claim_cap_factor: float = 1.0
-    """No update weighs more than this many times the round's median claimed examples
-    (0: no relative cap; raise it where sites legitimately differ in size)."""
+    """No update weighs more than this many times the round's low median claimed examples
+    (in a round of two, the smaller claim; 0: no relative cap; raise it where sites
+    legitimately differ in size)."""
+    clip_factor: float = 1.0
+    """Bounded influence (docs/strategies.md#safeguards): with 3 or more updates each is
+    pulled to within 2 x this many times the low median distance of the round's centre,
+    then every update is clipped to this many times the round's low median L2 norm, which
+    grows by at most 2x a round (0: neither)."""
+    max_round_attempts: int = 5
+    """A round whose updates are all refused, or give no model that may be committed,
+    this many times ends the run with an error (exit 1), keeping the last
+    committed model."""
 
     def validate(self) -> None:
         if not self.outlier_factor >= 0:
@@ -146,6 +157,12 @@ class SafeguardsConfig:
             raise ConfigError(f"max_examples must be at least 1, got {self.max_examples}")
         if not self.claim_cap_factor >= 0:
             raise ConfigError(f"claim_cap_factor must be at least 0, got {self.claim_cap_factor}")
+        if not self.clip_factor >= 0:
+            raise ConfigError(f"clip_factor must be at least 0, got {self.clip_factor}")
+        if self.max_round_attempts < 1:
+            raise ConfigError(
+                f"max_round_attempts must be at least 1, got {self.max_round_attempts}"
+            )
         if self.claim_cap_factor and self.claim_cap_factor < 1:
             raise ConfigError(
                 f"claim_cap_factor must be at least 1 (or 0 for none), got {self.claim_cap_factor}"

@@ -13,8 +13,10 @@ and of the directory) happens in a background thread while the next round runs, 
 only then are older checkpoints deleted; the next `save` first waits for it. So at most
 one checkpoint is ever not yet on disk, and a power cut can cost at most that one: the
 resume finds it unreadable and carries on from the one before, which is still there.
-A resume likewise passes over a checkpoint whose model is not finite or not the model's
-layout, saying why.
+A resume likewise passes over a checkpoint whose model is not finite, holds an absurd
+value (a magnitude over `influence.ABSURD_WEIGHT`: no trained model holds one, an
+exploded one does), or is not the model's layout, saying why; with none usable left it
+refuses to start, in one line.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from fedstream.common.errors import FedstreamError, InvalidCheckpoint, InvalidMa
 from fedstream.common.weights import STRATEGY_PREFIX
 from fedstream.common.wire.manifest import Manifest
 from fedstream.server.finite import is_finite
+from fedstream.server.influence import ABSURD_WEIGHT, absurd
 from fedstream.server.run_record import strict_json
 
 log = logging.getLogger(__name__)
@@ -255,7 +258,7 @@ def list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
 
 def _check_model(path: Path, model: Mapping[str, torch.Tensor], expected: Manifest) -> None:
     """InvalidCheckpoint when `model` is not the `expected` layout or holds a value that
-    is not finite."""
+    is not finite or is absurd."""
     try:
         expected.require_same_tensors(Manifest.from_tensors(model))
     except InvalidManifest as exc:
@@ -263,3 +266,8 @@ def _check_model(path: Path, model: Mapping[str, torch.Tensor], expected: Manife
     for name, tensor in model.items():
         if not is_finite(tensor):
             raise InvalidCheckpoint(f"{path}: model tensor {name!r} holds NaN or infinite values")
+        if absurd(tensor):
+            raise InvalidCheckpoint(
+                f"{path}: model tensor {name!r} holds values over {ABSURD_WEIGHT:g} in "
+                "magnitude (an exploded model)"
+            )

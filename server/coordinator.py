@@ -45,6 +45,7 @@ from fedstream.server.errors import NotSelected, WrongRound
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
+from fedstream.server.liveness import RoundLiveness
 from fedstream.server.partial_uploads import PartialUploads
 from fedstream.server.phases import (
     Aggregating,
@@ -119,6 +120,7 @@ class Coordinator:
             store.on_disk.append(round_log.committed)
         self.observers: list[Callable[[Phase], None]] = []
         """Called with each phase the coordinator enters (the live state listens)."""
+        self.liveness = RoundLiveness(safeguards.max_round_attempts)
 
     @property
     def run_id(self) -> str:
@@ -155,7 +157,8 @@ class Coordinator:
                     await self.uploads.take_logged(open_round, pending)
                     self.changes.notify()  # a client whose logged update failed is owed
                     pending = None
-                if not await self._close(open_round):
+                enough = await self._close(open_round)
+                if not enough:
                     log.warning(
                         "round %d: %s reported, fewer than needed; running it again",
                         number,
@@ -165,6 +168,7 @@ class Coordinator:
                     break
                 self.strategy.abort_round()
                 open_round.release_updates()
+                self.liveness.attempt_ended(open_round, enough)
                 attempt += 1
             every = self.evaluation_config.eval_every
             if every and number % every == 0:

@@ -1,10 +1,11 @@
 """A round's aggregate into the global model, within the safeguards (`safeguards.py`), and
 its checkpoint with the round's record.
 
-Outliers are left out and claims capped first; then the strategy aggregates. A non-finite
-result is taken back (the model and the strategy's state as the last checkpoint holds
-them) and made again without the update of largest norm, until one is finite or no
-update is left: a non-finite model is never committed.
+Outliers are left out, updates clipped and claims capped first; then the strategy
+aggregates. A result that is not finite, or whose scale exploded against the last model's
+(`influence.scale_exploded`), is taken back (the model and the strategy's state as the
+last checkpoint holds them) and made again without the update of largest norm, until one
+may be committed or no update is left: such a model is never committed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any
 from fedstream.common.memory import peak_rss_bytes
 from fedstream.server.finite import all_finite
 from fedstream.server.global_model import GlobalModel
+from fedstream.server.influence import model_norm, model_size, scale_exploded, step_scale
 from fedstream.server.phases import OpenRound
 from fedstream.server.run_store import RunStore
-from fedstream.server.safeguards import Safeguards
+from fedstream.server.safeguards import Review, Safeguards
 from fedstream.server.strategies import Strategy
 from fedstream.server.updates import VerifiedUpdate
 from fedstream.tasks import EvalResult, Task
@@ -41,6 +43,13 @@ class GuardedAggregate:
         self.safeguards = safeguards
         self.model = model
         self.store = store
+        self.model_norm = model_norm(model.tensors)
+        """The L2 norm of the last committed model (or the starting one)."""
+        self.model_size = model_size(model.tensors)
+        self.review: Review | None = None
+        """The review of the round being committed."""
+        if store.history and "clip_reference" in store.history[-1]:
+            safeguards.clip.reference = float(store.history[-1]["clip_reference"])
 
     def folds_on_arrival(self, selected: int) -> bool:
         """Whether the strategy is handed each update as it arrives in a round of
@@ -70,6 +79,12 @@ class GuardedAggregate:
         review = self.safeguards.review(
             open_round.number, open_round.updates, open_round.safeguarded
         )
+        try:
+            return self._aggregate_reviewed(open_round, review)
+        finally:
+            review.close()
+
+    def _aggregate_reviewed(self, open_round: OpenRound, review: Review) -> bool:
         folded = self.folds_on_arrival(len(open_round.selected))
         while review.kept:
             if not self.strategy.holds_updates and (review.changed or not folded):
@@ -78,11 +93,28 @@ class GuardedAggregate:
                 for update in review.kept:
                     self.strategy.accept(update)
             self.strategy.aggregate(review.kept, self.model.tensors)
-            if all_finite(self.model.tensors):
+            why = self._refusal(review)
+            if why is None:
+                self.review = review
                 return True
             self._take_back()
-            self.safeguards.leave_out_largest(open_round.number, review)
+            self.safeguards.leave_out_largest(open_round.number, review, why)
         return False
+
+    def _refusal(self, review: Review) -> str | None:
+        """Why the aggregate just made may not be committed; None when it may (and then
+        its norm is the new `model_norm`)."""
+        if not all_finite(self.model.tensors):
+            return "the aggregate was not finite"
+        norm = model_norm(self.model.tensors)
+        step = step_scale(self.safeguards.clip.reference, self.model_norm, self.model_size)
+        if scale_exploded(norm, self.model_norm, step):
+            return (
+                f"the aggregate's L2 norm {norm:.4g} exploded from the last model's "
+                f"{self.model_norm:.4g} (the run's step scale {step:.4g})"
+            )
+        self.model_norm = norm
+        return None
 
     async def commit(
         self, open_round: OpenRound, now: Callable[[], float]
@@ -107,14 +139,23 @@ class GuardedAggregate:
         the coordinator's own evaluation), checkpointed with the model it made."""
         record = open_round.record(self.model.version, now)
         record["coordinator_peak_rss_mb"] = round(peak_rss_bytes() / 2**20, 1)
+        review, self.review = self.review, None
         if self.safeguards.enabled:
             record.update(open_round.safeguarded)
+            if review is not None and review.clip_bound is not None:
+                record["clip_bound"] = review.clip_bound
+            if review is not None and review.clip_scale is not None:
+                record["clip_reference"] = review.clip_scale
+            if review is not None and review.clip_radius is not None:
+                record["clip_radius"] = review.clip_radius
         record.update(self.strategy.round_metrics(open_round.number))
         if evaluation is not None:
             record.update({f"eval_{k}": v for k, v in sorted(evaluation.metrics.items())})
         self.store.commit_round(
             open_round.number, self.model.tensors, self.strategy.state_tensors(), record
         )
+        if review is not None:
+            self.safeguards.committed(review)
         return record
 
     def _take_back(self) -> None:

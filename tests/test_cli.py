@@ -76,6 +76,8 @@ OPTIONS: dict[str, set[str]] = {
         "--max-update-norm",
         "--max-examples",
         "--claim-cap-factor",
+        "--clip-factor",
+        "--max-round-attempts",
         "--dp-clip",
         "--dp-noise-multiplier",
         "--dp-delta",

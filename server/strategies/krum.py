@@ -19,7 +19,10 @@ N x N matrix of pairwise squared distances (float64), the second averages the se
 updates and adds each block of their mean to the model as it is made. Memory is the
 model, N blocks and N^2 floats.
 
-Krum needs N >= 2f + 3. A round that closes with fewer reports (a deadline, say) falls
+Krum needs N >= 2f + 3. With f left unset (`--krum-byzantine`), it follows N: each round
+tolerates the most its N allows, f = floor((N - 3) / 2) (1 at N = 5, 2 at N = 7); a
+fixed default of 1 tolerated one attacker whatever the federation's size. A round that
+closes with fewer reports (a deadline, say) falls
 back to the coordinate-wise median of the reports (`median.py`, robust to any minority),
 with a logged warning, rather than losing the round.
 
@@ -69,34 +72,43 @@ def krum_scores(distances: torch.Tensor, byzantine: int) -> torch.Tensor:
 class Krum(HoldingStrategy):
     """w <- w + the mean of the m updates of lowest Krum score."""
 
-    default_byzantine: ClassVar[int] = 1
-    """f, the number of Byzantine clients tolerated (a round needs N >= 2f + 3)."""
+    default_byzantine: ClassVar[int | None] = None
+    """f, the number of Byzantine clients tolerated (a round needs N >= 2f + 3); None:
+    the most a round of N tolerates (`tolerated`)."""
     default_select: ClassVar[int] = 1
     """m, the number of updates averaged: 1 is Krum, more is Multi-Krum."""
 
     def __init__(self, byzantine: int | None = None, select: int | None = None) -> None:
         self.byzantine = self.default_byzantine if byzantine is None else byzantine
         self.select = self.default_select if select is None else select
-        if self.byzantine < 0 or self.select < 1:
+        if (self.byzantine is not None and self.byzantine < 0) or self.select < 1:
             raise ValueError(
                 f"krum needs f >= 0 and m >= 1, got f={self.byzantine} m={self.select}"
             )
 
+    def tolerated(self, n: int) -> int:
+        """f for a round of `n` updates: the one given, else floor((n - 3) / 2) (at least 0)."""
+        if self.byzantine is not None:
+            return self.byzantine
+        return max(0, (n - 3) // 2)
+
     def selected(self, updates: Sequence[VerifiedUpdate]) -> list[int]:
         """The indices of the m updates of lowest score (first pass over the spools)."""
-        scores = krum_scores(pairwise_squared_distances(updates), self.byzantine)
-        m = min(self.select, len(updates) - self.byzantine)
+        f = self.tolerated(len(updates))
+        scores = krum_scores(pairwise_squared_distances(updates), f)
+        m = min(self.select, len(updates) - f)
         return sorted(torch.argsort(scores, stable=True)[:m].tolist())
 
     def aggregate(
         self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
     ) -> None:
-        if len(updates) < 2 * self.byzantine + 3:
+        f = self.tolerated(len(updates))
+        if len(updates) < 2 * f + 3:
             log.warning(
                 "krum with f=%d needs at least %d updates, the round has %d: "
                 "taking their coordinate-wise median instead",
-                self.byzantine,
-                2 * self.byzantine + 3,
+                f,
+                2 * f + 3,
                 len(updates),
             )
             self.apply_blocks(global_tensors, median_blocks(updates))

@@ -10,6 +10,10 @@ x_(1) <= ... <= x_(N), and t = floor(b * N) for the trim fraction b:
 
 (per coordinate the t largest and the t smallest values are dropped, the rest averaged).
 b < 1/2 keeps at least one value for any N (2 floor(bN) <= 2bN < N); b = 0 is the mean.
+With b left unset (`default_trim_fraction`, 0.2), a round of 3 or more updates trims at
+least one at each end (t = max(1, floor(0.2 N))): one insider of five is always trimmed,
+where the former default of 0.1 trimmed nothing below N = 10 (issue #23); a b given
+with --trim-fraction is taken as it is.
 Unweighted by design: a client's claimed number of examples does not move the result.
 The round's spools are read block by block in lockstep (`robust.lockstep`), each block
 sorted in place (`median.sort_columns`) and its trimmed mean added to the model as it is
@@ -44,10 +48,12 @@ def trimmed_mean(rows: torch.Tensor, trim: int) -> torch.Tensor:
 class TrimmedMean(HoldingStrategy):
     """w <- w + coordinate-wise b-trimmed mean of the deltas."""
 
-    default_trim_fraction: ClassVar[float] = 0.1
-    """Fraction b of the updates dropped at each end, per coordinate, when none is given."""
+    default_trim_fraction: ClassVar[float] = 0.2
+    """Fraction b of the updates dropped at each end, per coordinate, when none is given
+    (then at least one at each end from N = 3: the module docstring)."""
 
     def __init__(self, trim_fraction: float | None = None) -> None:
+        self.at_least_one = trim_fraction is None
         self.trim_fraction = self.default_trim_fraction if trim_fraction is None else trim_fraction
         if not 0 <= self.trim_fraction < 0.5:
             raise ValueError(
@@ -55,10 +61,17 @@ class TrimmedMean(HoldingStrategy):
                 f"got {self.trim_fraction}"
             )
 
+    def trim(self, n: int) -> int:
+        """t, the values dropped at each end of a coordinate in a round of `n` updates."""
+        trim = math.floor(self.trim_fraction * n)
+        if self.at_least_one and n >= 3:
+            return max(1, trim)
+        return trim
+
     def aggregate(
         self, updates: Sequence[VerifiedUpdate], global_tensors: Mapping[str, torch.Tensor]
     ) -> None:
-        trim = math.floor(self.trim_fraction * len(updates))
+        trim = self.trim(len(updates))
         self.apply_blocks(
             global_tensors,
             ((name, start, trimmed_mean(rows, trim)) for name, start, rows in lockstep(updates)),

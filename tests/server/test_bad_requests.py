@@ -313,8 +313,8 @@ def test_bad_request_is_refused_and_changes_nothing(
 def test_bad_requests_are_refused_and_the_round_completes(
     coordinator: Callable[..., RunningCoordinator], tmp_path: Path
 ) -> None:
-    # the honest clients' claims (10, 20) weigh as made: no claim cap (safeguards)
-    running = coordinator(rounds=1, min_clients=3, claim_cap_factor=0)
+    # the honest clients' claims (10, 20) and updates weigh as made: no claim cap, no clip
+    running = coordinator(rounds=1, min_clients=3, claim_cap_factor=0, clip_factor=0)
     arena = Arena(running, RawPeer(running.address), "")
     arena.token = arena.join("mallory", 2)
     honest = [start_client(running.address, p) for p in (0, 1)]

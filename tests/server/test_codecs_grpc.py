@@ -52,13 +52,14 @@ def fedavg_of_decoded_tiny(uplink: UplinkCodec, partitions: list[int]) -> dict[s
 def test_round_with_a_compressed_uplink_folds_the_decoded_updates(
     coordinator, tmp_path, codec: str, zstd: bool
 ) -> None:
-    running = coordinator(  # FedAvg by the claims as made (10, 20, 30): no claim cap
+    running = coordinator(  # FedAvg by the claims and updates as made: no claim cap, no clip
         rounds=1,
         min_clients=3,
         uplink_codec=codec,
         uplink_zstd=zstd,
         topk_fraction=0.25,
         claim_cap_factor=0,
+        clip_factor=0,
     )
     clients = [start_client(running.address, p) for p in (0, 1, 2)]
     assert [c.join(60) for c in clients] == [0, 0, 0]

@@ -153,7 +153,9 @@ def expected_fedavg(partitions: Sequence[int]) -> dict[str, torch.Tensor]:
 
 def test_round_closes_when_every_selected_client_has_reported(tmp_path: Path) -> None:
     async def scenario() -> None:
-        h = Harness(tmp_path)
+        # FedAvg as the claims and updates are made: bounded influence would weigh both
+        # as the smaller claim and clip both to the smaller norm (tests/server/test_influence.py)
+        h = Harness(tmp_path, claim_cap_factor=0, clip_factor=0)
         running = asyncio.create_task(h.coordinator.run())
         h.join("a", 0)
         await h.until(lambda: isinstance(h.coordinator.phase, Waiting), "waiting for clients")
@@ -201,7 +203,7 @@ def test_round_with_too_few_reports_runs_again_with_its_updates_released(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        h = Harness(tmp_path, round_timeout=30.0, min_reports=2)
+        h = Harness(tmp_path, round_timeout=30.0, min_reports=2, claim_cap_factor=0, clip_factor=0)
         running, first = await h.start("a", "b")
         await h.upload("a", 0)
         h.clock.advance(30.0)
@@ -336,8 +338,8 @@ class CoordinateMax(Strategy):
 
 def test_a_strategy_that_holds_updates_reads_every_one_at_the_end(tmp_path: Path) -> None:
     async def scenario() -> None:
-        strategy = CoordinateMax()
-        h = Harness(tmp_path, strategy=strategy, min_clients=3)
+        strategy = CoordinateMax()  # of the updates as sent: no clipping
+        h = Harness(tmp_path, strategy=strategy, min_clients=3, clip_factor=0)
         running, open_round = await h.start("a", "b", "c")
         for name, partition in (("c", 2), ("a", 0), ("b", 1)):
             await h.upload(name, partition)

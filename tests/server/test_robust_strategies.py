@@ -167,7 +167,18 @@ def test_trimmed_mean_refuses_a_fraction_that_leaves_no_value() -> None:
         TrimmedMean(0.5)
     with pytest.raises(ConfigError, match="trim_fraction"):
         StrategyConfig(strategy="trimmed-mean", trim_fraction=0.5).validate()
-    assert TrimmedMean().trim_fraction == 0.1
+    assert TrimmedMean().trim_fraction == 0.2
+
+
+def test_trimmed_mean_by_default_trims_at_least_one_from_three_updates() -> None:
+    default = TrimmedMean()
+    assert [default.trim(n) for n in (2, 3, 4, 5, 9, 10, 15)] == [0, 1, 1, 1, 1, 2, 3]
+    assert [TrimmedMean(0.1).trim(n) for n in (3, 5, 10)] == [0, 0, 1]
+
+
+def test_krum_f_follows_the_round_unless_given() -> None:
+    assert [Krum().tolerated(n) for n in (2, 3, 5, 7, 8, 11)] == [0, 0, 1, 2, 2, 4]
+    assert [Krum(1).tolerated(n) for n in (5, 11)] == [1, 1]
 
 
 def flat(update: Model) -> torch.Tensor:

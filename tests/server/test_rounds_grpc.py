@@ -51,9 +51,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_clients_complete_rounds_and_model_is_the_weighted_mean(coordinator, tmp_path):
-    # FedAvg by the claims as made: the default claim cap would weigh 30 examples as the
-    # round's median claim, 20 (tests/server/test_safeguards.py)
-    running = coordinator(rounds=3, min_clients=3, claim_cap_factor=0)
+    # FedAvg by the claims and updates as made: the default claim cap would weigh 30
+    # examples as the round's median claim, 20 (tests/server/test_safeguards.py), and
+    # bounded influence clip the largest update (tests/server/test_influence.py)
+    running = coordinator(rounds=3, min_clients=3, claim_cap_factor=0, clip_factor=0)
     clients = [start_client(running.address, p) for p in (0, 1, 2)]
     assert [c.join(60) for c in clients] == [0, 0, 0]
     running.wait_done(30)
@@ -172,12 +173,14 @@ def test_health_service_reports_not_serving_once_the_run_is_done(coordinator):
 
 @pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_run_ends(coordinator, tmp_path):
-    first = coordinator(rounds=2, min_clients=2, run_dir=tmp_path / "resumed")
+    # FedAvg as the claims and updates are made (no claim cap, no clip), computed by hand
+    plain = {"claim_cap_factor": 0, "clip_factor": 0}
+    first = coordinator(rounds=2, min_clients=2, run_dir=tmp_path / "resumed", **plain)
     clients = [start_client(first.address, p) for p in (0, 1)]
     assert [c.join(60) for c in clients] == [0, 0]
     first.wait_done(30)
 
-    second = coordinator(rounds=4, min_clients=2, run_dir=tmp_path / "resumed")
+    second = coordinator(rounds=4, min_clients=2, run_dir=tmp_path / "resumed", **plain)
     assert second.coordinator.completed == 2
     clients = [start_client(second.address, p) for p in (0, 1)]
     assert [c.join(60) for c in clients] == [0, 0]

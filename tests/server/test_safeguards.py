@@ -41,7 +41,7 @@ def test_an_overflowing_update_is_left_out_and_the_checkpoint_stays_finite(tmp_p
     make the median norm theirs, so only the finiteness check saves the round."""
 
     async def scenario() -> None:
-        h = Harness(tmp_path, min_clients=4, outlier_factor=0, claim_cap_factor=0)
+        h = Harness(tmp_path, min_clients=4, outlier_factor=0, claim_cap_factor=0, clip_factor=0)
         running, _ = await h.start("a", "b", "c", "d")
         await h.upload("a", 0, value=0.5, num_examples=10)
         await h.upload("b", 1, value=0.5, num_examples=10)
@@ -75,7 +75,7 @@ def test_a_round_with_no_finite_aggregate_is_run_again_and_round_0_is_kept(
     tmp_path: Path,
 ) -> None:
     async def scenario() -> None:
-        h = Harness(tmp_path, min_clients=2, outlier_factor=0, claim_cap_factor=0)
+        h = Harness(tmp_path, min_clients=2, outlier_factor=0, claim_cap_factor=0, clip_factor=0)
         running, first = await h.start("a", "b")
         await h.upload("a", 0, value=3e38)
         await h.upload("b", 1, value=3e38)
@@ -106,7 +106,13 @@ def test_an_overflow_taken_back_restores_the_server_optimiser_state(tmp_path: Pa
 
     async def scenario() -> None:
         h = Harness(
-            tmp_path, fedadam(), min_clients=3, rounds=2, outlier_factor=0, claim_cap_factor=0
+            tmp_path,
+            fedadam(),
+            min_clients=3,
+            rounds=2,
+            outlier_factor=0,
+            claim_cap_factor=0,
+            clip_factor=0,
         )
         running, _ = await h.start("a", "b", "c")
         for round_number in (1, 2):
@@ -150,7 +156,7 @@ def test_an_outlier_is_left_out_and_logged_by_name(
 
 def test_an_update_within_the_outlier_factor_is_kept(tmp_path: Path) -> None:
     async def scenario() -> None:
-        h = Harness(tmp_path, min_clients=3)
+        h = Harness(tmp_path, min_clients=3, clip_factor=0)  # kept whole, not clipped
         running, _ = await h.start("a", "b", "c")
         for name, partition in (("a", 0), ("b", 1), ("c", 2)):
             await h.upload(name, partition, value=[0.5, 0.5, 4.5][partition], num_examples=10)
@@ -228,12 +234,13 @@ def test_a_round_the_safeguards_may_reweigh_folds_each_update_once(tmp_path: Pat
 def test_a_round_the_safeguards_cannot_reweigh_folds_each_update_on_arrival(
     tmp_path: Path,
 ) -> None:
-    """With two updates neither the outlier rule nor the claim cap applies (nor is
-    --max-examples set): each update is folded as it arrives, as without safeguards."""
+    """With two updates the outlier rule does not apply; with the claim cap and clipping
+    off (nor --max-examples set) each update is folded as it arrives, as without
+    safeguards."""
 
     async def scenario() -> None:
         strategy = CountingFedAvg()
-        h = Harness(tmp_path, strategy, min_clients=2)
+        h = Harness(tmp_path, strategy, min_clients=2, claim_cap_factor=0, clip_factor=0)
         running, _ = await h.start("a", "b")
         await h.upload("a", 0, value=0.0)
         assert strategy.folded == ["a"]
@@ -266,7 +273,7 @@ def test_holding_strategies_get_the_reviewed_updates(tmp_path: Path) -> None:
     of two is their mean, which the checkpoint shows."""
 
     async def scenario() -> None:
-        h = Harness(tmp_path, Median(), min_clients=3)
+        h = Harness(tmp_path, Median(), min_clients=3, clip_factor=0)
         running, _ = await h.start("a", "b", "c")
         await h.upload("a", 0, value=0.25)
         await h.upload("b", 1, value=0.75)
@@ -285,7 +292,7 @@ def updates_with(norms: list[float], claims: list[int]) -> list[VerifiedUpdate]:
 
 
 def test_the_outlier_rule_needs_three_updates() -> None:
-    guard = Safeguards(SafeguardsConfig(claim_cap_factor=0))
+    guard = Safeguards(SafeguardsConfig(claim_cap_factor=0, clip_factor=0))
     counts = dict.fromkeys(("refused_outlier",), 0)
     two = guard.review(1, updates_with([1.0, 1e9], [1, 1]), dict(counts))
     assert len(two.kept) == 2 and not two.changed

@@ -31,7 +31,9 @@ class UntiedTask(TiedTask):
 def test_the_shared_tensor_travels_once_and_a_differently_tied_client_is_refused(
     coordinator, tmp_path
 ) -> None:
-    running = coordinator(task=TiedTask({}, 0), rounds=1, min_clients=2)
+    running = coordinator(  # FedAvg as the claims and updates are made: no cap, no clip
+        task=TiedTask({}, 0), rounds=1, min_clients=2, claim_cap_factor=0, clip_factor=0
+    )
     untied = ClientThread(client_config(running.address, 7, name="untied"), UntiedTask({}, 0))
     assert untied.join(60) == 2  # refused at the Join: its model digest differs
     tied = []
