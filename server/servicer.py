@@ -59,15 +59,14 @@ from fedstream.server.errors import (
     UploadInProgress,
     WrongRound,
 )
-from fedstream.server.live_state import LiveState, TransferMeter
+from fedstream.server.live_state import LiveState
 from fedstream.server.transfer import RateFloor, release_refused
+from fedstream.server.upload_chunks import data_chunks, first_then_rest
 
 log = logging.getLogger(__name__)
 
 REFUSAL_LOG_INTERVAL_S = 10.0
 MAX_DETAIL = 1024
-MIN_CHUNK_BYTES = 1024
-"""The smallest data chunk of an upload but its last (the clients' smallest --chunk-bytes)."""
 """Characters of an error's message sent back in its status (the rest is cut)."""
 M = TypeVar("M", bound=Message)
 
@@ -130,25 +129,6 @@ def _decoded(request: M | MalformedMessage) -> M:
     if isinstance(request, MalformedMessage):
         raise WireError(request.reason)
     return request
-
-
-async def _first_then_rest(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
-    """`chunks` once its first item has arrived (or it has ended)."""
-    first = await anext(chunks, None)
-    if first is None:
-        return _none()
-
-    async def all_of() -> AsyncIterator[memoryview]:
-        yield first
-        async for chunk in chunks:
-            yield chunk
-
-    return all_of()
-
-
-async def _none() -> AsyncIterator[memoryview]:
-    return
-    yield
 
 
 def poll_reply(work: Work) -> pb.PollReply:
@@ -311,8 +291,8 @@ class CoordinatorServicer:
             meter = self.live.meter(client.name)
             # The upload joins the round (and may hold it past its deadline) only once its
             # first data chunk is in: a header followed by nothing holds nothing.
-            chunks = self._data_chunks(iterator, meter)
-            data = await _first_then_rest(chunks)
+            chunks = data_chunks(iterator, meter, self.stall_timeout, self.max_chunk_bytes)
+            data = await first_then_rest(chunks)
             meter.uploads += 1
             try:
                 receipt = await self.coordinator.receive_upload(client, claim, data)
@@ -354,43 +334,6 @@ class CoordinatorServicer:
         except FedstreamError as exc:
             await _reject(context, "Heartbeat", exc)
         return pb.HeartbeatReply(phase_open=open_)
-
-    async def _data_chunks(
-        self, iterator: AsyncIterator[Any], meter: TransferMeter
-    ) -> AsyncIterator[memoryview]:
-        """The data chunks after an upload's header, failing when none arrives in time,
-        and for a chunk under `MIN_CHUNK_BYTES` that is not the last (each chunk costs the
-        coordinator the same work whatever its size)."""
-        short = 0
-        while True:
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps every chunk in a new Task.
-                async with asyncio.timeout(self.stall_timeout):
-                    item = await iterator.__anext__()
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise TransferStalled(
-                    f"no bytes for {self.stall_timeout:.0f}s: upload stalled"
-                ) from None
-            if isinstance(item, MalformedChunk):
-                raise WireError(item.reason)
-            if not isinstance(item, memoryview):
-                raise WireError("a second header arrived in the middle of the upload")
-            if len(item) > self.max_chunk_bytes:
-                raise LimitExceeded(
-                    f"a data chunk of {len(item)} bytes is over this coordinator's "
-                    f"max_chunk_bytes of {self.max_chunk_bytes}"
-                )
-            if short:
-                raise WireError(
-                    f"a data chunk of {short} bytes was not the upload's last: every chunk "
-                    f"but the last must hold at least {MIN_CHUNK_BYTES} bytes"
-                )
-            if len(item) < MIN_CHUNK_BYTES:
-                short = len(item)
-            meter.up += len(item)
-            yield item
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service, every call through the gate before its request is read."""
