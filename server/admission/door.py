@@ -61,24 +61,18 @@ class Admission:
 
     def joiner(self, context: grpc.aio.ServicerContext) -> str | None:
         """Who a Join is from, before its message is read: the name its certificate or
-        client token proves, or None where clients do not authenticate (open enrolment).
-        UnknownClient when this coordinator authenticates and the call proves nobody."""
+        client token proves, or None for a Join that proves nobody but is read (where
+        clients do not authenticate, and for a token that is not in the --tokens file,
+        whose refusal names the name it claims). UnknownClient, unread, for a Join
+        without the certificate or the token this coordinator needs."""
         peer_name, token, _ = self.credentials(context)
         if self.authenticator.mutual_tls:
             if not peer_name:
                 raise UnknownClient("the client certificate names no identity (common name)")
             return peer_name
-        if self.authenticator.tokens is None:
-            return None
-        owner = self.authenticator.token_owner(token)
-        if owner is None:
-            raise UnknownClient(
-                "this coordinator needs a client token (--token)"
-                if not token
-                else "unknown client token: the client's --token is not in the coordinator's "
-                "--tokens file"
-            )
-        return owner
+        if self.authenticator.tokens is not None and not token:
+            raise UnknownClient("this coordinator needs a client token (--token)")
+        return self.authenticator.token_owner(token)
 
     def session(self, context: grpc.aio.ServicerContext) -> ClientRecord:
         """The session a call's token names, checked before its message is read (not

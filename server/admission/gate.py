@@ -11,8 +11,10 @@ nobody, and only then lets one request be read, whose size is checked against it
 method's limit (`RECEIVE_LIMITS`) before it is parsed. A request left unread costs no
 memory: grpc's flow control holds the sender's bytes on the sender's side.
 
-Where clients do not authenticate (open enrolment, `--open-enrolment` or loopback), a
-Join proves nobody; at most `UNAUTHENTICATED_READS` such Joins are read at once. A
+A Join that proves nobody but is read (where clients do not authenticate: loopback or
+`--open-enrolment`; or with a client token not in the --tokens file, whose refusal names
+the name it claims) waits for one of `UNAUTHENTICATED_READS` turns: so many are read at
+once, and no more. A
 session, or a name proven by its credentials, has at most `CALLS_PER_SESSION` calls in
 flight.
 """

@@ -84,17 +84,24 @@ def plain(opened: list[grpc.Channel], address: str) -> grpc.Channel:
 
 def test_a_join_proving_nobody_is_refused_before_it_is_read(coordinator, tmp_path, channel):
     """A Join over the server's receive limit would be refused by grpc as it arrived
-    (RESOURCE_EXHAUSTED) if it were read; refused unread, it is UNAUTHENTICATED."""
+    (RESOURCE_EXHAUSTED) if it were read; refused unread, it is UNAUTHENTICATED. A Join
+    with a forged token is read (its refusal names the name it claims), one of a few at
+    a time, and refused unparsed when over the Join limit."""
     tokens = tmp_path / "tokens.txt"
     tokens.write_text(f"client-0 {token_hash(new_token())}\n")
     running = coordinator(tokens=tokens)
     join = stub(plain(channel, running.address), "Join", **RAW)
     huge = pb.JoinRequest(name="x" * (40 << 20), task="tiny", num_partitions=1)
-    raw = huge.SerializeToString()
-    for metadata in ((), bearer_metadata("forged")):
-        error = code_of(lambda m=metadata: join(raw, metadata=m, timeout=20))
-        assert error.code() == sc.UNAUTHENTICATED, error.details()
-        assert "token" in error.details()
+    error = code_of(lambda: join(huge.SerializeToString(), timeout=20))
+    assert error.code() == sc.UNAUTHENTICATED, error.details()
+    assert "needs a client token" in error.details()
+    forged = bearer_metadata("forged")
+    small = tiny_join("client-0", 0).SerializeToString()
+    error = code_of(lambda: join(small, metadata=forged, timeout=20))
+    assert error.code() == sc.UNAUTHENTICATED and "unknown token for 'client-0'" in error.details()
+    large = pb.JoinRequest(name="x" * (1 << 20), task="tiny", num_partitions=1)
+    error = code_of(lambda: join(large.SerializeToString(), metadata=forged, timeout=20))
+    assert error.code() == sc.RESOURCE_EXHAUSTED and "Join request of" in error.details()
 
 
 def test_a_session_call_over_its_method_limit_is_refused_unparsed(coordinator, channel):
