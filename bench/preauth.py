@@ -152,10 +152,14 @@ def idle_connections(port: int, count: int) -> list[socket.socket]:
     return held
 
 
+Call = tuple[str, bytes, tuple[tuple[str, str], ...]]
+"""A method, its raw request, and the call's metadata."""
+
+
 async def _large_calls(
     target: str,
     credentials: grpc.ChannelCredentials | None,
-    calls: list[tuple[str, bytes, tuple[tuple[str, str], ...]]],
+    calls: list[Call],
     channels: int = 10,
 ) -> dict[str, int]:
     """Send every (method, raw request, metadata) at once over `channels` channels; the
@@ -247,14 +251,14 @@ def run_case(
         _raise_own_descriptor_limit(idle)
         with Sampler(pid) as sampler:
             if case == "tokens":
-                calls = [("Join", _join(size), ()) for _ in range(joins)]
+                calls: list[Call] = [("Join", _join(size), ()) for _ in range(joins)]
                 calls += [("Join", _join(size), bearer_metadata("forged")) for _ in range(joins)]
                 calls += [("Poll", _poll(size), bearer_metadata("forged")) for _ in range(joins)]
                 refused = asyncio.run(_large_calls(address, None, calls))
             else:
                 anonymous = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
-                calls = [("Join", _join(size), ()) for _ in range(joins)]
-                refused = asyncio.run(_large_calls(address, anonymous, calls))
+                anonymous_calls: list[Call] = [("Join", _join(size), ()) for _ in range(joins)]
+                refused = asyncio.run(_large_calls(address, anonymous, anonymous_calls))
             port = int(address.rpartition(":")[2])
             held = idle_connections(port, idle)
             refused["idle connections opened"] = len(held)

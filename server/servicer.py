@@ -369,5 +369,6 @@ class CoordinatorServicer:
         try:
             async with self.gate.enter("Upload", context):
                 return await self.upload(requests, context)
-        except FedstreamError as exc:
+        except FedstreamError as exc:  # the gate's refusal: `upload` rejects its own
+            self.live.rejected_update(exc)
             await _reject(context, "Upload", exc)
