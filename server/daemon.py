@@ -18,7 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedstream.common.checkpoint import write_json_atomic
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.service import SERVICE_NAME
-from fedstream.server.admission.connections import connection_options, raise_descriptor_limit
+from fedstream.server.admission.connections import (
+    connection_options,
+    limits_line,
+    raise_descriptor_limit,
+)
 from fedstream.server.admission.tls import add_port, describe, status_ssl_context
 from fedstream.server.assembly import assemble
 from fedstream.server.config import ServerConfig
@@ -135,6 +139,7 @@ class CoordinatorDaemon:
             describe(config),
             self.coordinator.run_id,
         )
+        log.info("%s", limits_line())
         if status_url is not None:
             log.info("status page on %s (also /status.json, /metrics)", status_url)
         return self.address

@@ -32,7 +32,7 @@ MAX_CONNECTIONS = 16_384
 
 def raise_descriptor_limit() -> int:
     """Raise this process's soft limit on open files to its hard limit; the soft limit
-    now in force (logged once)."""
+    now in force (`limits_line` says it, for the log once the coordinator listens)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = max(soft, 1 << 20)
@@ -44,8 +44,13 @@ def raise_descriptor_limit() -> int:
             log.warning(
                 "open-file limit stays at %d (raising it to %d failed: %s)", soft, hard, exc
             )
-    log.info("open-file limit %d; at most %d connections at once", soft, connection_cap(soft))
     return int(soft)
+
+
+def limits_line() -> str:
+    """The descriptor limit in force and the connection cap under it, for the log."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return f"open-file limit {soft}; at most {connection_cap(soft)} connections at once"
 
 
 def connection_cap(descriptor_limit: int | None = None) -> int:

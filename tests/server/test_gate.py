@@ -25,7 +25,11 @@ from fedstream.common.tls import client_credentials
 from fedstream.common.tokens import new_token, token_hash
 from fedstream.common.wire.framing import frame_data
 from fedstream.common.wire.manifest import Manifest
-from fedstream.server.admission.connections import connection_cap, raise_descriptor_limit
+from fedstream.server.admission.connections import (
+    connection_cap,
+    limits_line,
+    raise_descriptor_limit,
+)
 from fedstream.server.admission.names import BadName, check_metric_name, normalise_name
 from fedstream.server.config import ServerConfig
 from fedstream.server.daemon import disk_full
@@ -323,14 +327,13 @@ def test_a_network_address_needs_client_authentication_or_open_enrolment(tmp_pat
 # ---- the rest: descriptors, a full disk, evaluation claims --------------------------------
 
 
-def test_the_descriptor_limit_is_raised_to_the_hard_limit(caplog) -> None:
-    caplog.set_level(logging.INFO, logger="fedstream")
+def test_the_descriptor_limit_is_raised_to_the_hard_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         now = raise_descriptor_limit()
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == now
         assert hard == resource.RLIM_INFINITY or now == hard
-        assert f"open-file limit {now}" in caplog.text
+        assert limits_line().startswith(f"open-file limit {now}; at most ")
         assert 16 <= connection_cap(now) < now
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
