@@ -358,3 +358,24 @@ def test_one_evaluation_claim_cannot_set_the_result() -> None:
     assert weigh_claims([300] * 4 + [1 << 40]) == [300] * 4 + [1200]  # 4 x the median
     assert weigh_claims([0, 1 << 40]) == [0, 1 << 40]  # one report that counts: no cap
     assert weigh_claims([7]) == [7]
+
+
+@pytest.mark.slow
+def test_a_cancelled_upload_logs_no_traceback(coordinator, channel, caplog):
+    caplog.set_level(logging.INFO)
+    running = coordinator(task=wide_task(), rounds=1, round_timeout=3.0)
+    arena = Selected(running, channel, wide=True)
+    release = threading.Event()
+
+    def some_then_nothing() -> Iterator[bytes]:
+        yield Selected.header(wide=True)
+        yield frame_data(b"\0" * (64 << 10))
+        release.wait(30)
+
+    call = arena.upload.future(some_then_nothing(), metadata=arena.metadata, timeout=30)
+    open_round = running.coordinator.round
+    wait_for(lambda: open_round and "mallory" in open_round.uploading, 20, "the upload")
+    call.cancel()
+    release.set()
+    assert arena.honest.join(60) == 0
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
