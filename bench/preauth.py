@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -40,6 +41,7 @@ from fedstream.certs import CertsConfig, make_certs
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import bearer_metadata, stub
 from fedstream.common.tokens import new_token, token_hash
+from fedstream.server.admission.connections import HANDSHAKE_TIMEOUT_MS
 
 CLIENTS = ("site-a", "site-b")
 START_TIMEOUT = 120.0
@@ -60,13 +62,17 @@ class Figures:
     refused: dict[str, int]
     """Attack calls by the status they ended with."""
     round_completed: bool
+    end_fds: int
+    """Descriptors once the round is over, the idle connections still open on the
+    attacker's side: the coordinator has closed them (its handshake timeout)."""
 
     def line(self) -> str:
         return (
             f"{self.case}: RSS resting {self.resting_mib:.0f} MiB, peak {self.peak_mib:.0f}, "
             f"after {self.after_mib:.0f} (+{self.after_mib - self.resting_mib:.0f}); fds "
             f"resting {self.resting_fds}, peak {self.peak_fds}, after {self.after_fds}; "
-            f"attack calls {self.refused}; honest round completed: {self.round_completed}"
+            f"attack calls {self.refused}; honest round completed: {self.round_completed}; "
+            f"fds at the end, idle connections still open: {self.end_fds}"
         )
 
 
@@ -236,7 +242,7 @@ def run_case(
     server = _fedstream(
         "server", "--address", "127.0.0.1:0", "--status-address", "", "--run-dir", str(run_dir),
         "--rounds", "1", "--min-clients", str(len(CLIENTS)), "--task", "digits",
-        "--done-grace", "5", "--threads", "1", *auth,
+        "--done-grace", "30", "--threads", "1", *auth,
         log=workdir / "server.log",
     )  # fmt: skip
     clients: list[subprocess.Popen[bytes]] = []
@@ -297,6 +303,10 @@ def run_case(
                     )  # fmt: skip
                 )
             codes = [c.wait(ROUND_TIMEOUT) for c in clients]
+            settled = HANDSHAKE_TIMEOUT_MS / 1000 + 5
+            with contextlib.suppress(TimeoutError):  # then end_fds says they were not
+                _wait(lambda: fds(pid) < resting_fds + 50, settled, "idle connections closed")
+            end_fds = fds(pid)
         finally:
             for sock in held:
                 sock.close()
@@ -312,6 +322,7 @@ def run_case(
             after_fds,
             refused,
             completed,
+            end_fds,
         )
     finally:
         for process in [*clients, server]:
