@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import resource
@@ -41,7 +40,6 @@ from fedstream.certs import CertsConfig, make_certs
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import bearer_metadata, stub
 from fedstream.common.tokens import new_token, token_hash
-from fedstream.server.admission.connections import HANDSHAKE_TIMEOUT_MS
 
 CLIENTS = ("site-a", "site-b")
 START_TIMEOUT = 120.0
@@ -63,8 +61,8 @@ class Figures:
     """Attack calls by the status they ended with."""
     round_completed: bool
     end_fds: int
-    """Descriptors once the round is over, the idle connections still open on the
-    attacker's side: the coordinator has closed them (its handshake timeout)."""
+    """The fewest descriptors while the honest round ran, the idle connections still
+    open on the attacker's side: the coordinator closes them (its handshake timeout)."""
 
     def line(self) -> str:
         return (
@@ -72,7 +70,7 @@ class Figures:
             f"after {self.after_mib:.0f} (+{self.after_mib - self.resting_mib:.0f}); fds "
             f"resting {self.resting_fds}, peak {self.peak_fds}, after {self.after_fds}; "
             f"attack calls {self.refused}; honest round completed: {self.round_completed}; "
-            f"fds at the end, idle connections still open: {self.end_fds}"
+            f"fewest fds during the round, idle connections still open: {self.end_fds}"
         )
 
 
@@ -87,20 +85,37 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (not gone, not a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 class Sampler:
-    """The peak RSS and descriptor count of `pid`, sampled every 20 ms while running."""
+    """The peak RSS and the highest and lowest descriptor counts of `pid`, sampled every
+    20 ms while it runs."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_mib = 0.0
         self.peak_fds = 0
+        self.low_fds = 1 << 30
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mib = max(self.peak_mib, rss_mib(self.pid))
-            self.peak_fds = max(self.peak_fds, fds(self.pid))
+        while not self._stop.is_set() and alive(self.pid):
+            try:
+                rss, count = rss_mib(self.pid), fds(self.pid)
+            except (OSError, RuntimeError):
+                return  # it exited between the check and the reads
+            if alive(self.pid):
+                self.peak_mib = max(self.peak_mib, rss)
+                self.peak_fds = max(self.peak_fds, count)
+                self.low_fds = min(self.low_fds, count)
             self._stop.wait(0.02)
 
     def __enter__(self) -> Sampler:
@@ -242,7 +257,7 @@ def run_case(
     server = _fedstream(
         "server", "--address", "127.0.0.1:0", "--status-address", "", "--run-dir", str(run_dir),
         "--rounds", "1", "--min-clients", str(len(CLIENTS)), "--task", "digits",
-        "--done-grace", "30", "--threads", "1", *auth,
+        "--done-grace", "5", "--threads", "1", *auth,
         log=workdir / "server.log",
     )  # fmt: skip
     clients: list[subprocess.Popen[bytes]] = []
@@ -270,43 +285,25 @@ def run_case(
             refused["idle connections opened"] = len(held)
             time.sleep(1.0)
         after, after_fds = rss_mib(pid), fds(pid)
+        during_round = Sampler(pid)
         try:
-            for i, name in enumerate(CLIENTS):
-                credentials = (
-                    ["--token", tokens[name]]
-                    if case == "tokens"
-                    else [
-                        "--ca", str(certs / "ca.pem"),
-                        "--cert", str(certs / f"{name}.pem"),
-                        "--key", str(certs / f"{name}.key"),
-                    ]
-                )  # fmt: skip
-                clients.append(
-                    _fedstream(
-                        "client",
-                        "--server",
-                        address,
-                        "--name",
-                        name,
-                        "--task",
-                        "digits",
-                        "--partition",
-                        str(i),
-                        "--num-partitions",
-                        str(len(CLIENTS)),
-                        "--threads",
-                        "1",
-                        "--max-backoff",
-                        "1",
-                        *credentials,
-                        log=workdir / f"{name}.log",
+            with during_round:
+                for i, name in enumerate(CLIENTS):
+                    credentials = (
+                        ["--token", tokens[name]]
+                        if case == "tokens"
+                        else [
+                            "--ca", str(certs / "ca.pem"),
+                            "--cert", str(certs / f"{name}.pem"),
+                            "--key", str(certs / f"{name}.key"),
+                        ]
                     )  # fmt: skip
-                )
-            codes = [c.wait(ROUND_TIMEOUT) for c in clients]
-            settled = HANDSHAKE_TIMEOUT_MS / 1000 + 5
-            with contextlib.suppress(TimeoutError):  # then end_fds says they were not
-                _wait(lambda: fds(pid) < resting_fds + 50, settled, "idle connections closed")
-            end_fds = fds(pid)
+                    common = ["--server", address, "--name", name, "--task", "digits"]
+                    split = ["--partition", str(i), "--num-partitions", str(len(CLIENTS))]
+                    pace = ["--threads", "1", "--max-backoff", "1"]
+                    args = [*common, *split, *pace, *credentials]
+                    clients.append(_fedstream("client", *args, log=workdir / f"{name}.log"))
+                codes = [c.wait(ROUND_TIMEOUT) for c in clients]
         finally:
             for sock in held:
                 sock.close()
@@ -322,7 +319,7 @@ def run_case(
             after_fds,
             refused,
             completed,
-            end_fds,
+            during_round.low_fds,
         )
     finally:
         for process in [*clients, server]:
