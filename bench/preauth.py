@@ -61,8 +61,11 @@ class Figures:
     """Attack calls by the status they ended with."""
     round_completed: bool
     end_fds: int
-    """The fewest descriptors while the honest round ran, the idle connections still
-    open on the attacker's side: the coordinator closes them (its handshake timeout)."""
+    """The fewest descriptors while the honest round ran (until the coordinator began to
+    stop), the idle connections still open on the attacker's side: the coordinator
+    closes them after its handshake timeout (10 s), when the round lasts that long."""
+    end_fds_after_s: float
+    """Seconds after the honest clients started that `end_fds` was first seen."""
 
     def line(self) -> str:
         return (
@@ -70,7 +73,8 @@ class Figures:
             f"after {self.after_mib:.0f} (+{self.after_mib - self.resting_mib:.0f}); fds "
             f"resting {self.resting_fds}, peak {self.peak_fds}, after {self.after_fds}; "
             f"attack calls {self.refused}; honest round completed: {self.round_completed}; "
-            f"fewest fds during the round, idle connections still open: {self.end_fds}"
+            f"fewest fds during the round, idle connections still open: {self.end_fds} "
+            f"({self.end_fds_after_s:g} s after the clients started)"
         )
 
 
@@ -98,24 +102,31 @@ class Sampler:
     """The peak RSS and the highest and lowest descriptor counts of `pid`, sampled every
     20 ms while it runs."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, serving: Callable[[], bool] = lambda: True) -> None:
         self.pid = pid
+        self.serving = serving
+        """Whether a sample counts: the coordinator still serves (not shutting down)."""
+        self.started = time.monotonic()
         self.peak_mib = 0.0
         self.peak_fds = 0
         self.low_fds = 1 << 30
+        self.low_after_s = 0.0
+        """Seconds from the start until the fewest descriptors were first seen."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.is_set() and alive(self.pid):
+        while not self._stop.is_set() and alive(self.pid) and self.serving():
             try:
                 rss, count = rss_mib(self.pid), fds(self.pid)
             except (OSError, RuntimeError):
                 return  # it exited between the check and the reads
-            if alive(self.pid):
+            if alive(self.pid) and self.serving():
                 self.peak_mib = max(self.peak_mib, rss)
                 self.peak_fds = max(self.peak_fds, count)
-                self.low_fds = min(self.low_fds, count)
+                if count < self.low_fds:
+                    self.low_fds = count
+                    self.low_after_s = time.monotonic() - self.started
             self._stop.wait(0.02)
 
     def __enter__(self) -> Sampler:
@@ -285,7 +296,7 @@ def run_case(
             refused["idle connections opened"] = len(held)
             time.sleep(1.0)
         after, after_fds = rss_mib(pid), fds(pid)
-        during_round = Sampler(pid)
+        during_round = Sampler(pid, serving=(run_dir / "coordinator.json").exists)
         try:
             with during_round:
                 for i, name in enumerate(CLIENTS):
@@ -320,6 +331,7 @@ def run_case(
             refused,
             completed,
             during_round.low_fds,
+            round(during_round.low_after_s, 1),
         )
     finally:
         for process in [*clients, server]:
