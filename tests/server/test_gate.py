@@ -263,10 +263,12 @@ def test_a_download_nobody_reads_is_cut(coordinator, channel, caplog):
 
 
 def test_a_cancelled_download_is_one_line(coordinator, channel, caplog):
+    """(Its client's name is its own: the line is rate-limited per client name, across
+    the process, and other tests cancel downloads as mallory.)"""
     caplog.set_level(logging.INFO)
     running = coordinator(task=wide_task(), rounds=1, min_clients=1)
     c = plain(channel, running.address)
-    token = stub(c, "Join")(tiny_join("mallory", 1, running.coordinator.model.manifest.digest()))
+    token = stub(c, "Join")(tiny_join("canceller", 1, running.coordinator.model.manifest.digest()))
     token = token.token
     poll = stub(c, "Poll")
     wait_for(
