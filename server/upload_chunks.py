@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fedstream.common.errors import LimitExceeded, WireError
+from fedstream.common.errors import FedstreamError, LimitExceeded, WireError
 from fedstream.common.wire.framing import MalformedChunk
 from fedstream.server.errors import TransferStalled
 from fedstream.server.live_state import TransferMeter
@@ -28,8 +28,22 @@ cheap way to burn its CPU; a trickle of them is also cut by the rate floor."""
 
 
 async def first_then_rest(chunks: AsyncIterator[memoryview]) -> AsyncIterator[memoryview]:
-    """`chunks` once its first item has arrived (or it has ended)."""
-    first = await anext(chunks, None)
+    """`chunks` once its first item has arrived (or it has ended). TransferStalled when
+    none arrives in time: such an upload never joined its round. Any other failure of
+    the first chunk is raised from the iterator returned, inside the round (which counts
+    the upload as rejected, as it counts a failure of any later chunk)."""
+    try:
+        first = await anext(chunks, None)
+    except TransferStalled:
+        raise
+    except FedstreamError as exc:
+        failure = exc
+
+        async def failing() -> AsyncIterator[memoryview]:
+            raise failure
+            yield
+
+        return failing()
     if first is None:
         return _none()
 
