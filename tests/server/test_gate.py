@@ -78,7 +78,10 @@ def channel(request: pytest.FixtureRequest) -> Iterator[list[grpc.Channel]]:
 
 
 def plain(opened: list[grpc.Channel], address: str) -> grpc.Channel:
-    c = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+    """A plaintext channel whose receive windows stay small (no BDP probing), so a
+    download it does not read stays unsent on the coordinator's side."""
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.http2.bdp_probe", 0)]
+    c = grpc.insecure_channel(address, options=options)
     opened.append(c)
     return c
 
