@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import ConfigScalar
 from fedstream.common.wire.manifest import Manifest
+from fedstream.server.admission.names import BadName, normalise_name
 from fedstream.server.admission.sessions import ClientRecord
 from fedstream.server.errors import InvalidJoin
 
-MAX_NAME = 128
 MAX_TASK = 256
 MAX_AGREED_OPTIONS = 256
 MAX_AGREED_TEXT = 1024
@@ -58,14 +58,19 @@ class JoinClaim:
     """The common name of the client's certificate (mutual TLS)."""
     token: str | None = None
     """The client token presented with the Join (--tokens)."""
+    certificate: str | None = None
+    """The fingerprint of the client's certificate (mutual TLS): its session is bound to it."""
     agreement: Agreement | None = None
     """The client's task options and seed; None from a client that sends none."""
 
-    def check(self) -> None:
-        """InvalidJoin unless the name, the task and the partition are usable. Names and
-        tasks reach logs and status messages: no control characters, bounded lengths."""
-        if not 0 < len(self.name) <= MAX_NAME or not self.name.isprintable():
-            raise InvalidJoin(f"client name must be 1 to {MAX_NAME} printable characters")
+    def check(self) -> str:
+        """The claimed name, normalised (`admission/names.py`); InvalidJoin unless the
+        name, the task and the partition are usable. Names and tasks reach logs and status
+        messages: no control characters, bounded lengths."""
+        try:
+            name = normalise_name(self.name)
+        except BadName as exc:
+            raise InvalidJoin(str(exc)) from None
         if not 0 < len(self.task) <= MAX_TASK or not self.task.isprintable():
             raise InvalidJoin(f"task must be 1 to {MAX_TASK} printable characters")
         if self.num_partitions < 1:
@@ -74,6 +79,7 @@ class JoinClaim:
             raise InvalidJoin(f"partition {self.partition} is outside 0..{self.num_partitions - 1}")
         if self.agreement is not None:
             self.agreement.check()
+        return name
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,10 @@ from pathlib import Path
 from fedstream.common.codecs import CODEC_NAMES
 from fedstream.common.config import ACTION, DEFAULT_HELP, ConfigError, require_positive
 from fedstream.common.round_config import ConfigScalar, parse_scalar
-from fedstream.server.admission.exposure import require_tls_off_loopback
+from fedstream.server.admission.exposure import (
+    require_authentication_off_loopback,
+    require_tls_off_loopback,
+)
 from fedstream.server.aggregation_config import (
     PrivacyConfig,
     SafeguardsConfig,
@@ -106,12 +109,21 @@ class SecurityConfig:
     insecure: bool = False
     """Listen on a non-loopback address without TLS (plaintext: anyone on the network can
     read the model and join)."""
+    open_enrolment: bool = False
+    """On a non-loopback address, let clients join without proving who they are (no
+    --client-ca and no --tokens): anyone who reaches the port can join under any free
+    name. Without it such a coordinator refuses to start."""
     max_clients: int = 256
     """Client sessions the coordinator holds; Joins beyond it are refused."""
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether every client proves its identity (mutual TLS or tokens)."""
+        return self.client_ca is not None or self.tokens is not None
 
     def validate(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -300,6 +312,7 @@ class ServerConfig(
         TransportConfig.validate(self)
         SecurityConfig.validate(self)
         require_tls_off_loopback("address", self.address, self.tls, self.insecure)
+        require_authentication_off_loopback(self.address, self.authenticates, self.open_enrolment)
         RoundsConfig.validate(self)
         UplinkConfig.validate(self)
         DurabilityConfig.validate(self)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -17,6 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedstream.common.checkpoint import write_json_atomic
 from fedstream.common.memory import reuse_chunk_buffers
 from fedstream.common.service import SERVICE_NAME
+from fedstream.server.admission.connections import (
+    connection_options,
+    limits_line,
+    raise_descriptor_limit,
+)
 from fedstream.server.admission.tls import add_port, describe, status_ssl_context
 from fedstream.server.assembly import assemble
 from fedstream.server.config import ServerConfig
@@ -63,6 +69,7 @@ def grpc_options(max_chunk_bytes: int, headroom: int = MANIFEST_HEADROOM) -> lis
         # One coordinator per port: with SO_REUSEPORT (grpc's default) a second one binds
         # the same port and takes a share of the clients (server/ports.py).
         ("grpc.so_reuseport", 0),
+        *connection_options(),
     ]
 
 
@@ -132,6 +139,7 @@ class CoordinatorDaemon:
             describe(config),
             self.coordinator.run_id,
         )
+        log.info("%s", limits_line())
         if status_url is not None:
             log.info("status page on %s (also /status.json, /metrics)", status_url)
         return self.address
@@ -182,8 +190,12 @@ async def serve(config: ServerConfig) -> int:
     code = 0
     if run.done():
         stopper.cancel()
-        if run.exception() is not None:
-            log.error("coordinator failed", exc_info=run.exception())
+        failure = run.exception()
+        if failure is not None and (full := disk_full(failure)) is not None:
+            log.error("%s", full)
+            code = 1
+        elif failure is not None:
+            log.error("coordinator failed", exc_info=failure)
             code = 1
     else:
         log.info("stopping on signal; restart with --run-dir %s to resume", config.run_dir)
@@ -194,8 +206,30 @@ async def serve(config: ServerConfig) -> int:
     return code
 
 
+def disk_full(error: BaseException) -> str | None:
+    """The one line for a failure caused by a full disk (ENOSPC, EDQUOT anywhere in its
+    chain of causes), or None for any other failure."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {seen.filename}" if seen.filename else ""
+            return (
+                f"coordinator stopped: no space left on the device{where} "
+                "(free space, then restart with the same --run-dir to resume)"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main(config: ServerConfig) -> int:
     reuse_chunk_buffers()
+    raise_descriptor_limit()
     if config.threads:
         torch.set_num_threads(config.threads)
-    return asyncio.run(serve(config))
+    try:
+        return asyncio.run(serve(config))
+    except OSError as exc:
+        if (full := disk_full(exc)) is None:
+            raise
+        log.error("%s", full)
+        return 1

@@ -9,14 +9,17 @@ from phase to phase is `server/coordinator.py`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fedstream.common.round_config import ConfigScalar
+from fedstream.server.admission.names import BadName, check_metric_name
 from fedstream.server.calls import EvaluateWork, TrainWork
 from fedstream.server.clock import Changes, Clock
 from fedstream.server.errors import (
@@ -35,7 +38,8 @@ MAX_EXAMPLES = 1 << 40
 SAFEGUARD_COUNTERS = ("refused_max_norm", "refused_outlier", "refused_overflow", "capped_examples")
 """What the safeguards (server/safeguards.py) refused or capped in a round, in its record."""
 MAX_METRICS = 64
-MAX_METRIC_NAME = 64
+EVAL_CLAIM_FACTOR = 4
+"""No evaluation report weighs more than this many times the lower median claim."""
 
 
 def select_clients(
@@ -53,8 +57,12 @@ def check_metrics(metrics: Mapping[str, float]) -> None:
     if len(metrics) > MAX_METRICS:
         raise InvalidUpdate(f"{len(metrics)} metrics; the limit is {MAX_METRICS}")
     for key, value in metrics.items():
-        if not key or len(key) > MAX_METRIC_NAME or not math.isfinite(value):
-            raise InvalidUpdate(f"metric {key[:MAX_METRIC_NAME]!r}={value} is not usable")
+        try:
+            check_metric_name(key)
+        except BadName as exc:
+            raise InvalidUpdate(str(exc)) from None
+        if not math.isfinite(value):
+            raise InvalidUpdate(f"metric {key!r} is {value}: metrics must be finite")
 
 
 @dataclass
@@ -249,6 +257,9 @@ class OpenEvaluation(OpenPhase):
     """A federated evaluation of model version `number` by the clients of round `number`."""
 
     reports: list[EvaluationReport] = field(default_factory=list)
+    """The reports booked, each weighed by its claim capped (`weigh_claims`)."""
+    claimed: list[EvaluationReport] = field(default_factory=list)
+    """The reports booked, as claimed."""
     bytes_down: int = 0
     """Model bytes its clients downloaded (those that did not hold the version already):
     the record's `fed_eval_bytes_down`."""
@@ -283,7 +294,26 @@ class OpenEvaluation(OpenPhase):
 
     def book(self, report: EvaluationReport) -> None:
         self.reported.add(report.client)
-        self.reports.append(report)
+        self.claimed.append(report)
+        weights = weigh_claims([r.num_examples for r in self.claimed])
+        self.reports = [
+            r if r.num_examples == w else dataclasses.replace(r, num_examples=w)
+            for r, w in zip(self.claimed, weights, strict=True)
+        ]
+
+
+def weigh_claims(claims: list[int]) -> list[int]:
+    """The weight of each of an evaluation's claimed example counts: a claim is capped at
+    `EVAL_CLAIM_FACTOR` times the lower median claim and at the sum of all the other
+    claims, so one client claiming 2^40 examples cannot set the evaluation's result
+    (it weighs at most as much as the others together). Honest counts that differ by
+    less than that are weighed as claimed; reports of 0 examples count for nothing."""
+    counted = [claim for claim in claims if claim]
+    if len(counted) < 2:
+        return list(claims)
+    cap = EVAL_CLAIM_FACTOR * statistics.median_low(counted)
+    total = sum(counted)
+    return [min(claim, cap, total - claim) if claim else 0 for claim in claims]
 
 
 @dataclass

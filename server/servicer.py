@@ -2,15 +2,16 @@
 
 This is the one place protobuf messages are built from the coordinator's plain results
 (`server/calls.py`) and the one place domain errors become gRPC statuses. Bulk methods
-use the hand framing of `common/wire/framing.py`, so the service is registered with explicit
-method handlers rather than the generated `add_CoordinatorServicer_to_server`.
+use the hand framing of `common/wire/framing.py`, and every call passes the gate
+(`admission/gate.py`) before its request is read, so the service is registered with
+explicit method handlers rather than the generated `add_CoordinatorServicer_to_server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -26,9 +27,9 @@ from fedstream.common.errors import (
 from fedstream.common.logs import RateLimitedLog
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import to_proto as config_to_proto
-from fedstream.common.service import method_handlers
 from fedstream.common.wire.framing import MalformedChunk, MalformedMessage, frame_data
 from fedstream.server.admission.door import Admission
+from fedstream.server.admission.gate import Behaviour, Gate, OversizedMessage, deferred_handlers
 from fedstream.server.admission.sessions import ClientRecord
 from fedstream.server.calls import (
     Agreement,
@@ -39,7 +40,6 @@ from fedstream.server.calls import (
     RunDone,
     TrainWork,
     UpdateClaim,
-    UploadTrailer,
     Work,
 )
 from fedstream.server.config import TransportConfig
@@ -60,8 +60,9 @@ from fedstream.server.errors import (
     UploadInProgress,
     WrongRound,
 )
-from fedstream.server.live_state import LiveState, TransferMeter
+from fedstream.server.live_state import LiveState
 from fedstream.server.transfer import RateFloor, release_refused
+from fedstream.server.upload_chunks import data_chunks, first_then_rest
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ def status_of(error: FedstreamError) -> grpc.StatusCode:
 
 refusals = RateLimitedLog(log, interval=REFUSAL_LOG_INTERVAL_S)
 """A peer can repeat a refused request at will: one line per burst of each kind."""
+cancelled = RateLimitedLog(log, interval=REFUSAL_LOG_INTERVAL_S)
+"""A client that cancels its transfers: one line per client per burst, no traceback."""
 
 
 async def _reject(
@@ -121,7 +124,10 @@ async def _reject(
 
 
 def _decoded(request: M | MalformedMessage) -> M:
-    """The request, or WireError (INVALID_ARGUMENT) for bytes that did not decode."""
+    """The request; LimitExceeded (RESOURCE_EXHAUSTED) for one over its method's limit,
+    WireError (INVALID_ARGUMENT) for bytes that did not decode."""
+    if isinstance(request, OversizedMessage):
+        raise LimitExceeded(request.reason)
     if isinstance(request, MalformedMessage):
         raise WireError(request.reason)
     return request
@@ -167,6 +173,8 @@ class CoordinatorServicer:
         self.coordinator = coordinator
         self.admission = admission
         """Who each call is (`server/admission/`): asked here, and nowhere else."""
+        self.gate = Gate(admission)
+        """What each call must prove before its request is read."""
         self.live = live or LiveState(coordinator)
         self.stall_timeout = config.stall_timeout
         self.max_chunk_bytes = config.max_chunk_bytes
@@ -181,7 +189,7 @@ class CoordinatorServicer:
     ) -> pb.JoinReply:
         try:
             request = _decoded(message)
-            peer_name, token = self.admission.credentials(context)
+            peer_name, token, certificate = self.admission.credentials(context)
             claim = JoinClaim(
                 request.name,
                 request.task,
@@ -190,6 +198,7 @@ class CoordinatorServicer:
                 request.model_digest,
                 peer_name=peer_name,
                 token=token,
+                certificate=certificate,
                 agreement=Agreement.of(request),
             )
             joined = self.coordinator.join(claim)
@@ -214,7 +223,10 @@ class CoordinatorServicer:
 
     async def download(
         self, message: pb.DownloadRequest | MalformedMessage, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelChunk | bytes]:
+    ) -> None:
+        """Stream the model with `context.write`: a write that the client does not read
+        within the stall timeout cuts the download (DEADLINE_EXCEEDED) and frees what it
+        held; a download the client cancels ends with one log line."""
         try:
             request = _decoded(message)
             client = self._client(context)
@@ -233,16 +245,36 @@ class CoordinatorServicer:
         meter = self.live.meter(client.name)
         meter.downloads += 1
         try:
-            yield pb.ModelChunk(header=header)
+            await self._write(context, pb.ModelChunk(header=header))
             for chunk in stream.chunks:
-                yield frame_data(chunk)
+                await self._write(context, frame_data(chunk))
                 floor.add(len(chunk))
                 meter.down += len(chunk)
         except FedstreamError as exc:
             await _reject(context, "Download", exc)
+        except asyncio.CancelledError:
+            cancelled.log(
+                logging.INFO,
+                client.name,
+                "download by %s cancelled after %d bytes",
+                client.name,
+                floor.total,
+            )
+            raise
         finally:
             meter.downloads -= 1
             self.coordinator.count_download(floor.total)
+
+    async def _write(self, context: grpc.aio.ServicerContext, message: Any) -> None:
+        """One message of a download; TransferStalled when the client reads nothing of it
+        for the stall timeout."""
+        try:
+            async with asyncio.timeout(self.stall_timeout):
+                await context.write(message)
+        except TimeoutError:
+            raise TransferStalled(
+                f"the client read nothing for {self.stall_timeout:.0f}s: download stalled"
+            ) from None
 
     async def upload(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -269,12 +301,17 @@ class CoordinatorServicer:
                 first.attempt,
                 first.resume_offset,
             )
+            self._check_header(client, claim)
             meter = self.live.meter(client.name)
+            # The upload joins the round (and may hold it past its deadline) only once its
+            # first data chunk is in: a header followed by nothing holds nothing.
+            chunks = data_chunks(
+                iterator, meter, self.stall_timeout, self.max_chunk_bytes, claim.trailer
+            )
+            data = await first_then_rest(chunks)
             meter.uploads += 1
             try:
-                receipt = await self.coordinator.receive_upload(
-                    client, claim, self._data_chunks(iterator, meter, claim.trailer)
-                )
+                receipt = await self.coordinator.receive_upload(client, claim, data)
             finally:
                 meter.uploads -= 1
             meter.booked += receipt.accepted
@@ -294,6 +331,15 @@ class CoordinatorServicer:
         except FedstreamError as exc:
             await _reject(context, "UploadOffset", exc)
         return pb.UploadOffsetReply(offset=offset)
+
+    def _check_header(self, client: ClientRecord, claim: UpdateClaim) -> None:
+        """The refusal an upload's header earns whatever its data, before any is read:
+        the open round's checks and the run's upload layout."""
+        open_round = self.coordinator.round
+        if open_round is None:
+            raise WrongRound(f"round {claim.round} is not open for updates")
+        open_round.check_update(client.name, claim)
+        self.coordinator.intake.check_manifest(claim.manifest)
 
     async def report_evaluation(
         self, message: pb.EvaluationReport | MalformedMessage, context: grpc.aio.ServicerContext
@@ -318,48 +364,41 @@ class CoordinatorServicer:
             await _reject(context, "Heartbeat", exc)
         return pb.HeartbeatReply(phase_open=open_)
 
-    async def _data_chunks(
-        self, iterator: AsyncIterator[Any], meter: TransferMeter, trailer: UploadTrailer
-    ) -> AsyncIterator[memoryview]:
-        """The data chunks after an upload's header, failing when none arrives in time; a
-        trailer fills in `trailer` and must be the last message."""
-        while True:
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps every chunk in a new Task.
-                async with asyncio.timeout(self.stall_timeout):
-                    item = await iterator.__anext__()
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise TransferStalled(
-                    f"no bytes for {self.stall_timeout:.0f}s: upload stalled"
-                ) from None
-            if isinstance(item, MalformedChunk):
-                raise WireError(item.reason)
-            if trailer.sha256:
-                raise WireError("a message arrived after the upload's trailer")
-            if isinstance(item, pb.UpdateTrailer):
-                trailer.sha256 = item.sha256 or "-"
-                continue
-            if not isinstance(item, memoryview):
-                raise WireError("a second header arrived in the middle of the upload")
-            if len(item) > self.max_chunk_bytes:
-                raise LimitExceeded(
-                    f"a data chunk of {len(item)} bytes is over this coordinator's "
-                    f"max_chunk_bytes of {self.max_chunk_bytes}"
-                )
-            meter.up += len(item)
-            yield item
-
     def handler(self) -> grpc.GenericRpcHandler:
-        return method_handlers(
-            {
-                "Join": self.join,
-                "Poll": self.poll,
-                "Download": self.download,
-                "Upload": self.upload,
-                "UploadOffset": self.upload_offset,
-                "ReportEvaluation": self.report_evaluation,
-                "Heartbeat": self.heartbeat,
-            }
-        )
+        """The service, every call through the gate before its request is read."""
+        unary: dict[str, Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]] = {
+            "Join": self.join,
+            "Poll": self.poll,
+            "Download": self.download,
+            "UploadOffset": self.upload_offset,
+            "ReportEvaluation": self.report_evaluation,
+            "Heartbeat": self.heartbeat,
+        }
+        behaviours = {name: self._gated(name, b) for name, b in unary.items()}
+        behaviours["Upload"] = self._gated_upload
+        return deferred_handlers(behaviours)
+
+    def _gated(
+        self, name: str, behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+    ) -> Behaviour:
+        """`behaviour` served with the one request the gate lets it read."""
+
+        async def serve(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async with self.gate.enter(name, context):
+                    message = await self.gate.read_one(requests)
+                    return await behaviour(message, context)
+            except FedstreamError as exc:
+                await _reject(context, name, exc)
+
+        return serve
+
+    async def _gated_upload(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> pb.UploadReply:
+        try:
+            async with self.gate.enter("Upload", context):
+                return await self.upload(requests, context)
+        except FedstreamError as exc:  # the gate's refusal: `upload` rejects its own
+            self.live.rejected_update(exc)
+            await _reject(context, "Upload", exc)

@@ -94,6 +94,8 @@ OPTIONS: dict[str, set[str]] = {
         "--tokens",
         "--insecure",
         "--no-insecure",
+        "--open-enrolment",
+        "--no-open-enrolment",
         "--max-clients",
         "--progress-file",
         "--status-address",
@@ -233,7 +235,13 @@ def test_server_help_groups_the_flags_by_component() -> None:
     assert groups["options"] == {"-h", "--help", "--config"}
     for component, fields in components(ServerConfig):
         flags = {"--" + f.name.replace("_", "-") for f in fields}
-        for flag in ("--uplink-zstd", "--insecure", "--safeguards", "--round-log-fsync"):
+        for flag in (
+            "--uplink-zstd",
+            "--insecure",
+            "--open-enrolment",
+            "--safeguards",
+            "--round-log-fsync",
+        ):
             if flag in flags:
                 flags.add("--no-" + flag[2:])
         assert groups[component_title(component)] == flags, component.__name__

@@ -19,10 +19,10 @@ from fedstream.common.service import bearer_token
 from fedstream.common.tokens import load_tokens
 from fedstream.server.admission.identity import Authenticator
 from fedstream.server.admission.sessions import ClientRecord, ClientRegistry
-from fedstream.server.admission.tls import peer_identity
+from fedstream.server.admission.tls import peer_fingerprint, peer_identity
 from fedstream.server.calls import Agreement, JoinClaim
 from fedstream.server.config import SecurityConfig, TransportConfig
-from fedstream.server.errors import AlreadyJoined, TaskMismatch, TooManyClients
+from fedstream.server.errors import AlreadyJoined, TaskMismatch, TooManyClients, UnknownClient
 from fedstream.tasks.options import differences
 
 TASK_SILENCE = 3
@@ -52,13 +52,37 @@ class Admission:
         self.authenticator = Authenticator(security.client_ca is not None, tokens)
 
     @staticmethod
-    def credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, str | None]:
-        """A call's credentials: its verified client certificate's name, and its token."""
-        return peer_identity(context.auth_context()), bearer_token(context.invocation_metadata())
+    def credentials(context: grpc.aio.ServicerContext) -> tuple[str | None, str | None, str | None]:
+        """A call's credentials: its verified client certificate's name, its token, and
+        its certificate's fingerprint."""
+        auth = context.auth_context()
+        token = bearer_token(context.invocation_metadata())
+        return peer_identity(auth), token, peer_fingerprint(auth)
+
+    def joiner(self, context: grpc.aio.ServicerContext) -> str | None:
+        """Who a Join is from, before its message is read: the name its certificate or
+        client token proves, or None for a Join that proves nobody but is read (where
+        clients do not authenticate, and for a token that is not in the --tokens file,
+        whose refusal names the name it claims). UnknownClient, unread, for a Join
+        without the certificate or the token this coordinator needs."""
+        peer_name, token, _ = self.credentials(context)
+        if self.authenticator.mutual_tls:
+            if not peer_name:
+                raise UnknownClient("the client certificate names no identity (common name)")
+            return peer_name
+        if self.authenticator.tokens is not None and not token:
+            raise UnknownClient("this coordinator needs a client token (--token)")
+        return self.authenticator.token_owner(token)
+
+    def session(self, context: grpc.aio.ServicerContext) -> ClientRecord:
+        """The session a call's token names, checked before its message is read (not
+        marked as seen): UnknownClient or IdentityMismatch as `caller`."""
+        _, token, certificate = self.credentials(context)
+        return self.registry.session(token, certificate)
 
     def join(self, claim: JoinClaim) -> ClientRecord:
-        claim.check()
-        identity = self.authenticator.identify(claim.name, claim.peer_name, claim.token)
+        name = claim.check()
+        identity = self.authenticator.identify(name, claim.peer_name, claim.token)
         if claim.task != self.task:
             raise TaskMismatch(
                 f"client runs task {claim.task!r}; this coordinator runs {self.task!r}"
@@ -82,7 +106,9 @@ class Admission:
                 raise TooManyClients(
                     f"the coordinator holds {self.max_clients} sessions (--max-clients)"
                 )
-        return self.registry.join(identity.name, claim.partition, claim.num_partitions)
+        return self.registry.join(
+            identity.name, claim.partition, claim.num_partitions, claim.certificate
+        )
 
     def check_agreement(self, name: str, theirs: Agreement | None) -> None:
         """TaskMismatch naming each difference between the client's options and seed and
@@ -104,8 +130,10 @@ class Admission:
             )
 
     def caller(self, context: grpc.aio.ServicerContext) -> ClientRecord:
-        """The client whose session the call's token is, marked as seen now."""
-        return self.registry.authenticate(bearer_token(context.invocation_metadata()))
+        """The client whose session the call's token is, on a connection presenting the
+        certificate the session was opened with, marked as seen now."""
+        _, token, certificate = self.credentials(context)
+        return self.registry.authenticate(token, certificate)
 
     def alive(self, name: str) -> bool:
         record = self.registry.get(name)

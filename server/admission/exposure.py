@@ -1,4 +1,6 @@
-"""The loopback rule: plaintext is for loopback addresses; any other needs TLS or --insecure."""
+"""The loopback rules: plaintext is for loopback addresses, any other needs TLS or
+--insecure; and clients that prove nothing are for loopback, any other address needs
+client authentication (mutual TLS or --tokens) or --open-enrolment."""
 
 from __future__ import annotations
 
@@ -31,6 +33,20 @@ def require_tls_off_loopback(
         raise ConfigError(
             f"{setting} {address} is not loopback: give --tls-cert and --tls-key, "
             f"or --insecure to {what} on the network"
+        )
+
+
+def require_authentication_off_loopback(
+    address: str, authenticates: bool, open_enrolment: bool
+) -> None:
+    """ConfigError when the coordinator would let unauthenticated clients join on a
+    non-loopback `address` without --open-enrolment: anyone who reaches the port could
+    then join under any free name and send updates."""
+    if not authenticates and not open_enrolment and not is_loopback(address):
+        raise ConfigError(
+            f"address {address} is not loopback and clients do not authenticate: give "
+            "--client-ca (mutual TLS) or --tokens, or --open-enrolment to let anyone who "
+            "reaches the port join"
         )
 
 

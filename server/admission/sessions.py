@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedstream.server.errors import UnknownClient
+from fedstream.server.errors import IdentityMismatch, UnknownClient
 
 
 @dataclass
@@ -25,6 +25,9 @@ class ClientRecord:
     told_done: bool = False
     busy: bool = field(default=False)
     """Holding a task for the open phase (such a client heartbeats instead of polling)."""
+    certificate: str | None = None
+    """The fingerprint of the client certificate the session was opened with (mutual
+    TLS): its token works only on connections presenting that certificate."""
 
 
 class ClientRegistry:
@@ -57,21 +60,38 @@ class ClientRegistry:
             del self._by_name[record.name]
             self._by_token.pop(record.token, None)
 
-    def join(self, name: str, partition: int, num_partitions: int) -> ClientRecord:
+    def join(
+        self, name: str, partition: int, num_partitions: int, certificate: str | None = None
+    ) -> ClientRecord:
         old = self._by_name.pop(name, None)
         if old is not None:
             self._by_token.pop(old.token, None)
         now = self._clock()
-        record = ClientRecord(name, secrets.token_urlsafe(24), partition, num_partitions, now, now)
+        token = secrets.token_urlsafe(24)
+        record = ClientRecord(
+            name, token, partition, num_partitions, now, now, certificate=certificate
+        )
         self._by_name[name] = record
         self._by_token[record.token] = record
         return record
 
-    def authenticate(self, token: str | None) -> ClientRecord:
-        """The client holding `token`, marked as seen now."""
+    def session(self, token: str | None, certificate: str | None = None) -> ClientRecord:
+        """The client holding `token`, presented with the client certificate of
+        fingerprint `certificate`: UnknownClient for a token that is not a session's,
+        IdentityMismatch for a session opened with another certificate."""
         record = self._by_token.get(token or "")
         if record is None:
             raise UnknownClient("unknown or expired session token: call Join first")
+        if record.certificate != certificate:
+            raise IdentityMismatch(
+                f"the session token was issued to {record.name}'s client certificate; "
+                "this connection presents another"
+            )
+        return record
+
+    def authenticate(self, token: str | None, certificate: str | None = None) -> ClientRecord:
+        """The client holding `token` (`session`), marked as seen now."""
+        record = self.session(token, certificate)
         record.last_seen = self._clock()
         return record
 

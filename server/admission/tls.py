@@ -7,6 +7,7 @@ and the certificate's common name is the client's identity (`peer_identity`).
 
 from __future__ import annotations
 
+import hashlib
 import ssl
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,6 +20,8 @@ from fedstream.server.config import SecurityConfig
 
 COMMON_NAME = "x509_common_name"
 """The auth-context property grpc fills with the peer certificate's subject CN."""
+PEM_CERT = "x509_pem_cert"
+"""The auth-context property grpc fills with the peer certificate (PEM)."""
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
@@ -75,4 +78,12 @@ def peer_identity(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
         name = value.decode("utf-8", errors="replace").strip()
         if name:
             return name
+    return None
+
+
+def peer_fingerprint(auth_context: Mapping[str, Iterable[bytes]]) -> str | None:
+    """The SHA-256 of the client's verified certificate (PEM), from a servicer context's
+    `auth_context()`; None on a connection without one."""
+    for value in auth_context.get(PEM_CERT, ()):
+        return hashlib.sha256(value).hexdigest()
     return None

@@ -112,7 +112,7 @@ def test_under_mutual_tls_a_client_joins_only_as_its_certificates_name(coordinat
 
 def test_plaintext_off_loopback_is_served_with_a_warning(coordinator, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="fedstream")
-    coordinator(address="0.0.0.0:0", insecure=True)
+    coordinator(address="0.0.0.0:0", insecure=True, open_enrolment=True)
     assert "PLAINTEXT" in caplog.text
     record = json.loads((tmp_path / "run" / "coordinator.json").read_text())
     assert record["tls"] is False and record["mutual_tls"] is False
