@@ -28,6 +28,7 @@ from fedstream.server.assembly import assemble
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
 from fedstream.server.live_state import LiveState
+from fedstream.server.liveness import RoundStalled
 from fedstream.server.ports import bind_failure, check_free
 from fedstream.server.progress_line import RoundLine
 from fedstream.server.run_file import RunFile
@@ -194,6 +195,8 @@ async def serve(config: ServerConfig) -> int:
         if failure is not None and (full := disk_full(failure)) is not None:
             log.error("%s", full)
             code = 1
+        elif isinstance(failure, RoundStalled):
+            code = 1  # its one line is logged where the rule fired (server/liveness.py)
         elif failure is not None:
             log.error("coordinator failed", exc_info=failure)
             code = 1

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fedstream.common.errors import NonFiniteValues
 from fedstream.common.round_config import ConfigScalar
 from fedstream.server.admission.names import BadName, check_metric_name
 from fedstream.server.calls import EvaluateWork, TrainWork
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from fedstream.server.updates import EvaluationReport, VerifiedUpdate
 
 MAX_EXAMPLES = 1 << 40
+REFUSALS_PER_ATTEMPT = 3
+"""Refused updates a client may send in one attempt of a round (`OpenRound.refusals`)."""
 SAFEGUARD_COUNTERS = ("refused_max_norm", "refused_outlier", "refused_overflow", "capped_examples")
 """What the safeguards (server/safeguards.py) refused or capped in a round, in its record."""
 MAX_METRICS = 64
@@ -112,7 +115,7 @@ class OpenPhase:
         reached: str | None = None
         while True:
             now = clock.now()
-            owed = [name for name in self.selected - self.reported if alive(name)]
+            owed = [name for name in self.selected - self.reported - self.excused() if alive(name)]
             if not owed and not self.arriving():
                 break
             if now >= self.hard_end or (now >= self.deadline and not self.arriving()):
@@ -122,6 +125,10 @@ class OpenPhase:
             await changes.wait(max(0.05, min(next_end - now, every)))
         self.accepting = False
         return reached
+
+    def excused(self) -> set[str]:
+        """Selected clients the phase no longer waits for, though they did not report."""
+        return set()
 
     def progress(self) -> str:
         """`reported/selected`, for the log."""
@@ -159,6 +166,13 @@ class OpenRound(OpenPhase):
     awaiting_log: set[str] = field(default_factory=set)
     """Clients whose update the round's log holds from before a restart, until it is
     taken again (or fails its checks): they are not asked for one."""
+    refusals: dict[str, int] = field(default_factory=dict)
+    """Updates of each client this attempt refused for what they hold (over the norm
+    bound, not finite). A client may send a good one after a bad one, but after
+    `REFUSALS_PER_ATTEMPT` it is not asked again in this attempt, nor waited for: an
+    attempt whose every client keeps sending what is refused ends then and counts towards
+    `--max-round-attempts` (`server/liveness.py`), instead of taking the same refusal
+    until its deadline."""
 
     @property
     def num_examples(self) -> int:
@@ -185,8 +199,11 @@ class OpenRound(OpenPhase):
     def arriving(self) -> bool:
         return bool(self.uploading)
 
+    def excused(self) -> set[str]:
+        return {c for c, n in self.refusals.items() if n >= REFUSALS_PER_ATTEMPT}
+
     def owes(self, client: str) -> bool:
-        return super().owes(client) and client not in self.awaiting_log
+        return super().owes(client) and client not in self.awaiting_log | self.excused()
 
     @contextlib.contextmanager
     def upload_from(self, client: str) -> Iterator[None]:
@@ -201,6 +218,8 @@ class OpenRound(OpenPhase):
             self.rejected += 1
             if isinstance(exc, UpdateTooLarge):
                 self.safeguarded["refused_max_norm"] += 1
+            if isinstance(exc, (UpdateTooLarge, NonFiniteValues)):
+                self.refusals[client] = self.refusals.get(client, 0) + 1
             raise
         finally:
             self.uploading.discard(client)

@@ -186,3 +186,44 @@ def test_a_checkpoint_of_absurd_values_is_refused_at_resume(procs, free_port):
     assert len(lines) == 1, server.log()
     assert "values over 1e+15 in magnitude" in lines[0]
     assert "Traceback" not in server.log()
+
+
+def test_a_round_that_cannot_be_aggregated_ends_the_run_with_one_line(procs, free_port):
+    """Every update over --max-update-norm is refused: after --max-round-attempts failed
+    attempts the coordinator exits 1, saying why, with no traceback, and keeps round 0."""
+    address = f"127.0.0.1:{free_port()}"
+    server = procs(
+        "stalled",
+        "server",
+        "--address", address,
+        "--run-dir", "run-stalled",
+        "--rounds", "2",
+        "--min-clients", "2",
+        "--task", TASK,
+        "--seed", "0",
+        "--max-update-norm", "1e-9",
+        "--max-round-attempts", "2",
+        "--threads", "1",
+        env={"PYTHONPATH": str(bench_path(procs.workdir))},
+    )  # fmt: skip
+    for partition in range(2):
+        procs(
+            f"stalled-client-{partition}",
+            "client",
+            "--server", address,
+            "--task", TASK,
+            "--partition", str(partition),
+            "--num-partitions", "2",
+            "--seed", "0",
+            "--threads", "1",
+            "--max-backoff", "1",
+            env={"PYTHONPATH": str(procs.workdir / "pythonpath")},
+        )  # fmt: skip
+    assert server.wait(240) == 1, server.log()
+    log = server.log()
+    assert "round 1 could not be aggregated in 2 attempts" in log
+    assert "keeping the model of round 0" in log
+    assert "Traceback" not in log
+    assert not (procs.workdir / "run-stalled" / "metrics.jsonl").exists() or all(
+        r["round"] == 0 for r in records(procs.workdir / "run-stalled")
+    )

@@ -20,11 +20,15 @@ from .conftest import RunningCoordinator, TinyModel, start_client, tiny_join
 from .test_bad_requests import RawPeer, good, update
 from .test_rounds_grpc import fedavg_of_tiny
 
+EXACT = {"clip_factor": 0, "claim_cap_factor": 0}
+"""Bounded influence and the claim cap off: the checkpoint is compared with FedAvg's exact
+mean of the updates as made."""
+
 
 def acknowledged_then_stopped(start: Callable[..., RunningCoordinator], run: Path) -> Path:
     """client-2's update of round 1 (TinyTask partition 2's), acknowledged by a coordinator
     that then goes away mid-round; the log's file of it."""
-    first = start(rounds=1, min_clients=2, heartbeat_seconds=60.0, round_timeout=120.0)
+    first = start(rounds=1, min_clients=2, heartbeat_seconds=60.0, round_timeout=120.0, **EXACT)
     peer = RawPeer(first.address)
     token = peer._join(tiny_join("client-2", 2), timeout=5).token
     peer._join(tiny_join("client-0", 0), timeout=5)  # the round opens with two clients
@@ -54,7 +58,7 @@ def test_a_logged_update_is_taken_again_after_a_restart_only_when_it_checks_out(
         raw[5] ^= 0x01
         entry.write_bytes(bytes(raw))
     caplog.clear()  # what the restarted coordinator and its clients say
-    second = coordinator(rounds=1, min_clients=2)
+    second = coordinator(rounds=1, min_clients=2, **EXACT)
     clients = [start_client(second.address, p) for p in (0, 2)]
     assert [c.join(60) for c in clients] == [0, 0]
     second.wait_done(30)

@@ -208,7 +208,7 @@ def test_evaluation_rounds_record_the_example_weighted_client_metrics(coordinato
     )
     expect(
         sc.INVALID_ARGUMENT,
-        "not usable",
+        "must be finite",
         reporter,
         session.token,
         **{**good, "metrics": {"loss": float("nan")}},
