@@ -14,6 +14,11 @@ insider that makes every aggregate explode. So:
     the run ends with `RoundStalled`: the coordinator logs why each attempt failed, keeps
     the last committed model (its checkpoint is the newest on disk), and exits non-zero.
 
+An attempt ends when every selected client has reported or is excused: a client that
+sent `REFUSALS_PER_ATTEMPT` (3) refused updates in it (`server/phases.py`), so a round
+whose clients keep sending what is refused fails its attempts at once, not at their
+deadlines.
+
 No rule relaxes a bound to let such a round through: a bound loose enough to admit what
 was refused admits the attack it was refusing. A restart with the same run directory
 resumes from the last committed model, and may run the round with other flags.
@@ -34,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class RoundStalled(FedstreamError):
-    """A round failed `--max-round-attempts` times : the run ends."""
+    """A round failed `--max-round-attempts` times: the run ends."""
 
 
 @dataclass
