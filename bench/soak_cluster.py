@@ -1,8 +1,8 @@
 """One soak run: a coordinator and its clients as real `fedstream` processes, disturbed.
 
 The clients reach the coordinator through the tests' fault-injecting TCP proxy
-(tests/server/faultproxy.py, holding connections while the coordinator restarts:
-bench/soak_proxy.py), which forwards to a fixed loopback port, so a restarted coordinator
+(tests/server/faultproxy.py, holding new connections for `HOLD_S` while the coordinator
+restarts), which forwards to a fixed loopback port, so a restarted coordinator
 is found where the old one was. Each client has a token (`--tokens`): the
 identity a restarted client joins under is the same proven identity, and it replaces the
 session its killed process left. Every process's output goes to a log of its own life
@@ -27,12 +27,15 @@ from typing import Any
 
 from bench.soak_ledger import COORDINATOR, PATTERNS, Fired, Line
 from bench.soak_plan import CUT, KILL_COORDINATOR, Disturbance
-from bench.soak_proxy import HoldingProxy
 from fedstream.common.tokens import new_token, token_hash
+from tests.server.faultproxy import FaultProxy
 
 CLIENT_TOKEN = "FEDSTREAM_CLIENT_TOKEN"
 TICK_S = 0.1
 LATEST_S = 30.0
+HOLD_S = 30.0
+"""Seconds the proxy keeps trying to reach a restarting coordinator before it closes a new
+connection (a client reads a few closes in a row as a TLS mismatch: docs/benchmarks.md)."""
 """A kill of the coordinator whose booked updates do not come fires this long after its
 delay anyway (a round that cannot get them: too few clients back from their kills)."""
 
@@ -164,7 +167,7 @@ class Soak:
         logs = work_dir / "logs"
         logs.mkdir(parents=True)
         self.port = free_port()
-        self.proxy = HoldingProxy(f"127.0.0.1:{self.port}")
+        self.proxy = FaultProxy(f"127.0.0.1:{self.port}", connect_retry_s=HOLD_S)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSTREAM_")}
         names = [f"site-{i}" for i in range(shape.clients)]
         tokens = {name: new_token() for name in names}

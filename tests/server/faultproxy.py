@@ -6,6 +6,9 @@
         client connects to proxy.address ...
 
 `upstream_delay_s` slows the client-to-server direction: every 64 KiB read waits that long.
+`connect_retry_s` keeps trying to reach `target` that long before closing a new connection
+(as a TCP proxy with connect retries does, while the server behind it restarts); by default
+a connection nothing listens behind is closed at once.
 
 It forwards every accepted connection to `target` on its own thread pair, counting the
 bytes each connection has carried towards the client, and only ever talks to loopback.
@@ -19,12 +22,18 @@ import threading
 import time
 from types import TracebackType
 
+RETRY_S = 0.1
+"""Seconds between tries to reach the target while `connect_retry_s` lasts."""
+
 
 class FaultProxy:
-    def __init__(self, target: str, upstream_delay_s: float = 0.0) -> None:
+    def __init__(
+        self, target: str, upstream_delay_s: float = 0.0, connect_retry_s: float = 0.0
+    ) -> None:
         host, _, port = target.rpartition(":")
         self.target = (host, int(port))
         self.upstream_delay_s = upstream_delay_s
+        self.connect_retry_s = connect_retry_s
         self.cuts = 0
         self.upstream_bytes = 0
         """Bytes carried towards the server, every connection together."""
@@ -54,19 +63,29 @@ class FaultProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.connect_retry_s:
+                threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+            else:
+                self._connect(client)
+
+    def _connect(self, client: socket.socket) -> None:
+        deadline = time.monotonic() + self.connect_retry_s
+        while True:
             try:
-                upstream = socket.create_connection(self.target)
+                upstream = socket.create_connection(self.target, timeout=1.0)
+                upstream.settimeout(None)
+                break
             except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets += [client, upstream]
-            pair = (client, upstream)
+                if self._closing.is_set() or time.monotonic() >= deadline:
+                    client.close()
+                    return
+                time.sleep(RETRY_S)
+        with self._lock:
+            self._sockets += [client, upstream]
+        pair = (client, upstream)
+        for source, sink, downstream in ((client, upstream, False), (upstream, client, True)):
             threading.Thread(
-                target=self._pump, args=(client, upstream, False, pair), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._pump, args=(upstream, client, True, pair), daemon=True
+                target=self._pump, args=(source, sink, downstream, pair), daemon=True
             ).start()
 
     def _pump(

@@ -242,12 +242,11 @@ def test_a_header_and_then_nothing_is_cut_and_holds_no_round_open(coordinator, t
     assert time.monotonic() - started < 30
 
 
-def test_a_download_nobody_reads_is_cut(coordinator, channel, caplog):
-    caplog.set_level(logging.INFO, logger="fedstream")
-    running = coordinator(task=wide_task(), rounds=1, min_clients=1, stall_timeout=1.5)
+def opened_download(channel, running, name: str):
+    """`name` joined, told to train, and its download of the model opened: its header read."""
     c = plain(channel, running.address)
-    token = stub(c, "Join")(tiny_join("mallory", 1, running.coordinator.model.manifest.digest()))
-    token = token.token
+    digest = running.coordinator.model.manifest.digest()
+    token = stub(c, "Join")(tiny_join(name, 1, digest)).token
     poll = stub(c, "Poll")
     wait_for(
         lambda: poll(pb.PollRequest(), metadata=bearer_metadata(token), timeout=10).train.round,
@@ -257,7 +256,14 @@ def test_a_download_nobody_reads_is_cut(coordinator, channel, caplog):
     download = stub(c, "Download")(
         pb.DownloadRequest(model_version=0, chunk_bytes=1 << 20), metadata=bearer_metadata(token)
     )
-    next(download)  # the header; then nothing is read
+    next(download)
+    return download
+
+
+def test_a_download_nobody_reads_is_cut(coordinator, channel, caplog):
+    caplog.set_level(logging.INFO, logger="fedstream")
+    running = coordinator(task=wide_task(), rounds=1, min_clients=1, stall_timeout=1.5)
+    download = opened_download(channel, running, "mallory")  # then nothing is read
     wait_for(lambda: "download stalled" in caplog.text, 20, "the stalled download cut")
     with pytest.raises(grpc.RpcError) as info:
         for _ in download:
@@ -270,19 +276,7 @@ def test_a_cancelled_download_is_one_line(coordinator, channel, caplog):
     the process, and other tests cancel downloads as mallory.)"""
     caplog.set_level(logging.INFO)
     running = coordinator(task=wide_task(), rounds=1, min_clients=1)
-    c = plain(channel, running.address)
-    token = stub(c, "Join")(tiny_join("canceller", 1, running.coordinator.model.manifest.digest()))
-    token = token.token
-    poll = stub(c, "Poll")
-    wait_for(
-        lambda: poll(pb.PollRequest(), metadata=bearer_metadata(token), timeout=10).train.round,
-        30,
-        "a train task",
-    )
-    download = stub(c, "Download")(
-        pb.DownloadRequest(model_version=0, chunk_bytes=1 << 20), metadata=bearer_metadata(token)
-    )
-    next(download)
+    download = opened_download(channel, running, "canceller")
     caplog.clear()
     download.cancel()
     wait_for(lambda: "cancelled after" in caplog.text, 30, "the cancelled download's line")
