@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fedstream.server.admission.door import Admission
 from fedstream.server.admission.sessions import ClientRecord
+from fedstream.server.attendance import until_enough_live, until_told_done
 from fedstream.server.calls import (
     EvaluationClaim,
     JoinClaim,
@@ -178,16 +179,10 @@ class Coordinator:
         log.info("run complete: %d rounds", self.completed)
 
     async def wait_clients_told(self, grace: float) -> None:
-        """After the run: give every live client, and at least min_clients of them, up to
-        `grace` seconds to hear it is done (a coordinator restarted on a finished run
-        waits for its clients to come back and hear it)."""
-        deadline = self.clock.now() + grace
-        while self.clock.now() < deadline:
-            live = self.admission.live()
-            told = sum(r.told_done for r in live)
-            if told == len(live) and told >= self.rounds.min_clients:
-                return
-            await self.changes.wait(deadline - self.clock.now())
+        """After the run: clients told it is done (`server/attendance.py`)."""
+        await until_told_done(
+            self.admission, self.changes, self.clock, self.rounds.min_clients, grace
+        )
 
     def close(self) -> None:
         self.uploads.close()
@@ -322,15 +317,7 @@ class Coordinator:
     async def _wait_for_clients(self) -> None:
         """Between rounds: until at least min_clients are live."""
         self._enter(Waiting(self.rounds.min_clients))
-        announced = -1
-        while True:
-            live = len(self._live())
-            if live >= self.rounds.min_clients:
-                return
-            if live != announced:
-                log.info("waiting for clients: %d of %d joined", live, self.rounds.min_clients)
-                announced = live
-            await self.changes.wait(1.0)
+        await until_enough_live(self.admission, self.changes, self.rounds.min_clients)
 
     def _open_round(self, number: int, attempt: int, pending: PendingRound | None) -> OpenRound:
         """Round `number`'s try `attempt`: a fresh selection, or the one `pending` logged
