@@ -69,14 +69,18 @@ point (and no update of a round of equal ones is centred)."""
 
 
 class CentreFile:
-    """The round's centre, in lockstep's blocks, in a temporary file written on first use
-    from the core's spools."""
+    """The round's centre, in lockstep's blocks, in a temporary file written from the
+    core's spools by `write`, only where a centred update is to be read block by block.
+    It must be written before any of the round's updates is being read: a spool is read
+    through one file position, so the core's spools cannot be read while another reader
+    is partway through one of them."""
 
     def __init__(self, core: Sequence[VerifiedUpdate]) -> None:
         self.core = list(core)
         self.file: BinaryIO | None = None
 
-    def _written(self) -> BinaryIO:
+    def write(self) -> BinaryIO:
+        """The centre, written unless it is already."""
         if self.file is None:
             file = tempfile.TemporaryFile(prefix="centre-", buffering=0)  # noqa: SIM115 (closed by close)
             try:
@@ -91,7 +95,9 @@ class CentreFile:
     def read(self, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         """`count` elements of `dtype` from byte `offset`."""
         size = count * torch.empty((), dtype=dtype).element_size()
-        data = os.pread(self._written().fileno(), size, offset)
+        if self.file is None:
+            raise RuntimeError("the round's centre is read before it was written")
+        data = os.pread(self.file.fileno(), size, offset)
         if len(data) != size:
             raise ValueError(f"the centre file ends at {offset + len(data)}, wanted {size}")
         return torch.frombuffer(bytearray(data), dtype=dtype)
