@@ -80,7 +80,8 @@ def test_a_corrected_fold_equals_folding_the_kept_updates_afresh(seed: int) -> N
         updates.append(update(f"c{k}", values, examples))
     review = Safeguards(SafeguardsConfig()).review(1, updates, counters())
     centred = any(move.keep < 1 for move in review.moves.values())
-    rebuild_reads = len(review.kept) + (len(review.centre.core) if centred else 0)
+    core = review.centre.core if review.centre is not None and centred else []
+    rebuild_reads = len(review.kept) + len(core)
     try:
         got, correction = folded_then_corrected(updates, review)
         want = rebuilt(review)
