@@ -21,6 +21,7 @@ global model to the other ranks (site.py, follower.py; docs/multi-gpu-sites.md).
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import tempfile
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 import grpc
 import torch
 
-from fedstream.client import steps
+from fedstream.client import steps, streaming
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
@@ -49,6 +50,7 @@ from fedstream.client.uplink import UplinkEncoder
 from fedstream.common.errors import InvalidManifest
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.wire.manifest import Manifest
 from fedstream.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -229,8 +231,12 @@ class FederatedClient:
         """Train (or compute the gradient) and push the update; whether it was accepted.
         An update trained for this very task that a restarted coordinator never
         acknowledged is pushed again instead of trained again (push.py)."""
-        self._pull(task.model_version, task.model_sha256)
         plan = steps.read_round_config(task)
+        layout = self.layout
+        if plan.stream is None:
+            self._pull(task.model_version, task.model_sha256)
+        else:
+            layout = streaming.pull(self, task, plan.stream)
         self.uplink.configure(plan.uplink)
         unsent, self.unsent = self.unsent, None
         if unsent is not None and unsent.answers(task):
@@ -238,7 +244,8 @@ class FederatedClient:
             header, update = unsent.header, unsent.update
         else:
             self.site.send(Command.TRAIN, task.SerializeToString())
-            self.site.share_model(self.model, self.layout, self.held)
+            if plan.stream is None:  # a streaming client's model persists (streaming.py)
+                self.site.share_model(self.model, self.layout, self.held)
             result = steps.train(self.task, self.trained, plan, task.round, self.progress)
             num_examples, metrics = self.site.total(result.num_examples, result.metrics)
             self.outcome = self.site.collect(self.model, self.layout, plan.gradient)
@@ -250,7 +257,9 @@ class FederatedClient:
                 attempt=task.attempt,
             )
             pieces = self._gradients if plan.gradient else self._deltas
-            update = self.uplink.encode(self.layout, pieces)
+            if layout is not self.layout:
+                pieces = functools.partial(self._deltas, only=layout)
+            update = self.uplink.encode(layout, pieces)
         assert self.session is not None
         try:
             return push(
@@ -303,9 +312,12 @@ class FederatedClient:
         log.info("polling again in %.1fs", delay)
         self.refusals.sleep_for(delay)
 
-    def _deltas(self, block_elements: int | None = DELTA_BLOCK_ELEMENTS) -> Iterator[torch.Tensor]:
+    def _deltas(
+        self, block_elements: int | None = DELTA_BLOCK_ELEMENTS, only: Manifest | None = None
+    ) -> Iterator[torch.Tensor]:
         """local - global, in manifest order, a block of elements at a time (with None,
-        a whole tensor at a time, for the codecs that encode tensors whole).
+        a whole tensor at a time, for the codecs that encode tensors whole); of the
+        tensors `only` lists (a streaming fragment), when given.
 
         Computed while uploading, against the global copy on disk, so the client holds
         the model and one block: never a second whole model. The global copy survives,
@@ -313,7 +325,7 @@ class FederatedClient:
         """
         assert self.held is not None
         trained = self.model.state_dict() if self.outcome is None else self.outcome
-        yield from self.held.deltas(trained, block_elements)
+        yield from self.held.deltas(trained, block_elements, only)
 
     def _gradients(self, block_elements: int | None = None) -> Iterator[torch.Tensor]:
         """The gradients in place of the delta: whole tensors, whatever `block_elements`

@@ -1,0 +1,93 @@
+"""A streaming client's side of a round (docs/low-communication.md, "Streaming fragments").
+
+Round r synchronises fragment f_r = (r - 1) mod F and trains model version r - 1. The
+client's own model persists from round to round (streaming never resets it to the global
+model), and it holds the global model it last synchronised with, on disk (`HeldModel`):
+each fragment's anchor, the global value its pseudo-gradient is taken against.
+
+    holds version r - 1      nothing to download (a round run again, say)
+    holds version r - 2      download fragment f_{r-1} as round r - 1 committed it, mix it
+                             in: local <- alpha local + (1 - alpha) global; it becomes that
+                             fragment's anchor
+    holds anything else      catch up: download the whole model r - 1, reset the local
+    (or nothing)             model and every anchor to it, drop the inner optimiser state
+
+Then the client trains `local_steps` inner steps on its whole model and uploads
+local - anchor for fragment f_r alone (the sign of every fedstream delta). The anchor of
+f_r is the global value: no round since f_r's last synchronisation has changed it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedstream.client.held_model import HeldModel
+from fedstream.client.retry import Refused
+from fedstream.common.fragments import StreamPlan, changed_by_version, fragment_manifests
+from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.wire.manifest import Manifest
+
+if TYPE_CHECKING:
+    from fedstream.client.loop import FederatedClient
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4)
+def layouts(layout: Manifest, count: int) -> tuple[Manifest, ...]:
+    """The client's exchanged tensors cut as the coordinator cuts them."""
+    return tuple(fragment_manifests(layout, count))
+
+
+def mix_in(
+    held: HeldModel, part: HeldModel, state: Mapping[str, torch.Tensor], alpha: float
+) -> None:
+    """Fragment `part` (of the model version it names) into the client: each of its
+    tensors is mixed into the local model and becomes the held anchor."""
+    with torch.no_grad():
+        for entry in part.manifest.entries:
+            fresh = part.read(entry)
+            local = state[entry.name]
+            local.mul_(alpha).add_(fresh.to(local.device, local.dtype), alpha=1 - alpha)
+            held.patch(entry, fresh)
+    held.version = part.version
+
+
+def pull(client: FederatedClient, task: pb.TrainTask, stream: StreamPlan) -> Manifest:
+    """Bring `client` to the model version `task` trains (module docstring); the
+    manifest of the fragment it is to upload."""
+    if client.site.world > 1:
+        raise Refused("streaming fragments need a client of one process (no --nproc-per-node)")
+    assert client.session is not None
+    version, held = task.model_version, client.held
+    fragments = layouts(client.layout, stream.count)
+    if held is not None and held.version == version:
+        pass
+    elif held is not None and version >= 1 and held.version == version - 1:
+        index = changed_by_version(version, stream.count)
+        part = client.connection.download(client.session, version, fragments[index], fragment=index)
+        try:
+            mix_in(held, part, client.model.state_dict(), stream.alpha)
+        finally:
+            part.close()
+        client._contacted()
+        log.info(
+            "round %d: fragment %d of model v%d mixed in (alpha %g)",
+            task.round,
+            index,
+            version,
+            stream.alpha,
+        )
+    else:
+        had = "no model" if held is None else f"model v{held.version}"
+        log.info("round %d: holding %s, catching up to model v%d", task.round, had, version)
+        client._forget_model()
+        client._pull(version, task.model_sha256)
+        client.site.share_model(client.model, client.layout, client.held)
+        client.task.forget_optimizer_state()
+    return fragments[stream.index]
