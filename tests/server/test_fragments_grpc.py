@@ -11,6 +11,7 @@ here and compared with the coordinator's checkpoints.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,18 @@ from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from fedstream.common.wire.manifest import Manifest
 
-from .conftest import TinyModel, start_client, tiny_join, tiny_task, wait_for
+from fedstream.tasks import ConfigScalar, TrainResult
+
+from .conftest import (
+    ClientThread,
+    TinyModel,
+    TinyTask,
+    client_config,
+    start_client,
+    tiny_join,
+    tiny_task,
+    wait_for,
+)
 
 ROUNDS = 5
 ALPHA = 0.25
@@ -172,3 +184,56 @@ def test_a_fragment_download_is_refused_without_streaming(coordinator):
             list(stub.Download(pb.DownloadRequest(model_version=0, fragment=0), metadata=metadata))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "1 fragment (0..0)" in refused.value.details()
+
+
+class RememberingTask(TinyTask):
+    """TinyTask that records the rounds it trains and each time its client drops the
+    inner optimiser state (`forget_optimizer_state`, what a catch-up does)."""
+
+    def __init__(self, partition: int) -> None:
+        super().__init__({}, 0)
+        self.load_data(partition, 8)
+        self.events: list[int | str] = []
+
+    def train(self, model: torch.nn.Module, config: Mapping[str, ConfigScalar]) -> TrainResult:
+        self.events.append(int(config["round"]))
+        return super().train(model, config)
+
+    def forget_optimizer_state(self) -> None:
+        self.events.append("forget")
+
+
+@pytest.mark.slow
+def test_a_client_that_missed_fragments_catches_up_with_the_whole_model(coordinator):
+    rounds = 8
+    running = coordinator(rounds=rounds, fraction=0.5, **STREAMING)
+    tasks = [RememberingTask(p) for p in range(3)]
+    threads = [ClientThread(client_config(running.address, p), tasks[p]) for p in range(3)]
+    assert [t.join(60) for t in threads] == [0, 0, 0]
+    running.wait_done(30)
+    rows = records(running.config.run_dir)
+    assert [r["updates"] for r in rows] == [2] * rounds
+    caught_up = 0
+    for task in tasks:
+        assert task.events[0] == "forget", task.events  # a new client takes the whole model
+        last: int | None = None
+        for before, event in zip(task.events, task.events[1:], strict=False):
+            if isinstance(event, int) and isinstance(before, int):
+                assert event == before + 1, task.events  # fragment by fragment: no gap
+            if isinstance(event, int) and before == "forget" and last is not None:
+                assert event > last + 1, task.events  # a catch-up only after missed rounds
+                caught_up += 1
+            if isinstance(event, int):
+                last = event
+    print(f"each client's rounds and catch-ups: {[t.events for t in tasks]}")
+    assert caught_up >= 1  # some client missed rounds, took the whole model and trained on
+    # what the coordinator served, round by round: the whole model to a client catching
+    # up, and to the others the fragment the last round changed (`w` or `h`)
+    whole, w_bytes, h_bytes = 4 * 3 * 4 + 5 * 2, 4 * 3 * 4, 5 * 2
+    for row in rows:
+        number, served = row["round"], 0
+        for task in tasks:
+            if number in task.events:
+                before = task.events[task.events.index(number) - 1]
+                served += whole if before == "forget" else (w_bytes, h_bytes)[number % 2]
+        assert row["bytes_down"] == served, (number, row["bytes_down"], served)
