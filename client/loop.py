@@ -1,7 +1,9 @@
 """The client's life cycle: join, poll, pull, train, push, repeat; reconnect on failure.
 
     join  -> poll -> (train task) download model vN unless held -> train -> upload delta
-                        (FedSGD: compute the gradient instead of training, upload it)
+                        (FedSGD: compute the gradient instead of training, upload it;
+                        streaming fragments: the fragment the last round changed, mixed
+                        into a model that persists, and one fragment's delta, streaming.py)
           -> poll -> (evaluate task) download model vN+1 -> evaluate locally -> report
           -> poll -> ... -> done: exit 0
 
@@ -48,6 +50,7 @@ from fedstream.client.session import Heartbeat, Session
 from fedstream.client.site import Command, Site
 from fedstream.client.uplink import UplinkEncoder
 from fedstream.common.errors import InvalidManifest
+from fedstream.common.fragments import StreamPlan
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.manifest import Manifest
@@ -213,6 +216,22 @@ class FederatedClient:
                 ) from exc
             self._contacted()
 
+    def _pull_fragment(self, task: pb.TrainTask, stream: StreamPlan) -> Manifest:
+        """Streaming: the fragment the last round changed, mixed in, or a catch-up to the
+        whole model (streaming.py); the manifest of the fragment to upload."""
+        if self.site.world > 1:
+            raise Refused("streaming fragments need a client of one process (no --nproc-per-node)")
+        assert self.session is not None
+        args = (self.held, self.model, self.layout, task, stream)
+        if streaming.pull(self.connection, self.session, *args):
+            self._contacted()
+        else:  # the whole model: the local model and every anchor reset to it
+            self._forget_model()
+            self._pull(task.model_version, task.model_sha256)
+            self.site.share_model(self.model, self.layout, self.held)
+            self.task.forget_optimizer_state()
+        return streaming.layouts(self.layout, stream.count)[stream.index]
+
     def _in_round(self, round_number: int, work: Callable[[], bool]) -> bool:
         """Do `work` with the heartbeat beating, and pause after a refusal; whether what
         it sent was accepted."""
@@ -236,7 +255,7 @@ class FederatedClient:
         if plan.stream is None:
             self._pull(task.model_version, task.model_sha256)
         else:
-            layout = streaming.pull(self, task, plan.stream)
+            layout = self._pull_fragment(task, plan.stream)
         self.uplink.configure(plan.uplink)
         unsent, self.unsent = self.unsent, None
         if unsent is not None and unsent.answers(task):

@@ -22,18 +22,15 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 
+from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
-from fedstream.client.retry import Refused
+from fedstream.client.session import Session
 from fedstream.common.fragments import StreamPlan, changed_by_version, fragment_manifests
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.manifest import Manifest
-
-if TYPE_CHECKING:
-    from fedstream.client.loop import FederatedClient
 
 log = logging.getLogger(__name__)
 
@@ -58,36 +55,38 @@ def mix_in(
     held.version = part.version
 
 
-def pull(client: FederatedClient, task: pb.TrainTask, stream: StreamPlan) -> Manifest:
-    """Bring `client` to the model version `task` trains (module docstring); the
-    manifest of the fragment it is to upload."""
-    if client.site.world > 1:
-        raise Refused("streaming fragments need a client of one process (no --nproc-per-node)")
-    assert client.session is not None
-    version, held = task.model_version, client.held
-    fragments = layouts(client.layout, stream.count)
+def pull(
+    connection: Connection,
+    session: Session,
+    held: HeldModel | None,
+    model: torch.nn.Module,
+    layout: Manifest,
+    task: pb.TrainTask,
+    stream: StreamPlan,
+) -> bool:
+    """Bring the client holding `held` (its anchors) and `model` (its own) to the model
+    version `task` trains, when a fragment is enough (module docstring); False when it
+    must catch up with the whole model instead."""
+    version = task.model_version
     if held is not None and held.version == version:
-        pass
-    elif held is not None and version >= 1 and held.version == version - 1:
-        index = changed_by_version(version, stream.count)
-        part = client.connection.download(client.session, version, fragments[index], fragment=index)
-        try:
-            mix_in(held, part, client.model.state_dict(), stream.alpha)
-        finally:
-            part.close()
-        client._contacted()
-        log.info(
-            "round %d: fragment %d of model v%d mixed in (alpha %g)",
-            task.round,
-            index,
-            version,
-            stream.alpha,
-        )
-    else:
+        return True
+    if held is None or version < 1 or held.version != version - 1:
         had = "no model" if held is None else f"model v{held.version}"
         log.info("round %d: holding %s, catching up to model v%d", task.round, had, version)
-        client._forget_model()
-        client._pull(version, task.model_sha256)
-        client.site.share_model(client.model, client.layout, client.held)
-        client.task.forget_optimizer_state()
-    return fragments[stream.index]
+        return False
+    index = changed_by_version(version, stream.count)
+    part = connection.download(
+        session, version, layouts(layout, stream.count)[index], fragment=index
+    )
+    try:
+        mix_in(held, part, model.state_dict(), stream.alpha)
+    finally:
+        part.close()
+    log.info(
+        "round %d: fragment %d of model v%d mixed in (alpha %g)",
+        task.round,
+        index,
+        version,
+        stream.alpha,
+    )
+    return True

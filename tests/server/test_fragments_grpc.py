@@ -24,7 +24,6 @@ from fedstream.common.fragments import split
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.proto.v1 import coordinator_pb2_grpc as pb_grpc
 from fedstream.common.wire.manifest import Manifest
-
 from fedstream.tasks import ConfigScalar, TrainResult
 
 from .conftest import (
