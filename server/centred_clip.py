@@ -29,11 +29,16 @@ insider (-9.5 x the median norm along the honest mean) 92.2%; two of them agains
 90.0% and trimmed mean 91.9%. A factor of 1 pulls in half the honest updates of a
 non-IID round (honest FedAvg 92.2%); 3 let two insiders take median to 83.9%.
 
-Cost: three passes over the round's spools in lockstep (N blocks in memory at a time):
-the distances to the median; the centre, written block by block to a temporary file;
-each update's distance to the centre and inner product with it (from which the norm of a
-centred update follows without another pass). A centred update reads its own blocks and
-the centre's as the strategy folds it. Memory stays the model and N blocks.
+Cost: one pass over the round's spools in lockstep (N blocks in memory at a time), which
+yields each update's distance to the coordinate-wise median and the Gram matrix of inner
+products <x_i, x_j>. Everything about the centre follows from the Gram matrix without
+reading an update again: <x_k, c_r> is the mean of row k over the core, ||c_r||^2 the mean
+of the core's block, and ||x_k - c_r||^2 = ||x_k||^2 - 2 <x_k, c_r> + ||c_r||^2 (as is the
+norm of a centred update). The centre itself is written to a temporary file, one more pass
+over the core, only when a strategy reads a centred update block by block
+(`CentredBlocks`); a strategy that folds updates as they arrive corrects its sum with a
+linear combination of the updates instead (`server/fold_corrections.py`) and never needs
+it. Memory stays the model and N blocks.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 
@@ -55,41 +61,62 @@ RADIUS_FACTOR = 2.0
 (measured against 1 and 3 in the module docstring)."""
 
 
+MIN_RELATIVE_DISTANCE = 1e-6
+"""A distance to the centre under this share of the round's scale is taken as 0: the Gram
+matrix's float64 sums are good to about 1e-7 of the norms they add, so updates that agree
+to that precision are one point (and no update of a round of equal ones is centred)."""
+
+
 class CentreFile:
-    """The round's centre, in lockstep's blocks, in a temporary file."""
+    """The round's centre, in lockstep's blocks, in a temporary file written on first use
+    from the core's spools."""
 
-    def __init__(self) -> None:
-        self.file = tempfile.TemporaryFile(prefix="centre-", buffering=0)  # noqa: SIM115 (closed by close)
+    def __init__(self, core: Sequence[VerifiedUpdate]) -> None:
+        self.core = list(core)
+        self.file: BinaryIO | None = None
 
-    def append(self, values: torch.Tensor) -> None:
-        self.file.write(values.contiguous().numpy().tobytes())
+    def _written(self) -> BinaryIO:
+        if self.file is None:
+            file = tempfile.TemporaryFile(prefix="centre-", buffering=0)  # noqa: SIM115 (closed by close)
+            try:
+                for _, _, rows in lockstep(self.core):
+                    file.write(rows.mean(dim=0).contiguous().numpy().tobytes())
+            except BaseException:
+                file.close()
+                raise
+            self.file = file
+        return self.file
 
     def read(self, offset: int, count: int, dtype: torch.dtype) -> torch.Tensor:
         """`count` elements of `dtype` from byte `offset`."""
         size = count * torch.empty((), dtype=dtype).element_size()
-        data = os.pread(self.file.fileno(), size, offset)
+        data = os.pread(self._written().fileno(), size, offset)
         if len(data) != size:
             raise ValueError(f"the centre file ends at {offset + len(data)}, wanted {size}")
         return torch.frombuffer(bytearray(data), dtype=dtype)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 @dataclass
 class Centre:
-    """What the passes over the round's updates learn about them and their centre."""
+    """What the pass over the round's updates learns about them and their centre."""
 
     file: CentreFile
+    core: list[int]
+    """The indices of the updates whose mean is the centre."""
     distances: list[float]
-    """||x_k - m||, in the updates' order."""
+    """||x_k - c||, in the updates' order."""
     dots: list[float]
-    """<x_k, m>."""
+    """<x_k, c>."""
     centre_square: float
-    """||m||^2."""
+    """||c||^2."""
 
     def norm_after(self, k: int, norms: Sequence[float], keep: float) -> float:
-        """||m + t (x_k - m)|| for t = `keep`, from the update's norm `norms[k]`: no pass."""
+        """||c + t (x_k - c)|| for t = `keep`, from the update's norm `norms[k]`: no pass."""
         t = keep
         square = (
             (1 - t) ** 2 * self.centre_square
@@ -99,13 +126,19 @@ class Centre:
         return math.sqrt(max(square, 0.0))
 
 
-def median_distances(updates: Sequence[VerifiedUpdate]) -> list[float]:
-    """||x_k - median||: each update's L2 distance to the coordinate-wise median of all."""
+def median_distances_and_gram(
+    updates: Sequence[VerifiedUpdate],
+) -> tuple[list[float], torch.Tensor]:
+    """One pass over `updates` in lockstep: each update's L2 distance to the
+    coordinate-wise median of all, and their Gram matrix G[i, j] = <x_i, x_j> (float64)."""
     squares = torch.zeros(len(updates), dtype=torch.float64)
+    gram = torch.zeros(len(updates), len(updates), dtype=torch.float64)
     for _, _, rows in lockstep(updates):
-        middle = coordinate_median(rows.clone())
-        squares += (rows.double() - middle.double()).square_().sum(dim=1)
-    return [math.sqrt(float(s)) for s in squares]
+        wide = rows.double()
+        gram.addmm_(wide, wide.T)
+        middle = coordinate_median(rows).double()  # sorts `rows` in place; `wide` is a copy
+        squares += wide.sub_(middle).square_().sum(dim=1)
+    return [math.sqrt(float(s)) for s in squares], gram
 
 
 def core(distances: Sequence[float]) -> list[int]:
@@ -116,28 +149,19 @@ def core(distances: Sequence[float]) -> list[int]:
 
 
 def centre(updates: Sequence[VerifiedUpdate]) -> Centre:
-    """Three passes over `updates` in lockstep: their distances to the coordinate-wise
-    median; the mean of the `core` nearest it, written to a CentreFile; each update's
-    distance to that centre and inner product with it."""
-    chosen = [updates[k] for k in core(median_distances(updates))]
-    centre_file = CentreFile()
-    try:
-        for _, _, rows in lockstep(chosen):
-            centre_file.append(rows.mean(dim=0))
-        squares = torch.zeros(len(updates), dtype=torch.float64)
-        dots = torch.zeros(len(updates), dtype=torch.float64)
-        centre_square, offset = 0.0, 0
-        for _, _, rows in lockstep(updates):
-            middle = centre_file.read(offset, rows.shape[1], rows.dtype).double()
-            offset += rows.shape[1] * rows.element_size()
-            wide = rows.double()
-            squares += (wide - middle).square_().sum(dim=1)
-            dots += wide @ middle
-            centre_square += float(middle.square().sum())
-    except BaseException:
-        centre_file.close()
-        raise
-    return Centre(centre_file, [math.sqrt(float(s)) for s in squares], dots.tolist(), centre_square)
+    """One pass over `updates` (`median_distances_and_gram`); the centre, the mean of the
+    `core` nearest the median, then follows from the Gram matrix (module docstring)."""
+    to_median, gram = median_distances_and_gram(updates)
+    chosen = core(to_median)
+    index = torch.tensor(chosen)
+    dots = gram[:, index].mean(dim=1)
+    centre_square = float(gram[index][:, index].mean())
+    squares = gram.diagonal() - 2 * dots + centre_square
+    floor = MIN_RELATIVE_DISTANCE**2 * (float(gram.diagonal().max()) + centre_square)
+    distances = [math.sqrt(float(s)) if s > floor else 0.0 for s in squares]
+    return Centre(
+        CentreFile([updates[k] for k in chosen]), chosen, distances, dots.tolist(), centre_square
+    )
 
 
 class CentredBlocks:

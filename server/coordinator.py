@@ -167,7 +167,7 @@ class Coordinator:
                     )
                 elif await self._commit(open_round):
                     break
-                self.strategy.abort_round()
+                self.aggregation.abort_round()
                 open_round.release_updates()
                 self.liveness.attempt_ended(open_round, enough)
                 attempt += 1
@@ -339,7 +339,7 @@ class Coordinator:
             hard_end=now + HARD_END_TIMEOUTS * self.rounds.round_timeout,
             awaiting_log=logged & selected,
         )
-        self.strategy.begin_round(self.model.tensors)
+        self.aggregation.begin_round()
         self.uploads.begin(open_round)
         self._enter(open_round)
         total = self.rounds.rounds

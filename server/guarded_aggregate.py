@@ -11,10 +11,12 @@ may be committed or no update is left: such a model is never committed.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from fedstream.common.memory import peak_rss_bytes
+from fedstream.server import fold_corrections
 from fedstream.server.finite import all_finite
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.influence import model_norm, model_size, scale_exploded, step_scale
@@ -22,8 +24,11 @@ from fedstream.server.phases import OpenRound
 from fedstream.server.run_store import RunStore
 from fedstream.server.safeguards import Review, Safeguards
 from fedstream.server.strategies import Strategy
+from fedstream.server.strategies.base import MeanOfUpdates
 from fedstream.server.updates import VerifiedUpdate
 from fedstream.tasks import EvalResult, Task
+
+log = logging.getLogger(__name__)
 
 
 class GuardedAggregate:
@@ -48,15 +53,32 @@ class GuardedAggregate:
         self.model_size = model_size(model.tensors)
         self.review: Review | None = None
         """The review of the round being committed."""
+        self.folded: list[tuple[VerifiedUpdate, float]] = []
+        """The round's updates a weighted mean folded as they arrived, with their weights."""
         if store.history and "clip_reference" in store.history[-1]:
             safeguards.clip.reference = float(store.history[-1]["clip_reference"])
 
     def folds_on_arrival(self, selected: int) -> bool:
         """Whether the strategy is handed each update as it arrives in a round of
-        `selected` clients. A strategy that folds updates is handed the kept ones after
-        the review instead when the safeguards may change what it would fold
-        (`Safeguards.may_reweigh`), so that each spool is folded once."""
-        return self.strategy.holds_updates or not self.safeguards.may_reweigh(selected)
+        `selected` clients. A weighted mean always is, its sum corrected after the review
+        (`server/fold_corrections.py`); any other strategy that folds updates is handed
+        the kept ones after the review instead when the safeguards may change what it
+        would fold (`Safeguards.may_reweigh`), so that each spool is folded once."""
+        return (
+            self.strategy.holds_updates
+            or isinstance(self.strategy, MeanOfUpdates)
+            or not self.safeguards.may_reweigh(selected)
+        )
+
+    def begin_round(self) -> None:
+        """The strategy starts a round (or an attempt at one) from the global model."""
+        self.folded.clear()
+        self.strategy.begin_round(self.model.tensors)
+
+    def abort_round(self) -> None:
+        """The round's attempt ends without a commit: nothing of it stays folded."""
+        self.folded.clear()
+        self.strategy.abort_round()
 
     async def arrived(self, update: VerifiedUpdate, selected: int) -> None:
         """An update verified whole in a round of `selected` clients: refused when over
@@ -64,6 +86,9 @@ class GuardedAggregate:
         self.safeguards.check_arrival(update)
         if self.folds_on_arrival(selected):
             await asyncio.to_thread(self.strategy.accept, update)
+            if isinstance(self.strategy, MeanOfUpdates):
+                weight = self.strategy.weight(update.client, update.num_examples)
+                self.folded.append((update, weight))
 
     @property
     def keeps_updates(self) -> bool:
@@ -86,12 +111,14 @@ class GuardedAggregate:
 
     def _aggregate_reviewed(self, open_round: OpenRound, review: Review) -> bool:
         folded = self.folds_on_arrival(len(open_round.selected))
+        first = True
         while review.kept:
-            if not self.strategy.holds_updates and (review.changed or not folded):
+            if not self.strategy.holds_updates and not (first and self._folded(review, folded)):
                 self.strategy.abort_round()
                 self.strategy.begin_round(self.model.tensors)
                 for update in review.kept:
                     self.strategy.accept(update)
+            first = False
             self.strategy.aggregate(review.kept, self.model.tensors)
             why = self._refusal(review)
             if why is None:
@@ -100,6 +127,20 @@ class GuardedAggregate:
             self._take_back()
             self.safeguards.leave_out_largest(open_round.number, review, why)
         return False
+
+    def _folded(self, review: Review, folded: bool) -> bool:
+        """Whether the strategy's state, as folded on arrival, is the reviewed round's
+        (after correcting it, for a weighted mean, where that beats rebuilding it)."""
+        if not isinstance(self.strategy, MeanOfUpdates):
+            return folded and not review.changed
+        correction = fold_corrections.plan(self.folded, review, self.strategy)
+        if correction is None:
+            log.info("the round's sum is folded again from its %d kept updates", len(review.kept))
+            return False
+        fold_corrections.apply(correction, self.strategy)
+        if correction.terms:
+            log.info("the round's sum is corrected: %d updates read back", len(correction.terms))
+        return True
 
     def _refusal(self, review: Review) -> str | None:
         """Why the aggregate just made may not be committed; None when it may (and then

@@ -91,6 +91,10 @@ class Review:
     (`centred_clip`); None when no update was centred."""
     centre: CentreFile | None = None
     """The round's centre, while centred updates read it."""
+    originals: dict[str, VerifiedUpdate] = dataclasses.field(default_factory=dict)
+    """Each reviewed update as it arrived, by client."""
+    moves: dict[str, Move] = dataclasses.field(default_factory=dict)
+    """How each kept update that was centred or clipped moved, by client."""
 
     def close(self) -> None:
         """Free the round's centre file (after the aggregate)."""
@@ -102,6 +106,17 @@ class Review:
         self.kept.remove(update)
         self.counts[counter] += 1
         self.changed = True
+
+
+@dataclass(frozen=True)
+class Move:
+    """A kept update x made s (c + t (x - c)): pulled towards the round's centre c, keeping
+    the share t of its distance, then scaled by s (clipped)."""
+
+    keep: float = 1.0
+    scale: float = 1.0
+    norm: float = 0.0
+    """Its L2 norm afterwards."""
 
 
 class ScaledBlocks:
@@ -175,7 +190,7 @@ class Safeguards:
     ) -> Review:
         """The updates to aggregate: outliers left out, claims capped; `counts` (the
         round's counters, refusals on arrival included) counts on."""
-        review = Review(list(updates), counts)
+        review = Review(list(updates), counts, originals={u.client: u for u in updates})
         if not self.enabled:
             return review
         counts.setdefault("clipped", 0)
@@ -244,14 +259,16 @@ class Safeguards:
                         after[k] = centre.norm_after(k, norms, keep[k])
         moved = []
         for k, update in enumerate(review.kept):
-            source = update.source
+            source, scale = update.source, 1.0
             if keep[k] < 1 and review.centre is not None:
                 source = CentredBlocks(source, review.centre, keep[k])
                 review.counts["centred"] += 1
             if bound is not None and after[k] > bound:
-                source = ScaledBlocks(source, bound / after[k])
+                scale = bound / after[k]
+                source = ScaledBlocks(source, scale)
                 review.counts["clipped"] += 1
             if source is not update.source:
+                review.moves[update.client] = Move(keep[k], scale, after[k] * scale)
                 # its measured norm stays: the largest is the one left out after an overflow
                 review.kept[k] = dataclasses.replace(update, source=source)
                 moved.append(

@@ -6,8 +6,10 @@ as soon as it is verified; a strategy that folds updates into a running state (F
 the server optimisers) does its work there, and the update's spool is released as soon as
 `accept` returns, so the coordinator's disk holds only the uploads in flight. Where the
 safeguards may leave out or re-weigh an update of the round, the round keeps the spools
-and hands the kept updates to `accept` once it is reviewed instead, so that each is folded
-once, with its final weight (`GuardedAggregate.folds_on_arrival`). A strategy that needs all
+until it is committed: a weighted mean (`MeanOfUpdates`) still folds each update as it
+arrives, and its sum is corrected after the review (`server/fold_corrections.py`); any other
+strategy is handed the kept updates once the round is reviewed instead, so that each is
+folded once, with its final weight (`GuardedAggregate.folds_on_arrival`). A strategy that needs all
 of a round's updates at once (coordinate-wise median, Krum) sets `holds_updates`: the
 round then keeps every verified spool until its aggregate is committed, and `aggregate`
 reads them block by block. Either way the coordinator's memory is the model, the output
@@ -66,13 +68,24 @@ class RunningMean:
 
     def add(self, weight: float, update: DeltaStream) -> None:
         """sum += weight * update, block by block."""
+        self._allocate()
+        for block in update:
+            block.target(self.sums).add_(block.values, alpha=weight)
+        self.weight += weight
+
+    def correct(self, change: DeltaStream, weight: float) -> None:
+        """sum += change (already weighted), total weight += `weight`: a fold corrected
+        after the round's review (`server/fold_corrections.py`)."""
+        self._allocate()
+        for block in change:
+            block.target(self.sums).add_(block.values)
+        self.weight += weight
+
+    def _allocate(self) -> None:
         if not self.sums:
             self.sums = {
                 name: torch.zeros(shape, dtype=dt) for name, (shape, dt) in self.like.items()
             }
-        for block in update:
-            block.target(self.sums).add_(block.values, alpha=weight)
-        self.weight += weight
 
     def take(self) -> dict[str, torch.Tensor]:
         """The weighted mean (computed in place over the sums, which are then dropped)."""

@@ -211,9 +211,12 @@ class CountingFedAvg(FedAvg):
         super().accept(update)
 
 
-def test_a_round_the_safeguards_may_reweigh_folds_each_update_once(tmp_path: Path) -> None:
-    """Claims of 10, 20 and 30: the third is weighed as the median claim, 20. The updates
-    are folded after the review, each once and with its final weight, in arrival order."""
+def test_a_round_the_safeguards_reweigh_is_folded_on_arrival_and_corrected(
+    tmp_path: Path,
+) -> None:
+    """Claims of 10, 20 and 30: the third is weighed as the median claim, 20. Each update
+    is folded once, as it arrives; the review's cap is a correction of the sum, not a
+    second fold of the round."""
 
     async def scenario() -> None:
         strategy = CountingFedAvg()
@@ -221,7 +224,7 @@ def test_a_round_the_safeguards_may_reweigh_folds_each_update_once(tmp_path: Pat
         running, _ = await h.start("a", "b", "c")
         await h.upload("b", 1, value=0.0)
         await h.upload("a", 0, value=0.0)
-        assert strategy.folded == []
+        assert strategy.folded == ["b", "a"]
         await h.upload("c", 2, value=1.0)
         await asyncio.wait_for(running, REAL_DEADLINE_S)
         assert strategy.folded == ["b", "a", "c"]
