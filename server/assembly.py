@@ -26,7 +26,7 @@ from fedstream.server.calls import Agreement
 from fedstream.server.clock import Clock, MonotonicClock
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
-from fedstream.server.fragments import FragmentedStrategy, Fragments
+from fedstream.server.fragments import Fragments, fragmented
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
@@ -84,7 +84,7 @@ def assemble(
     model = GlobalModel(module, exchanged_names(task, module))
     fragments = streaming(config, model)
     if fragments is not None:
-        strategy = FragmentedStrategy(strategy, fragments)
+        strategy = fragmented(strategy, fragments)
     intake = UploadIntake(
         config,
         model.manifest,

@@ -26,6 +26,7 @@ from fedstream.common.fragments import (
 from fedstream.common.round_config import ConfigScalar
 from fedstream.common.wire.manifest import Manifest
 from fedstream.server.strategies import Strategy
+from fedstream.server.strategies.base import MeanOfUpdates
 from fedstream.server.updates import EvaluationReport, VerifiedUpdate
 
 log = logging.getLogger(__name__)
@@ -110,3 +111,30 @@ class FragmentedStrategy(Strategy):
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.inner.load_state_tensors(tensors)
+
+
+class FragmentedMean(FragmentedStrategy, MeanOfUpdates):
+    """`FragmentedStrategy` over a weighted mean, and a weighted mean itself: its running
+    sums and weights are the inner strategy's, so the guarded aggregate folds its updates
+    on arrival and corrects the sums after the review as for any weighted mean
+    (`server/fold_corrections.py`)."""
+
+    def __init__(self, inner: MeanOfUpdates, fragments: Fragments) -> None:
+        super().__init__(inner, fragments)
+        self.mean = inner
+        self.running = inner.running
+
+    def weight(self, client: str, num_examples: int) -> float:
+        return self.mean.weight(client, num_examples)
+
+    def apply(
+        self, global_tensors: Mapping[str, torch.Tensor], mean: dict[str, torch.Tensor]
+    ) -> None:
+        self.mean.apply(self._restricted(global_tensors), mean)
+
+
+def fragmented(inner: Strategy, fragments: Fragments) -> FragmentedStrategy:
+    """`inner` over one fragment a round; a weighted mean stays one."""
+    if isinstance(inner, MeanOfUpdates):
+        return FragmentedMean(inner, fragments)
+    return FragmentedStrategy(inner, fragments)

@@ -118,6 +118,29 @@ def test_each_round_steps_exactly_its_fragment_as_computed_by_hand(coordinator, 
     assert [r["bytes_up"] for r in rows] == [2 * w_bytes, 2 * h_bytes] * 2 + [2 * w_bytes]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fedavg", "median"])  # folds on arrival; holds updates
+def test_the_safeguards_see_the_fragment_and_step_only_its_tensors(coordinator, strategy):
+    # the safeguards on, as by default
+    running = coordinator(rounds=4, strategy=strategy, **STREAMING)
+    clients = [start_client(running.address, p) for p in (0, 1)]
+    assert [c.join(60) for c in clients] == [0, 0]
+    running.wait_done(30)
+    run = running.config.run_dir
+    rows = records(run)
+    assert [(r["fragment"], r["updates"]) for r in rows] == [(0, 2), (1, 2), (0, 2), (1, 2)]
+    for number in range(2, 5):
+        before, after = checkpoint(run, number - 1), checkpoint(run, number)
+        synced, other = ("h", "w") if number % 2 == 0 else ("w", "h")
+        assert torch.equal(after[other], before[other]), number
+        assert not torch.equal(after[synced], before[synced]), number
+    # round 1's updates are `w` alone: 0.125 and 0.25 on each of 12 elements; the clip
+    # bound is made of those norms, not of the whole model's (17 elements)
+    fragment_norms = {0.125 * 12**0.5, 0.25 * 12**0.5}
+    bound = rows[0]["clip_bound"]
+    assert any(bound == pytest.approx(n, rel=1e-4) for n in fragment_norms), bound
+
+
 def test_split_is_contiguous_and_balanced_by_bytes():
     sizes = {"a": 4, "b": 4, "c": 8, "d": 1, "e": 7}
     assert split(sizes, 1) == [["a", "b", "c", "d", "e"]]
