@@ -45,14 +45,27 @@ class GlobalModel:
         self._digest: tuple[int, str] | None = None
         self.fragments: Fragments | None = None
         """Streaming: the fragments a download may ask for alone (server/fragments.py)."""
-        self._fragment_digests: dict[tuple[int, int], str] = {}
+        self._fragment_digests: dict[int, str] = {}
+        """Each fragment's SHA-256 at the version `_digest` names."""
 
     def sha256(self) -> str:
         """Hex SHA-256 of the current version's data stream, computed once per version (a
         pass over the model: call it off the event loop first, as the round opens). A
         client holding a model of this digest needs no download (docs/checkpoints.md)."""
         if self._digest is None or self._digest[0] != self.version:
-            self._digest = (self.version, _sha256(list(self.tensors.values())))
+            # one pass: the fragments are contiguous runs of the stream, so each one's
+            # digest is made along with the whole stream's
+            whole = hashlib.sha256()
+            groups = self.fragments.manifests if self.fragments else [self.manifest]
+            parts = {}
+            for index, group in enumerate(groups):
+                part = hashlib.sha256()
+                for chunk in iter_chunks([self.tensors[n] for n in group.names], 1 << 20, 0):
+                    whole.update(chunk)
+                    part.update(chunk)
+                parts[index] = part.hexdigest()
+            self._digest = (self.version, whole.hexdigest())
+            self._fragment_digests = parts
         return self._digest[1]
 
     def _part(self, fragment: int | None) -> tuple[Manifest, list[torch.Tensor], str]:
@@ -67,14 +80,9 @@ class GlobalModel:
                 f"fragment{'s' if count > 1 else ''} (0..{count - 1})"
             )
         manifest = self.fragments.manifest(fragment)
+        self.sha256()  # the fragments' digests with the whole model's, once per version
         tensors = [self.tensors[name] for name in manifest.names]
-        key = (self.version, fragment)
-        if key not in self._fragment_digests:
-            self._fragment_digests = {
-                k: v for k, v in self._fragment_digests.items() if k[0] == self.version
-            }
-            self._fragment_digests[key] = _sha256(tensors)
-        return manifest, tensors, self._fragment_digests[key]
+        return manifest, tensors, self._fragment_digests[fragment]
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self._digest = None
@@ -113,13 +121,6 @@ class GlobalModel:
         return ModelStream(
             self.version, manifest, offset, _while_open(chunks, still_open, phase_name), sha256
         )
-
-
-def _sha256(tensors: list[torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter_chunks(tensors, 1 << 20, 0):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _while_open(
