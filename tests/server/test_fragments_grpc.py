@@ -161,7 +161,8 @@ def _train_task(stub: pb_grpc.CoordinatorStub, metadata: list[tuple[str, str]]) 
         reply = stub.Poll(pb.PollRequest(), metadata=metadata)
         return reply.train if reply.WhichOneof("action") == "train" else None
 
-    task: pb.TrainTask = wait_for(polled, 20, "a train task")
+    task = wait_for(polled, 20, "a train task")
+    assert task is not None  # wait_for returns only a truthy value
     return task
 
 
