@@ -130,7 +130,7 @@ class HeldModel:
         held.manifest, held.version, held.directory = manifest, version, directory
         held._offsets = _offsets(manifest)
         try:
-            held._file = open(directory / "model.bin", "r+b")  # noqa: SIM115 (patch writes)
+            held._file = open(directory / "model.bin", "rb")  # noqa: SIM115
         except OSError:
             return None
         digest = hashlib.sha256()
@@ -219,6 +219,9 @@ class HeldModel:
         kept one stops being kept (its record goes, so no restart trusts it)."""
         if self.directory is not None and self._kept_digest:
             (self.directory / "model.json").unlink(missing_ok=True)
+            if self._file.mode == "rb":  # opened by `kept`, to read
+                self._file.close()
+                self._file = open(self.directory / "model.bin", "r+b")  # noqa: SIM115
         self._kept_digest = "-"
         view = tensor_bytes(tensor.detach().to("cpu", entry.dtype).contiguous())
         done, offset = 0, self._offsets[entry.name]

@@ -59,11 +59,13 @@ class GlobalModel:
             groups = self.fragments.manifests if self.fragments else [self.manifest]
             parts = {}
             for index, group in enumerate(groups):
-                part = hashlib.sha256()
+                part = hashlib.sha256() if self.fragments else None
                 for chunk in iter_chunks([self.tensors[n] for n in group.names], 1 << 20, 0):
                     whole.update(chunk)
-                    part.update(chunk)
-                parts[index] = part.hexdigest()
+                    if part is not None:
+                        part.update(chunk)
+                if part is not None:
+                    parts[index] = part.hexdigest()
             self._digest = (self.version, whole.hexdigest())
             self._fragment_digests = parts
         return self._digest[1]
