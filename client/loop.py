@@ -100,6 +100,8 @@ class FederatedClient:
         self.refusals = Backoff(cap=config.max_backoff)
         """Paces polling after refused updates and reports; reset by an accepted update."""
         self.last_contact = time.monotonic()
+        self.stream: StreamPlan | None = None
+        """The streaming fragments of the last round trained (streaming.py), if any."""
         self.unsent: Unsent | None = None
         """The update a coordinator restart cut off, sent again if asked for (push.py)."""
 
@@ -251,7 +253,7 @@ class FederatedClient:
         An update trained for this very task that a restarted coordinator never
         acknowledged is pushed again instead of trained again (push.py)."""
         plan = steps.read_round_config(task)
-        layout = self.layout
+        layout, self.stream = self.layout, plan.stream
         if plan.stream is None:
             self._pull(task.model_version, task.model_sha256)
         else:
@@ -301,10 +303,12 @@ class FederatedClient:
     def _evaluate(self, task: pb.EvaluateTask) -> bool:
         """Evaluate and report; whether the report was accepted."""
         assert self.session is not None
-        self._pull(task.model_version, task.model_sha256)
-        self.site.send(Command.EVALUATE, task.SerializeToString())
-        self.site.share_model(self.model, self.layout, self.held)
-        report = self.site.total_report(steps.evaluate(self.task, self.model, task))
+        args = (self.model, self.layout, self.stream, lambda: self.held, self.task)
+        with streaming.own_model_kept(*args):
+            self._pull(task.model_version, task.model_sha256)
+            self.site.send(Command.EVALUATE, task.SerializeToString())
+            self.site.share_model(self.model, self.layout, self.held)
+            report = self.site.total_report(steps.evaluate(self.task, self.model, task))
         try:
             reply = self.connection.report_evaluation(self.session, report)
         except grpc.RpcError as exc:

@@ -15,13 +15,18 @@ each fragment's anchor, the global value its pseudo-gradient is taken against.
 Then the client trains `local_steps` inner steps on its whole model and uploads
 local - anchor for fragment f_r alone (the sign of every fedstream delta). The anchor of
 f_r is the global value: no round since f_r's last synchronisation has changed it.
+
+A federated evaluation loads the whole global model into the client's model; a streaming
+client keeps its own model on disk meanwhile and takes it back after, with the fragment
+the evaluated version changed mixed in as a round would have (`own_model_kept`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -31,6 +36,8 @@ from fedstream.client.session import Session
 from fedstream.common.fragments import StreamPlan, changed_by_version, fragment_manifests
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.wire.manifest import Manifest
+from fedstream.common.wire.stream import tensor_bytes
+from fedstream.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +97,54 @@ def pull(
         stream.alpha,
     )
     return True
+
+
+def _mix_changed(
+    held: HeldModel, layout: Manifest, model: torch.nn.Module, alpha: float, count: int
+) -> None:
+    """The fragment model `held.version` changed, from `held`, mixed into `model`."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for entry in layouts(layout, count)[changed_by_version(held.version, count)].entries:
+            local = state[entry.name]
+            fresh = held.read(entry)
+            local.mul_(alpha).add_(fresh.to(local.device, local.dtype), alpha=1 - alpha)
+
+
+@contextlib.contextmanager
+def own_model_kept(
+    model: torch.nn.Module,
+    layout: Manifest,
+    stream: StreamPlan | None,
+    held: Callable[[], HeldModel | None],
+    task: Task,
+) -> Iterator[None]:
+    """Around a federated evaluation, which loads the global model into `model`: a
+    streaming client's own model goes to disk and comes back after it. Then, holding the
+    next version (`held()`), the client mixes in the fragment that version changed; holding
+    an older one than the version it held before, it has caught up instead: its model
+    stays the global one and its inner optimiser state goes."""
+    before = held()
+    if stream is None or before is None or before.version < 0:
+        yield
+        return
+    prior = before.version
+    snapshot = HeldModel(layout, -1)
+    try:
+        state = model.state_dict()
+        for entry in layout.entries:
+            snapshot.write(tensor_bytes(state[entry.name].detach().to("cpu").contiguous()))
+        try:
+            yield
+        except BaseException:
+            snapshot.load_into(model.state_dict())
+            raise
+        now = held()
+        if now is not None and prior <= now.version <= prior + 1:
+            snapshot.load_into(model.state_dict())
+            if now.version == prior + 1 and now.version >= 1:
+                _mix_changed(now, layout, model, stream.alpha, stream.count)
+        else:
+            task.forget_optimizer_state()
+    finally:
+        snapshot.close()

@@ -87,10 +87,16 @@ def by_hand(rounds: int, clients: int, lr: float, mu: float) -> list[dict[str, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", sorted(OUTER))
-def test_each_round_steps_exactly_its_fragment_as_computed_by_hand(coordinator, strategy):
+@pytest.mark.parametrize(
+    ("strategy", "eval_every"), [("fedavg", 0), ("diloco", 0), ("diloco", 1)]
+)  # a federated evaluation after a round changes nothing of the training
+def test_each_round_steps_exactly_its_fragment_as_computed_by_hand(
+    coordinator, strategy, eval_every
+):
     # the safeguards off: the claim cap and the clip would re-weigh these updates
-    running = coordinator(rounds=ROUNDS, strategy=strategy, safeguards=False, **STREAMING)
+    running = coordinator(
+        rounds=ROUNDS, strategy=strategy, safeguards=False, eval_every=eval_every, **STREAMING
+    )
     clients = [start_client(running.address, p) for p in (0, 1)]
     assert [c.join(60) for c in clients] == [0, 0]
     running.wait_done(30)
@@ -113,9 +119,14 @@ def test_each_round_steps_exactly_its_fragment_as_computed_by_hand(coordinator, 
     w_bytes, h_bytes = 4 * 3 * 4, 5 * 2
     # round 1: both clients take the whole model; then each the fragment the last round changed
     assert rows[0]["bytes_down"] == 2 * (w_bytes + h_bytes)
-    assert [r["bytes_down"] for r in rows[1:]] == [2 * w_bytes, 2 * h_bytes] * 2
+    fragments = [2 * w_bytes, 2 * h_bytes] * 2 if not eval_every else [0] * 4  # evaluated
+    assert [r["bytes_down"] for r in rows[1:]] == fragments
     # each upload holds its round's fragment alone
     assert [r["bytes_up"] for r in rows] == [2 * w_bytes, 2 * h_bytes] * 2 + [2 * w_bytes]
+    if eval_every:  # each evaluation took the whole model; the clients kept their own,
+        # mixing in the fragment the evaluated version changed, as the next round would
+        assert [r["fed_eval_clients"] for r in rows] == [2] * ROUNDS
+        assert [r["fed_eval_bytes_down"] for r in rows] == [2 * (w_bytes + h_bytes)] * ROUNDS
 
 
 @pytest.mark.slow
