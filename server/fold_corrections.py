@@ -98,7 +98,11 @@ def apply(correction: Correction, strategy: MeanOfUpdates) -> None:
     if correction.terms:
         updates = [update for update, _ in correction.terms]
         coefficients = torch.tensor([beta for _, beta in correction.terms], dtype=torch.float64)
-        for name, start, rows in lockstep(updates):
-            combined = coefficients.to(rows.dtype) @ rows
-            strategy.running.correct([DeltaBlock(name, start, combined)], 0.0)
+        combined = torch.empty(0)
+        for name, start, rows in lockstep(updates, reuse=True):
+            if combined.dtype != rows.dtype or combined.numel() < rows.shape[1]:
+                combined = torch.empty(rows.shape[1], dtype=rows.dtype)
+            block = combined[: rows.shape[1]]
+            torch.mv(rows.T, coefficients.to(rows.dtype), out=block)
+            strategy.running.correct([DeltaBlock(name, start, block)], 0.0)
     strategy.running.correct([], correction.weight)

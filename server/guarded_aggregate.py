@@ -114,11 +114,14 @@ class GuardedAggregate:
         first = True
         while review.kept:
             if not self.strategy.holds_updates and not (first and self._folded(review, folded)):
+                review.ready_to_read()
                 self.strategy.abort_round()
                 self.strategy.begin_round(self.model.tensors)
                 for update in review.kept:
                     self.strategy.accept(update)
             first = False
+            if self.strategy.holds_updates:
+                review.ready_to_read()
             self.strategy.aggregate(review.kept, self.model.tensors)
             why = self._refusal(review)
             if why is None:

@@ -61,12 +61,19 @@ ABSURD_WEIGHT = 1e15
 float16 holds at most 65504), and a checkpoint holding one is refused at resume."""
 
 
+NORM_CHUNK = 1 << 20
+"""Elements of a tensor whose norm is taken at a time: a float64 copy of a whole tensor of
+a large model would be 8 bytes an element more of the coordinator's peak memory."""
+
+
 def model_norm(tensors: Mapping[str, torch.Tensor]) -> float:
-    """The L2 norm over the floating tensors of `tensors`, summed in float64."""
+    """The L2 norm over the floating tensors of `tensors`: chunk by chunk, each chunk's
+    sum of squares in float64."""
     total = 0.0
     for tensor in tensors.values():
         if tensor.is_floating_point() and tensor.numel():
-            total += float(tensor.double().square().sum())
+            for chunk in tensor.reshape(-1).split(NORM_CHUNK):
+                total += float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
     return math.sqrt(total)
 
 

@@ -102,6 +102,12 @@ class Review:
             self.centre.close()
             self.centre = None
 
+    def ready_to_read(self) -> None:
+        """Write the round's centre if a kept update is centred: before any of the kept
+        updates' blocks are read (`CentreFile`)."""
+        if self.centre is not None and any(move.keep < 1 for move in self.moves.values()):
+            self.centre.write()
+
     def leave_out(self, update: VerifiedUpdate, counter: str) -> None:
         self.kept.remove(update)
         self.counts[counter] += 1

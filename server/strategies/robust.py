@@ -23,10 +23,13 @@ Block = tuple[str, int, torch.Tensor]
 """(tensor name, start element, flat values): a block of an update or of a step."""
 
 
-def lockstep(updates: Sequence[VerifiedUpdate]) -> Iterator[Block]:
+def lockstep(updates: Sequence[VerifiedUpdate], reuse: bool = False) -> Iterator[Block]:
     """(tensor name, start, rows) for each block position of the updates, in manifest
     order; rows[k] is update k's block, copied out of its (reused) buffer. Each position's
-    rows are a fresh tensor, the caller's to reorder in place.
+    rows are the caller's to reorder or overwrite in place: a fresh tensor, or with `reuse`
+    one buffer refilled at every position (a pass that is done with each position's rows
+    before taking the next then allocates nothing per block, where fresh blocks of a few
+    MiB each cost the kernel a page fault per page).
 
     Raises ValueError when the updates' blocks do not line up (same tensor, start and
     length at every position, and the same number of blocks).
@@ -34,9 +37,16 @@ def lockstep(updates: Sequence[VerifiedUpdate]) -> Iterator[Block]:
     if not updates:
         raise ValueError("no updates to aggregate")
     streams = [update.blocks() for update in updates]
+    buffer = torch.empty(0)
     for first in streams[0]:
         length = first.values.numel()
-        rows = torch.empty(len(updates), length, dtype=accumulator_dtype(first.values.dtype))
+        dtype = accumulator_dtype(first.values.dtype)
+        if not reuse:
+            rows = torch.empty(len(updates), length, dtype=dtype)
+        else:
+            if buffer.dtype != dtype or buffer.numel() < len(updates) * length:
+                buffer = torch.empty(len(updates) * length, dtype=dtype)
+            rows = buffer[: len(updates) * length].view(len(updates), length)
         rows[0].copy_(first.values)
         for k, stream in enumerate(streams[1:], start=1):
             block = next(stream, None)

@@ -51,6 +51,7 @@ def folded_then_corrected(
 
 
 def rebuilt(review: Review) -> torch.Tensor:
+    review.ready_to_read()
     strategy = FedAvg()
     model = {"w": torch.zeros(SIZE)}
     strategy.begin_round(model)
@@ -134,10 +135,13 @@ def test_the_centre_from_the_gram_matrix_is_the_mean_of_its_core() -> None:
         middle = torch.stack([rows[k] for k in found.core]).double().mean(dim=0)
         for k, r in enumerate(rows):
             assert math.isclose(
-                found.distances[k], float((r.double() - middle).norm()), rel_tol=1e-9
+                found.distances[k], float((r.double() - middle).norm()), rel_tol=1e-5
             )
-            assert math.isclose(found.dots[k], float(r.double() @ middle), rel_tol=1e-9)
-        assert math.isclose(found.centre_square, float(middle @ middle), rel_tol=1e-9)
+            assert math.isclose(found.dots[k], float(r.double() @ middle), rel_tol=1e-5)
+        assert math.isclose(found.centre_square, float(middle @ middle), rel_tol=1e-5)
+        with pytest.raises(RuntimeError, match="before it was written"):
+            found.file.read(0, BLOCK, torch.float32)
+        found.file.write()
         written = found.file.read(0, BLOCK, torch.float32)
         torch.testing.assert_close(written, middle[:BLOCK].float())
     finally:

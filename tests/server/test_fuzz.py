@@ -37,7 +37,15 @@ from hypothesis import HealthCheck, example, given, settings
 
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.service import METHODS, SERVICE_NAME, bearer_metadata
-from fedstream.server.phases import Aggregating, Done, OpenEvaluation, OpenRound, Phase, Waiting
+from fedstream.server.phases import (
+    REFUSALS_PER_ATTEMPT,
+    Aggregating,
+    Done,
+    OpenEvaluation,
+    OpenRound,
+    Phase,
+    Waiting,
+)
 
 from .conftest import RunningCoordinator, start_client, tiny_join
 from .fuzz_messages import MAX_CHUNK_BYTES, Call, Current, calls, explicit_calls, valid_upload
@@ -324,7 +332,12 @@ def test_hostile_calls_get_precise_statuses_and_the_rounds_complete(
         if line.strip()
     ]
     assert [r["round"] for r in records] == list(range(1, ROUNDS + 1))
-    assert all(r["updates"] == 2 for r in records), records
+    # a client with REFUSALS_PER_ATTEMPT refused updates in an attempt (random payloads are
+    # rarely finite) is no longer waited for in it: the round goes on with the honest one
+    assert all(
+        r["updates"] == 2 or (r["updates"] == 1 and r["rejected_uploads"] >= REFUSALS_PER_ATTEMPT)
+        for r in records
+    ), json.dumps(records)
     assert all(r["fed_eval_clients"] == 2 for r in records), records
 
     print(

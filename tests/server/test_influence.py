@@ -94,6 +94,7 @@ def test_an_update_far_from_the_majority_is_pulled_to_its_centre() -> None:
     distances = [float((torch.tensor(v) - centre).norm()) for v in [*honest, [-1.2, -1.0]]]
     radius = 2.0 * sorted(distances)[2]  # RADIUS_FACTOR x the low median distance
     assert review.clip_radius == pytest.approx(radius)
+    review.ready_to_read()
     values = [torch.cat([b.values for b in u.blocks()]) for u in review.kept]
     for k in range(4):
         torch.testing.assert_close(values[k], torch.tensor(honest[k]))

@@ -301,3 +301,30 @@ def test_the_outlier_rule_needs_three_updates() -> None:
     assert len(two.kept) == 2 and not two.changed
     three = guard.review(1, updates_with([1.0, 1.0, 1e9], [1, 1, 1])[:MIN_FOR_OUTLIERS], counts)
     assert [u.client for u in three.kept] == ["c0", "c1"] and three.changed
+
+
+PULLED = 0.5 - 0.25**2 / 4.5
+"""-4 pulled to within 0.25 of the centre 0.5: 0.5 - 4.5 (0.25 / 4.5)^2."""
+
+
+@pytest.mark.parametrize(("strategy", "want"), [(Median, PULLED), (FedAvg, (1.0 + PULLED) / 3)])
+def test_a_centred_update_is_read_from_its_spool_with_the_rounds_centre(
+    tmp_path: Path, strategy: type[Median] | type[FedAvg], want: float
+) -> None:
+    """Updates of 0.375, 0.625 and -4 everywhere (exact in bfloat16 too), equal claims:
+    the centre is the mean of the two nearest the median, 0.5; the radius twice the low
+    median distance, 0.25 a weight; -4 is pulled to `PULLED`. Read from real spools (the
+    centre written from the core's spools before any update is read, or the sum corrected
+    without it), the aggregate is that update's median or mean with the others."""
+
+    async def scenario() -> None:
+        h = Harness(tmp_path, strategy(), min_clients=3)
+        running, _ = await h.start("a", "b", "c")
+        await h.upload("a", 0, value=0.375, num_examples=10)
+        await h.upload("b", 1, value=0.625, num_examples=10)
+        await h.upload("c", 2, value=-4.0, num_examples=10)
+        await asyncio.wait_for(running, REAL_DEADLINE_S)
+        assert records(h)[0]["centred"] == 1
+        torch.testing.assert_close(final_w(h), START + want, rtol=0, atol=1e-6)
+
+    run(scenario)
