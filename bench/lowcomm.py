@@ -7,10 +7,11 @@ download) on 4 clients whose data differ in size and subject (topics dealt by na
 taking the same number of inner AdamW steps. Rows: centralised AdamW on the pooled data
 at the same total tokens; synchronous data parallelism (FedSGD every step, bytes of a DDP
 ring all-reduce); DiLoCo for a sweep of H; codecs raw, int8, int4 and topk2 at one H; and
-streaming DiLoCo with F = 4 fragments (in-process only: the wire has no fragments yet).
-The grid runs in one process through the real strategies, task and uplink codec code
-(`bench/lowcomm_train.py`); one DiLoCo row runs again through real `fedstream` processes
-on loopback (`bench/lowcomm_cluster.py`) and is compared with its in-process twin.
+streaming DiLoCo with F = 4 fragments (overlap 5: in-process only, the wire mixes with
+overlap 0). The grid runs in one process through the real strategies, task and uplink
+codec code (`bench/lowcomm_train.py`); one DiLoCo row and one streaming row (F = 4,
+overlap 0, `--fragments 4`) run again through real `fedstream` processes on loopback
+(`bench/lowcomm_cluster.py`) and are compared with their in-process twins.
 
 Writes OUT/lowcomm.md (the table) and OUT/lowcomm.png (loss against bytes and steps).
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.lowcomm_cluster import Twin, twin
+from bench.lowcomm_cluster import Twin, streaming_row, twin
 from bench.lowcomm_train import LocalSGD, Run, Scale, centralised, ddp, local_sgd
 
 TASK_OPT = {"n_layer": "2", "n_head": "2", "n_embd": "32", "block_size": "32"}
@@ -182,11 +183,11 @@ def commit() -> str:
 
 
 def report(
-    scale: Scale, runs: Sequence[Run], why: Sequence[Run], pair: Twin | None, measured_on: str,
+    scale: Scale, runs: Sequence[Run], why: Sequence[Run], pairs: Sequence[Twin], measured_on: str,
     seconds: float,
 ) -> str:  # fmt: skip
     sizes = ", ".join(f"{n:,}" for n in scale_sizes(scale))
-    cluster = pair.text() if pair else "(not run: --skip-cluster)"
+    cluster = "\n\n".join(p.text() for p in pairs) if pairs else "(not run: --skip-cluster)"
     return f"""# Low-communication training: loss against bytes
 
 Measured on commit {measured_on} by `make lowcomm` (`python -m bench.lowcomm`), {seconds:.0f} s
@@ -204,9 +205,11 @@ synchronisation moves every client's encoded update up and the float32 tensors d
 Codecs: the real client encoder (error feedback for int4 and topk2; topk2 keeps 2%).
 Streaming: F = 4 fragments contiguous in layer order, fragment f synchronised at
 (f + 1) H / 4 + m H, mixed in 5 steps later with alpha 0.5; every fragment takes a last
-sync at the end so the scored model holds all training. **In-process only**: the wire
-does not carry fragments yet. The model is far smaller than the paper's (scale chosen so
-the grid runs in about 15 minutes on 2 busy cores).
+sync at the end so the scored model holds all training. **In-process only** with that
+overlap: the wire (`--fragments 4`) mixes a fragment in right after its synchronisation
+(overlap 0), and such a row is run through real processes below. The model is far
+smaller than the paper's (scale chosen so the grid runs in about 15 minutes on 2 busy
+cores).
 
 {table(runs, runs[0], runs[1])}
 
@@ -246,10 +249,13 @@ def main() -> None:
     why = diagnostics(scale)
     row = find(runs, f"DiLoCo H={CLUSTER_H}")
     run_dir = args.out.resolve().parent / "runs" / "lowcomm"
-    pair = None if args.skip_cluster else twin(scale, CLUSTER_H, row, run_dir)
+    pairs = [] if args.skip_cluster else [twin(scale, CLUSTER_H, row, run_dir)]
+    if not args.skip_cluster:
+        streamed = local_sgd(scale, streaming_row(CODEC_H, 4, 0.5))
+        pairs.append(twin(scale, CODEC_H, streamed, run_dir.with_name("lowcomm-streaming"), 4))
     args.out.mkdir(parents=True, exist_ok=True)
     plot(runs, args.out / "lowcomm.png")
-    text = report(scale, runs, why, pair, measured_on, time.monotonic() - started)
+    text = report(scale, runs, why, pairs, measured_on, time.monotonic() - started)
     (args.out / "lowcomm.md").write_text(text)
     print(text)
 

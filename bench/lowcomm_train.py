@@ -8,12 +8,14 @@ included) and decoding the codec's own `decode`, as the coordinator's spool does
 are counted, not sent: each synchronisation moves every client's encoded update up and
 the synchronised tensors (float32, raw, as the coordinator broadcasts them) down.
 
-Streaming (Douillard et al. 2025, "Streaming DiLoCo with overlapping communication") runs
-here only: the exchanged tensors are cut into F contiguous fragments (state-dict order,
-which is layer order); fragment f is synchronised at steps (f + 1) H / F + m H; a client
-keeps training for `overlap` steps while its fragment is away and then mixes the new global
-fragment in, local <- alpha local + (1 - alpha) global. Each fragment has its own outer
-DiLoCo step (its own momentum), which is what a fragment's round would be on the wire.
+Streaming (Douillard et al. 2025, "Streaming DiLoCo with overlapping communication"): the
+exchanged tensors are cut into F contiguous fragments (state-dict order, which is layer
+order, balanced by bytes, as on the wire); fragment f is synchronised at steps
+(f + 1) H / F + m H; a client keeps training for `overlap` steps while its fragment is
+away and then mixes the new global fragment in, local <- alpha local + (1 - alpha) global.
+Each fragment has its own outer DiLoCo step (its own momentum), as a fragment's round on
+the wire has (`fedstream server --fragments F`, which mixes with overlap 0;
+`bench/lowcomm_cluster.py` runs such a row through real processes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 
 from fedstream.client.uplink import UplinkEncoder
 from fedstream.common.codecs import UplinkCodec
+from fedstream.common.fragments import split
 from fedstream.common.wire.manifest import Manifest
 from fedstream.server.config import ServerConfig
 from fedstream.server.strategies import DeltaBlock
@@ -184,25 +187,9 @@ def ddp(scale: Scale, evals: int) -> Run:
 
 
 def fragments(tensors: Mapping[str, torch.Tensor], count: int) -> list[list[str]]:
-    """`count` contiguous runs of the tensor names (state-dict order, so layers stay
-    together but at a cut) whose largest holds as few elements as any such split can."""
-    names = list(tensors)
-    sizes = [tensors[n].numel() for n in names]
-    ends = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    # best[k][i]: the smallest largest-fragment of names[:i] in k fragments, and its cut
-    best = [[(float("inf"), 0)] * (len(names) + 1) for _ in range(count + 1)]
-    best[0][0] = (0, 0)
-    for k in range(1, count + 1):
-        for i in range(k, len(names) + 1):
-            best[k][i] = min(
-                (max(best[k - 1][j][0], ends[i] - ends[j]), j) for j in range(k - 1, i)
-            )
-    cuts, i = [], len(names)
-    for k in range(count, 0, -1):
-        j = best[k][i][1]
-        cuts.append((j, i))
-        i = j
-    return [names[j:i] for j, i in reversed(cuts)]
+    """`count` contiguous runs of the tensor names balanced by bytes: the one split the
+    coordinator and the clients use on the wire (`fedstream.common.fragments.split`)."""
+    return split({n: t.numel() * t.element_size() for n, t in tensors.items()}, count)
 
 
 @dataclass(frozen=True)
@@ -224,6 +211,9 @@ class LocalSGD:
     """The outer step's learning rate (None: DiLoCo's 0.7)."""
     outer_momentum: float | None = None
     """The outer step's Nesterov momentum (None: DiLoCo's 0.9; 0 with lr 1 is FedAvg)."""
+    last_syncs: bool = True
+    """Streaming: every fragment takes a last sync at the end (False: each fragment syncs
+    on its own schedule alone, as `fedstream server --fragments F` rounds do)."""
 
 
 class Sites:
@@ -323,7 +313,7 @@ def schedule(steps: int, row: LocalSGD) -> list[tuple[int, str, int]]:
     """(step, "sync" | "merge", fragment) in order. Fragment f syncs at (f + 1) H / F + m H
     and merges `overlap` steps later (overlap 0: no merge event, the sync mixes at once); at
     the last step every fragment takes a last sync, one after another, so the scored model
-    holds all training."""
+    holds all training (unless `last_syncs` is off)."""
     if row.h % row.fragments or steps % row.h or not 0 <= row.overlap < row.h // row.fragments:
         raise ValueError(f"{row.label}: need F | H, H | steps and overlap < H / F")
     events: list[tuple[int, str, int]] = []
@@ -334,6 +324,7 @@ def schedule(steps: int, row: LocalSGD) -> list[tuple[int, str, int]]:
             if row.overlap and at + row.overlap <= steps and at != steps:
                 events.append((at + row.overlap, "merge", f))
     last = {f for at, kind, f in events if at == steps}
-    events += [(steps, "sync", f) for f in range(row.fragments) if f not in last]
+    if row.last_syncs:
+        events += [(steps, "sync", f) for f in range(row.fragments) if f not in last]
     order = {"merge": 0, "sync": 1}
     return sorted(set(events), key=lambda e: (e[0], order[e[1]], e[2]))

@@ -137,9 +137,10 @@ class Connection:
         expected: Manifest,
         attempts: int = 5,
         directory: Path | None = None,
+        fragment: int | None = None,
     ) -> HeldModel:
-        """The global model `version`, on disk (kept in `directory` when given), resuming
-        after a break (transfers.py)."""
+        """The global model `version` (or one streaming fragment of it), on disk (kept in
+        `directory` when given), resuming after a break (transfers.py)."""
         return transfers.download(
             self._download,
             session,
@@ -149,6 +150,7 @@ class Connection:
             self.progress,
             attempts,
             directory,
+            fragment,
         )
 
     def upload(

@@ -161,9 +161,12 @@ class HeldModel:
             done += n
         return into
 
-    def _blocks(self, block_elements: int | None) -> Iterator[tuple[TensorEntry, int, int]]:
-        """(entry, first element, element count) in stream order; whole tensors for None."""
-        for entry in self.manifest.entries:
+    def _blocks(
+        self, block_elements: int | None, only: Manifest | None = None
+    ) -> Iterator[tuple[TensorEntry, int, int]]:
+        """(entry, first element, element count) in stream order; whole tensors for None;
+        of the tensors `only` lists, when given."""
+        for entry in (only or self.manifest).entries:
             if block_elements is None:
                 yield entry, 0, entry.numel
                 continue
@@ -191,20 +194,39 @@ class HeldModel:
         return self._read(entry, 0, flat).view(entry.shape)
 
     def deltas(
-        self, state: Mapping[str, torch.Tensor], block_elements: int | None
+        self,
+        state: Mapping[str, torch.Tensor],
+        block_elements: int | None,
+        only: Manifest | None = None,
     ) -> Iterator[torch.Tensor]:
         """`state` minus the global weights, in manifest order, `block_elements` at a time
-        (whole tensors, shaped, for None).
+        (whole tensors, shaped, for None); of the tensors `only` lists (a streaming
+        fragment, whose own manifest it is), when given.
 
         Every block is a new tensor: a chunker may hold on to the tail of one block while
         it takes the next, so blocks must not share a read buffer.
         """
         with torch.no_grad():
-            for entry, start, count in self._blocks(block_elements):
+            for entry, start, count in self._blocks(block_elements, only):
                 delta = self._read(entry, start, torch.empty(count, dtype=entry.dtype))
                 local = state[entry.name].detach().reshape(-1)[start : start + count]
                 torch.sub(local.to("cpu"), delta, out=delta)  # in the read buffer: no copy
                 yield delta.view(entry.shape) if block_elements is None else delta
+
+    def patch(self, entry: TensorEntry, tensor: torch.Tensor) -> None:
+        """Overwrite tensor `entry` with `tensor` (a streaming client taking in a new
+        global fragment). The file then holds another model than its digest names: a
+        kept one stops being kept (its record goes, so no restart trusts it)."""
+        if self.directory is not None and self._kept_digest:
+            (self.directory / "model.json").unlink(missing_ok=True)
+            if self._file.mode == "rb":  # opened by `kept`, to read
+                self._file.close()
+                self._file = open(self.directory / "model.bin", "r+b")  # noqa: SIM115
+        self._kept_digest = "-"
+        view = tensor_bytes(tensor.detach().to("cpu", entry.dtype).contiguous())
+        done, offset = 0, self._offsets[entry.name]
+        while done < len(view):
+            done += os.pwrite(self._file.fileno(), view[done:], offset + done)
 
     def close(self) -> None:
         """Let the model go: a kept one stays in its directory, a part download does not."""

@@ -1,7 +1,9 @@
 """The client's life cycle: join, poll, pull, train, push, repeat; reconnect on failure.
 
     join  -> poll -> (train task) download model vN unless held -> train -> upload delta
-                        (FedSGD: compute the gradient instead of training, upload it)
+                        (FedSGD: compute the gradient instead of training, upload it;
+                        streaming fragments: the fragment the last round changed, mixed
+                        into a model that persists, and one fragment's delta, streaming.py)
           -> poll -> (evaluate task) download model vN+1 -> evaluate locally -> report
           -> poll -> ... -> done: exit 0
 
@@ -21,6 +23,7 @@ global model to the other ranks (site.py, follower.py; docs/multi-gpu-sites.md).
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import tempfile
@@ -30,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping
 import grpc
 import torch
 
-from fedstream.client import steps
+from fedstream.client import steps, streaming
 from fedstream.client.config import ClientConfig
 from fedstream.client.connection import Connection
 from fedstream.client.held_model import HeldModel
@@ -47,8 +50,10 @@ from fedstream.client.session import Heartbeat, Session
 from fedstream.client.site import Command, Site
 from fedstream.client.uplink import UplinkEncoder
 from fedstream.common.errors import InvalidManifest
+from fedstream.common.fragments import StreamPlan
 from fedstream.common.progress import progress_view
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
+from fedstream.common.wire.manifest import Manifest
 from fedstream.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -95,6 +100,8 @@ class FederatedClient:
         self.refusals = Backoff(cap=config.max_backoff)
         """Paces polling after refused updates and reports; reset by an accepted update."""
         self.last_contact = time.monotonic()
+        self.stream: StreamPlan | None = None
+        """The streaming fragments of the last round trained (streaming.py), if any."""
         self.unsent: Unsent | None = None
         """The update a coordinator restart cut off, sent again if asked for (push.py)."""
 
@@ -211,6 +218,22 @@ class FederatedClient:
                 ) from exc
             self._contacted()
 
+    def _pull_fragment(self, task: pb.TrainTask, stream: StreamPlan) -> Manifest:
+        """Streaming: the fragment the last round changed, mixed in, or a catch-up to the
+        whole model (streaming.py); the manifest of the fragment to upload."""
+        if self.site.world > 1:
+            raise Refused("streaming fragments need a client of one process (no --nproc-per-node)")
+        assert self.session is not None
+        args = (self.held, self.model, self.layout, task, stream)
+        if streaming.pull(self.connection, self.session, *args):
+            self._contacted()
+        else:  # the whole model: the local model and every anchor reset to it
+            self._forget_model()
+            self._pull(task.model_version, task.model_sha256)
+            self.site.share_model(self.model, self.layout, self.held)
+            self.task.forget_optimizer_state()
+        return streaming.layouts(self.layout, stream.count)[stream.index]
+
     def _in_round(self, round_number: int, work: Callable[[], bool]) -> bool:
         """Do `work` with the heartbeat beating, and pause after a refusal; whether what
         it sent was accepted."""
@@ -229,8 +252,12 @@ class FederatedClient:
         """Train (or compute the gradient) and push the update; whether it was accepted.
         An update trained for this very task that a restarted coordinator never
         acknowledged is pushed again instead of trained again (push.py)."""
-        self._pull(task.model_version, task.model_sha256)
         plan = steps.read_round_config(task)
+        layout, self.stream = self.layout, plan.stream
+        if plan.stream is None:
+            self._pull(task.model_version, task.model_sha256)
+        else:
+            layout = self._pull_fragment(task, plan.stream)
         self.uplink.configure(plan.uplink)
         unsent, self.unsent = self.unsent, None
         if unsent is not None and unsent.answers(task):
@@ -238,7 +265,8 @@ class FederatedClient:
             header, update = unsent.header, unsent.update
         else:
             self.site.send(Command.TRAIN, task.SerializeToString())
-            self.site.share_model(self.model, self.layout, self.held)
+            if plan.stream is None:  # a streaming client's model persists (streaming.py)
+                self.site.share_model(self.model, self.layout, self.held)
             result = steps.train(self.task, self.trained, plan, task.round, self.progress)
             num_examples, metrics = self.site.total(result.num_examples, result.metrics)
             self.outcome = self.site.collect(self.model, self.layout, plan.gradient)
@@ -250,7 +278,9 @@ class FederatedClient:
                 attempt=task.attempt,
             )
             pieces = self._gradients if plan.gradient else self._deltas
-            update = self.uplink.encode(self.layout, pieces)
+            if layout is not self.layout:
+                pieces = functools.partial(self._deltas, only=layout)
+            update = self.uplink.encode(layout, pieces)
         assert self.session is not None
         try:
             return push(
@@ -273,10 +303,12 @@ class FederatedClient:
     def _evaluate(self, task: pb.EvaluateTask) -> bool:
         """Evaluate and report; whether the report was accepted."""
         assert self.session is not None
-        self._pull(task.model_version, task.model_sha256)
-        self.site.send(Command.EVALUATE, task.SerializeToString())
-        self.site.share_model(self.model, self.layout, self.held)
-        report = self.site.total_report(steps.evaluate(self.task, self.model, task))
+        args = (self.model, self.layout, self.stream, lambda: self.held, self.task)
+        with streaming.own_model_kept(*args):
+            self._pull(task.model_version, task.model_sha256)
+            self.site.send(Command.EVALUATE, task.SerializeToString())
+            self.site.share_model(self.model, self.layout, self.held)
+            report = self.site.total_report(steps.evaluate(self.task, self.model, task))
         try:
             reply = self.connection.report_evaluation(self.session, report)
         except grpc.RpcError as exc:
@@ -303,9 +335,12 @@ class FederatedClient:
         log.info("polling again in %.1fs", delay)
         self.refusals.sleep_for(delay)
 
-    def _deltas(self, block_elements: int | None = DELTA_BLOCK_ELEMENTS) -> Iterator[torch.Tensor]:
+    def _deltas(
+        self, block_elements: int | None = DELTA_BLOCK_ELEMENTS, only: Manifest | None = None
+    ) -> Iterator[torch.Tensor]:
         """local - global, in manifest order, a block of elements at a time (with None,
-        a whole tensor at a time, for the codecs that encode tensors whole).
+        a whole tensor at a time, for the codecs that encode tensors whole); of the
+        tensors `only` lists (a streaming fragment), when given.
 
         Computed while uploading, against the global copy on disk, so the client holds
         the model and one block: never a second whole model. The global copy survives,
@@ -313,7 +348,7 @@ class FederatedClient:
         """
         assert self.held is not None
         trained = self.model.state_dict() if self.outcome is None else self.outcome
-        yield from self.held.deltas(trained, block_elements)
+        yield from self.held.deltas(trained, block_elements, only)
 
     def _gradients(self, block_elements: int | None = None) -> Iterator[torch.Tensor]:
         """The gradients in place of the delta: whole tensors, whatever `block_elements`

@@ -17,6 +17,7 @@ import torch
 from fedstream.client.retry import Refused
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.config import ConfigError
+from fedstream.common.fragments import StreamPlan
 from fedstream.common.progress import ProgressView
 from fedstream.common.proto.v1 import coordinator_pb2 as pb
 from fedstream.common.round_config import from_proto as config_from_proto
@@ -41,6 +42,8 @@ class RoundPlan:
     """FedSGD: compute the gradient at the global model and send it instead of a delta."""
     uplink: UplinkCodec
     """How to encode the update."""
+    stream: StreamPlan | None = None
+    """Streaming fragments: the fragment this round synchronises (None: the whole model)."""
 
 
 def agreement(task: Task) -> pb.RunAgreement:
@@ -73,13 +76,18 @@ def device(name: str) -> torch.device:
 
 
 def read_round_config(task: pb.TrainTask) -> RoundPlan:
-    """The plan `task`'s config announces; Refused for an uplink this client cannot encode."""
+    """The plan `task`'s config announces; Refused for an uplink this client cannot encode
+    or streaming fragments it cannot follow."""
     config = config_from_proto(task.config)
     try:
         uplink = UplinkCodec.from_round_config(config)
     except ValueError as exc:
         raise Refused(f"cannot encode updates as the coordinator asks: {exc}") from exc
-    return RoundPlan(config, config.get("mode") == "gradient", uplink)
+    try:
+        stream = StreamPlan.from_round_config(config)
+    except ValueError as exc:
+        raise Refused(f"cannot stream fragments as the coordinator asks: {exc}") from exc
+    return RoundPlan(config, config.get("mode") == "gradient", uplink, stream)
 
 
 def train(

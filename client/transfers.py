@@ -81,6 +81,7 @@ def download(
     progress_view: ProgressView,
     attempts: int = 5,
     directory: Path | None = None,
+    fragment: int | None = None,
 ) -> HeldModel:
     """The global model `version` through the Download stub `call`, resuming from the
     last byte received after a break.
@@ -89,7 +90,8 @@ def download(
     the model in memory. InvalidManifest, before any model bytes are received, when
     the coordinator's model is not laid out as `expected` (the client's own model).
     With `directory` (--model-dir) the model is kept there once complete; WireError when
-    its bytes are not the ones the coordinator's header names (SHA-256).
+    its bytes are not the ones the coordinator's header names (SHA-256). With
+    `fragment`, only that streaming fragment's tensors (`expected` is its manifest).
     """
     held: HeldModel | None = None
     digest = ""
@@ -100,6 +102,8 @@ def download(
         request = pb.DownloadRequest(
             model_version=version, offset=offset, chunk_bytes=session.chunk_bytes
         )
+        if fragment is not None:
+            request.fragment = fragment
         stream = call(request, metadata=session.metadata)
         watchdog = StallWatchdog(stream, stall_timeout)
         started = False
@@ -118,8 +122,9 @@ def download(
                     digest = digest or item.sha256
                     if held is None:
                         held = HeldModel(received, version, directory)
+                        what = f"fragment {fragment} of " if fragment is not None else ""
                         progress = progress_view.start(
-                            "download", f"download of model v{version}", received.total_bytes
+                            "download", f"download of {what}model v{version}", received.total_bytes
                         )
                     else:
                         held.manifest.require_same_layout(received)

@@ -2,7 +2,8 @@
 configuration and handed to the `Coordinator`, which builds nothing itself.
 
     task, model        the task (ServerConfig.task, task_opt, seed) and its global model
-    strategy           StrategyConfig, inside central DP when PrivacyConfig asks for it
+    strategy           StrategyConfig, inside central DP when PrivacyConfig asks for it,
+                       over one fragment a round with StreamingConfig's fragments
     run store          the run directory, the run's identity and its id (RunStore,
                        RunFile: the id outlives a restart)
     admission          SecurityConfig and TransportConfig: who may join, as whom
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import logging
 
+from fedstream.common.config import ConfigError
 from fedstream.server.admission.door import Admission
 from fedstream.server.calls import Agreement
 from fedstream.server.clock import Clock, MonotonicClock
 from fedstream.server.config import ServerConfig
 from fedstream.server.coordinator import Coordinator
+from fedstream.server.fragments import Fragments, fragmented
 from fedstream.server.global_model import GlobalModel
 from fedstream.server.guarded_aggregate import GuardedAggregate
 from fedstream.server.intake import UploadIntake
@@ -47,6 +50,20 @@ def run_identity(config: ServerConfig, task: Task) -> RunIdentity:
     return RunIdentity(config.task, shaping, config.seed, config.strategy)
 
 
+def streaming(config: ServerConfig, model: GlobalModel) -> Fragments | None:
+    """The run's streaming fragments (None for --fragments 1), known to the model's
+    downloads; ConfigError for more fragments than the model has tensors."""
+    if config.fragments == 1:
+        return None
+    count = len(model.manifest.entries)
+    if config.fragments > count:
+        raise ConfigError(
+            f"fragments: {config.fragments} is more than the {count} tensors exchanged"
+        )
+    model.fragments = Fragments(model.manifest, config.fragments, config.fragment_alpha)
+    return model.fragments
+
+
 def assemble(
     config: ServerConfig,
     task: Task | None = None,
@@ -65,6 +82,9 @@ def assemble(
     store.run_id = RunFile(config.run_dir).run_id()  # a restart carries on the same run
     module = task.build_model()
     model = GlobalModel(module, exchanged_names(task, module))
+    fragments = streaming(config, model)
+    if fragments is not None:
+        strategy = fragmented(strategy, fragments)
     intake = UploadIntake(
         config,
         model.manifest,
@@ -72,10 +92,13 @@ def assemble(
         min_rate=config.min_transfer_rate,
         window=config.transfer_window,
         max_uploads=config.max_uploads,
+        fragments=fragments,
     )
     safeguards = Safeguards(config)
     resumed = restore(model, strategy, store, config.init_weights)
     summary = f"task {config.task}, {model.summary()}, uplink {intake.uplink.spec}"
+    if fragments is not None:
+        summary += f", streaming in {fragments.summary()}"
     if resumed is None:
         log.info("new run in %s: %s", config.run_dir, summary)
     else:

@@ -1,6 +1,6 @@
 """The coordinator's configuration: one dataclass per component, composed into ServerConfig.
 
-Each component (transport, rounds, uplink, strategy, evaluation) documents and validates
+Each component (transport, rounds, uplink, streaming, strategy, evaluation) documents and validates
 its own fields, so a part of the coordinator can be typed as taking just the component it
 needs. `ServerConfig` inherits them all: its fields stay flat (`config.min_clients`,
 `--min-clients`, `FEDSTREAM_SERVER_MIN_CLIENTS`, `min_clients` in the TOML `[server]`
@@ -205,6 +205,26 @@ class UplinkConfig:
 
 
 @dataclass
+class StreamingConfig:
+    """Streaming fragments (docs/low-communication.md): each round synchronises one of
+    `fragments` contiguous parts of the model, in turn."""
+
+    fragments: int = 1
+    """Cut the exchanged tensors into F fragments; round r synchronises fragment
+    (r - 1) mod F, so F rounds make one outer step of the whole model (1: every round
+    synchronises the whole model)."""
+    fragment_alpha: float = 0.5
+    """Streaming: the share of its own fragment a client keeps when the new global
+    fragment arrives (local <- alpha local + (1 - alpha) global)."""
+
+    def validate(self) -> None:
+        if self.fragments < 1:
+            raise ConfigError(f"fragments must be at least 1, got {self.fragments}")
+        if not 0.0 <= self.fragment_alpha <= 1.0:
+            raise ConfigError(f"fragment_alpha must be in [0, 1], got {self.fragment_alpha}")
+
+
+@dataclass
 class DurabilityConfig:
     """What outlives a cut upload and a coordinator crash: the round's log of verified
     updates (docs/checkpoints.md, "The round's log") and cut uploads kept for resuming."""
@@ -270,6 +290,7 @@ class ServerConfig(
     SecurityConfig,
     RoundsConfig,
     UplinkConfig,
+    StreamingConfig,
     DurabilityConfig,
     StrategyConfig,
     SafeguardsConfig,
@@ -315,6 +336,9 @@ class ServerConfig(
         require_authentication_off_loopback(self.address, self.authenticates, self.open_enrolment)
         RoundsConfig.validate(self)
         UplinkConfig.validate(self)
+        StreamingConfig.validate(self)
+        if self.fragments > 1 and self.strategy == "fedsgd":
+            raise ConfigError("fragments: a FedSGD round needs the whole model (fragments 1)")
         DurabilityConfig.validate(self)
         validate_aggregation(self, self, self)
         EvaluationConfig.validate(self)

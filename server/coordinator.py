@@ -214,21 +214,19 @@ class Coordinator:
             await self.changes.wait(remaining)
 
     def open_download(
-        self, client: ClientRecord, version: int, offset: int, chunk_bytes: int
+        self, client: ClientRecord, version: int, offset: int, chunk: int, fragment: int | None
     ) -> ModelStream:
+        """Model `version` (or one fragment of it, server/fragments.py) from `offset` on."""
         phase = self.phase
         if not isinstance(phase, OpenRound | OpenEvaluation) or not phase.accepting:
             raise WrongRound("no round is open for download")
         if client.name not in phase.selected:
             raise NotSelected(f"client {client.name} is not selected for round {phase.number}")
-        chunk = min(chunk_bytes or self.transport.chunk_bytes, self.transport.max_chunk_bytes)
+        chunk = min(chunk or self.transport.chunk_bytes, self.transport.max_chunk_bytes)
         kind = "round" if isinstance(phase, OpenRound) else "evaluation of round"
+        still_open = lambda: self.phase is phase and phase.accepting  # noqa: E731
         return self.model.download(
-            version,
-            offset,
-            chunk,
-            lambda: self.phase is phase and phase.accepting,
-            f"{kind} {phase.number}",
+            version, offset, chunk, still_open, f"{kind} {phase.number}", fragment
         )
 
     def count_download(self, nbytes: int) -> None:

@@ -44,6 +44,11 @@ class OffsetOutOfRange(FedstreamError):
     resumed at an offset the coordinator does not hold (`server/partial_uploads.py`)."""
 
 
+class UnknownFragment(FedstreamError):
+    """A download of a fragment the run does not have (an index out of range, or any
+    fragment of a run without streaming fragments)."""
+
+
 class DigestMismatch(FedstreamError):
     """An update whose bytes, kept and resumed parts together, are not the ones its
     trailer's SHA-256 names (or a logged update whose file is not its header's): the

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedstream.common.codecs import UplinkCodec
 from fedstream.common.errors import InvalidManifest
@@ -27,6 +28,9 @@ from fedstream.server.errors import DigestMismatch, TransferStalled
 from fedstream.server.spool import SpoolFiles, SpoolFull, UpdateCutShort, UploadSpool
 from fedstream.server.transfer import RateFloor, release_refused
 from fedstream.server.updates import VerifiedUpdate
+
+if TYPE_CHECKING:
+    from fedstream.server.fragments import Fragments
 
 log = logging.getLogger(__name__)
 _disk_full = RateLimitedLog(log, interval=60.0)
@@ -46,18 +50,13 @@ class UploadIntake:
         window: float = 30.0,
         max_uploads: int = 16,
         clock: Callable[[], float] = time.monotonic,
+        fragments: Fragments | None = None,
     ) -> None:
         uplink = UplinkCodec.parse(config.uplink_codec, config.topk_fraction)
         self.uplink = UplinkCodec(uplink.codec, zstd=True) if config.uplink_zstd else uplink
-        self.model = model
-        self.layout = self.uplink.layout(model)
-        """The manifest every upload must have, up to the byte counts of coded tensors."""
-        # Loose enough that a wrong dtype is reported as such, tight enough that no
-        # manifest can make the coordinator spool far more than a model's worth.
-        bound = 4 * model.total_bytes + (1 << 20)
-        self.limits = ManifestLimits(
-            max_tensors=len(self.layout.entries), max_total_bytes=bound, max_tensor_bytes=bound
-        )
+        self.fragments = fragments
+        """Streaming: the round's upload is its fragment's tensors (`begin_round`)."""
+        self.expect(model)
         self.readback = asyncio.Lock()
         """Held while an update is read back (verified, then handed on): concurrent
         read-backs would each hold a block buffer and compete for the same cores."""
@@ -71,6 +70,25 @@ class UploadIntake:
         """Upload bytes received since the coordinator started, refused ones included."""
         self._writer = concurrent.futures.ThreadPoolExecutor(2, "spool-writer")
         self._files = SpoolFiles(spool_dir, max_idle=max_uploads)
+
+    def expect(self, model: Manifest) -> None:
+        """Take uploads of updates to the tensors `model` lists from now on."""
+        self.model = model
+        self.layout = self.uplink.layout(model)
+        """The manifest every upload must have, up to the byte counts of coded tensors."""
+        # Loose enough that a wrong dtype is reported as such, tight enough that no
+        # manifest can make the coordinator spool far more than a model's worth.
+        bound = 4 * model.total_bytes + (1 << 20)
+        self.limits = ManifestLimits(
+            max_tensors=len(self.layout.entries), max_total_bytes=bound, max_tensor_bytes=bound
+        )
+
+    def begin_round(self, number: int) -> None:
+        """Round `number` is open: with streaming fragments, its uploads are its
+        fragment's (server/fragments.py); an upload of other tensors is refused as a
+        manifest that is not the round's (INVALID_ARGUMENT)."""
+        if self.fragments is not None:
+            self.expect(self.fragments.manifest(self.fragments.of_round(number)))
 
     def check_manifest(self, proto: pb.Manifest) -> Manifest:
         """The upload's manifest, bounded and checked against the run's layout."""

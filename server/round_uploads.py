@@ -52,6 +52,7 @@ class RoundUploads:
     def begin(self, open_round: OpenRound) -> None:
         """A round (or a new try of one) is open: what was kept for another goes."""
         self.partials.retain(key_of(open_round))
+        self.intake.begin_round(open_round.number)
         if self.round_log is not None:
             self.round_log.begin(
                 open_round.number,

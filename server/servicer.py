@@ -56,6 +56,7 @@ from fedstream.server.errors import (
     TooManyClients,
     TransferStalled,
     UnknownClient,
+    UnknownFragment,
     UpdateTooLarge,
     UploadInProgress,
     WrongRound,
@@ -82,6 +83,7 @@ STATUS_OF: dict[type[FedstreamError], grpc.StatusCode] = {
     UploadInProgress: grpc.StatusCode.ABORTED,
     TransferStalled: grpc.StatusCode.DEADLINE_EXCEEDED,
     OffsetOutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    UnknownFragment: grpc.StatusCode.INVALID_ARGUMENT,
     DigestMismatch: grpc.StatusCode.DATA_LOSS,
     InvalidJoin: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidUpdate: grpc.StatusCode.INVALID_ARGUMENT,
@@ -230,8 +232,9 @@ class CoordinatorServicer:
         try:
             request = _decoded(message)
             client = self._client(context)
+            fragment = request.fragment if request.HasField("fragment") else None
             stream = self.coordinator.open_download(
-                client, request.model_version, request.offset, request.chunk_bytes
+                client, request.model_version, request.offset, request.chunk_bytes, fragment
             )
         except FedstreamError as exc:
             await _reject(context, "Download", exc)

@@ -154,6 +154,9 @@ class CharLMTask(Task):
             }
         return TrainResult(num_examples=examples, metrics={"loss": loss_sum.item() / steps})
 
+    def forget_optimizer_state(self) -> None:
+        self.inner_state = {}
+
     def _optimizer(self, model: nn.Module, lr: float) -> torch.optim.AdamW:
         """A new AdamW over `model`, holding the kept moments of each same-named, same-shaped
         parameter (the client loads every global model into a model object it may rebuild,

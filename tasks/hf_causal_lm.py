@@ -279,6 +279,9 @@ class HFCausalLMTask(Task):
             self.device,
         )
 
+    def forget_optimizer_state(self) -> None:
+        self.trainer.saved = {}
+
     def _score(self, model: nn.Module, batches: Iterator[Batch]) -> EvalResult:
         """Token-weighted loss and perplexity over `batches`."""
         total, count = 0.0, 0

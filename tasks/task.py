@@ -140,6 +140,11 @@ class Task(ABC):
         local batches, without changing the weights (FedSGD); the client uploads it."""
         raise TaskError(f"task {type(self).__name__} does not compute gradients (FedSGD)")
 
+    def forget_optimizer_state(self) -> None:  # noqa: B027 (most tasks keep none)
+        """Drop any optimiser state kept across rounds (`keep_optimizer`): the client's
+        model was just reset to the global one (a streaming client catching up), and
+        moments of the weights it had would not fit the weights it has."""
+
     def evaluate_local(self, model: torch.nn.Module) -> EvalResult | None:
         """Evaluate on this client's own held-out data (federated evaluation), or None when
         the client keeps none."""

@@ -26,6 +26,12 @@ def test_streaming_staggers_fragments_and_ends_with_every_fragment_synced() -> N
         schedule(10, LocalSGD("s", 6, fragments=4))
 
 
+def test_the_wire_schedule_syncs_each_fragment_on_its_own_turn_alone() -> None:
+    events = schedule(8, LocalSGD("s", 4, fragments=4, last_syncs=False))
+    # round r of `fedstream server --fragments 4` syncs fragment (r - 1) mod 4 at step r
+    assert events == [(r, "sync", (r - 1) % 4) for r in range(1, 9)]
+
+
 def test_fragments_are_contiguous_and_as_even_as_a_split_by_tensor_can_be() -> None:
     tensors = {
         name: torch.zeros(size) for name, size in zip("abcdef", (5, 1, 1, 1, 1, 5), strict=True)

@@ -77,3 +77,13 @@ def test_writes_past_the_end_are_refused_and_reads_need_the_whole_model():
     held.write(bytes(8))
     assert held.complete
     held.close()
+
+
+def test_deltas_of_a_fragment_are_its_tensors_alone():
+    tensors = model()
+    held = held_copy(tensors, 64)
+    local = {name: 2 * tensor for name, tensor in tensors.items()}  # exact: delta = global
+    fragment = Manifest.from_tensors({n: tensors[n] for n in ("half", "scalar")})
+    deltas = list(held.deltas(local, None, fragment))
+    assert [tuple(d.shape) for d in deltas] == [(5, 3), ()]
+    assert torch.equal(deltas[0], tensors["half"]) and torch.equal(deltas[1], tensors["scalar"])

@@ -53,3 +53,19 @@ def test_a_broken_download_leaves_no_part_behind(tmp_path: Path) -> None:
     held.write(STREAM[:10])
     held.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_patched_model_is_no_longer_kept_under_its_digest(tmp_path: Path) -> None:
+    """A streaming client writes each new global fragment into the model it holds
+    (`HeldModel.patch`): the bytes change, so the record that names them goes."""
+    downloaded(tmp_path).close()
+    kept = HeldModel.kept(tmp_path, MANIFEST, 4, DIGEST)
+    assert kept is not None
+    fresh = torch.full((5,), 7.0)
+    kept.patch(MANIFEST.entries[1], fresh)
+    assert torch.equal(kept.read(MANIFEST.entries[1]), fresh)
+    assert torch.equal(kept.read(MANIFEST.entries[0]), TENSORS["w"])
+    assert kept.sha256 != DIGEST
+    assert not (tmp_path / "model.json").exists()
+    kept.close()
+    assert HeldModel.kept(tmp_path, MANIFEST, 4, DIGEST) is None

@@ -30,6 +30,7 @@ from fedstream.server.config import (
     ServerConfig,
     StatusConfig,
     StrategyConfig,
+    StreamingConfig,
     TransportConfig,
     UplinkConfig,
 )
@@ -361,6 +362,7 @@ SERVER_COMPONENTS = [
     SecurityConfig,
     RoundsConfig,
     UplinkConfig,
+    StreamingConfig,
     DurabilityConfig,
     StrategyConfig,
     SafeguardsConfig,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64stream/v1/coordinator.proto\x12\x0c\x66\x65\x64stream.v1\"H\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"k\n\x08Manifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedstream.v1.TensorSpec\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12%\n\x04ties\x18\x03 \x03(\x0b\x32\x17.fedstream.v1.TensorTie\")\n\tTensorTie\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"Z\n\x0b\x43onfigValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\x99\x01\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12\x16\n\x0enum_partitions\x18\x04 \x01(\r\x12\x14\n\x0cmodel_digest\x18\x05 \x01(\t\x12-\n\tagreement\x18\x06 \x01(\x0b\x32\x1a.fedstream.v1.RunAgreement\"\x93\x01\n\x0cRunAgreement\x12\x41\n\x0ctask_options\x18\x01 \x03(\x0b\x32+.fedstream.v1.RunAgreement.TaskOptionsEntry\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x1a\x32\n\x10TaskOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x05 \x01(\x01\"\'\n\x0bPollRequestJ\x04\x08\x01\x10\x02R\x12held_model_version\"\xf1\x01\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x33\n\x06\x63onfig\x18\x03 \x03(\x0b\x32#.fedstream.v1.TrainTask.ConfigEntry\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\x1aH\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedstream.v1.ConfigValue:\x02\x38\x01\"d\n\x0c\x45valuateTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\"#\n\x04Wait\x12\x1b\n\x13retry_after_seconds\x18\x01 \x01(\x01\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb7\x01\n\tPollReply\x12(\n\x05train\x18\x01 \x01(\x0b\x32\x17.fedstream.v1.TrainTaskH\x00\x12\"\n\x04wait\x18\x02 \x01(\x0b\x32\x12.fedstream.v1.WaitH\x00\x12\"\n\x04\x64one\x18\x03 \x01(\x0b\x32\x12.fedstream.v1.DoneH\x00\x12.\n\x08\x65valuate\x18\x04 \x01(\x0b\x32\x1a.fedstream.v1.EvaluateTaskH\x00\x42\x08\n\x06\x61\x63tion\"M\n\x0f\x44ownloadRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\"n\n\x0bModelHeader\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12(\n\x08manifest\x18\x02 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"T\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedstream.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x86\x02\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.fedstream.v1.UpdateHeader.MetricsEntry\x12(\n\x08manifest\x18\x05 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x04\x12\x15\n\rresume_offset\x18\x07 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x86\x01\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12.\n\x07trailer\x18\x03 \x01(\x0b\x32\x1b.fedstream.v1.UpdateTrailerH\x00\x42\t\n\x07payload\"\x1f\n\rUpdateTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"L\n\x13UploadOffsetRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x04\"#\n\x11UploadOffsetReply\x12\x0e\n\x06offset\x18\x01 \x01(\x04\"/\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xbc\x01\n\x10\x45valuationReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12<\n\x07metrics\x18\x04 \x03(\x0b\x32+.fedstream.v1.EvaluationReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"3\n\x0f\x45valuationReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"!\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"$\n\x0eHeartbeatReply\x12\x12\n\nphase_open\x18\x01 \x01(\x08\x32\x80\x04\n\x0b\x43oordinator\x12:\n\x04Join\x12\x19.fedstream.v1.JoinRequest\x1a\x17.fedstream.v1.JoinReply\x12:\n\x04Poll\x12\x19.fedstream.v1.PollRequest\x1a\x17.fedstream.v1.PollReply\x12\x45\n\x08\x44ownload\x12\x1d.fedstream.v1.DownloadRequest\x1a\x18.fedstream.v1.ModelChunk0\x01\x12@\n\x06Upload\x12\x19.fedstream.v1.UpdateChunk\x1a\x19.fedstream.v1.UploadReply(\x01\x12R\n\x0cUploadOffset\x12!.fedstream.v1.UploadOffsetRequest\x1a\x1f.fedstream.v1.UploadOffsetReply\x12Q\n\x10ReportEvaluation\x12\x1e.fedstream.v1.EvaluationReport\x1a\x1d.fedstream.v1.EvaluationReply\x12I\n\tHeartbeat\x12\x1e.fedstream.v1.HeartbeatRequest\x1a\x1c.fedstream.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64stream/v1/coordinator.proto\x12\x0c\x66\x65\x64stream.v1\"H\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"k\n\x08Manifest\x12)\n\x07tensors\x18\x01 \x03(\x0b\x32\x18.fedstream.v1.TensorSpec\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12%\n\x04ties\x18\x03 \x03(\x0b\x32\x17.fedstream.v1.TensorTie\")\n\tTensorTie\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"Z\n\x0b\x43onfigValue\x12\x10\n\x06number\x18\x01 \x01(\x01H\x00\x12\x11\n\x07integer\x18\x02 \x01(\x03H\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x0e\n\x04\x66lag\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\"\x99\x01\n\x0bJoinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12\x16\n\x0enum_partitions\x18\x04 \x01(\r\x12\x14\n\x0cmodel_digest\x18\x05 \x01(\t\x12-\n\tagreement\x18\x06 \x01(\x0b\x32\x1a.fedstream.v1.RunAgreement\"\x93\x01\n\x0cRunAgreement\x12\x41\n\x0ctask_options\x18\x01 \x03(\x0b\x32+.fedstream.v1.RunAgreement.TaskOptionsEntry\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x1a\x32\n\x10TaskOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"q\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\r\x12\x19\n\x11heartbeat_seconds\x18\x05 \x01(\x01\"\'\n\x0bPollRequestJ\x04\x08\x01\x10\x02R\x12held_model_version\"\xf1\x01\n\tTrainTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x33\n\x06\x63onfig\x18\x03 \x03(\x0b\x32#.fedstream.v1.TrainTask.ConfigEntry\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\x1aH\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12(\n\x05value\x18\x02 \x01(\x0b\x32\x19.fedstream.v1.ConfigValue:\x02\x38\x01\"d\n\x0c\x45valuateTask\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x03 \x01(\x01\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\"#\n\x04Wait\x12\x1b\n\x13retry_after_seconds\x18\x01 \x01(\x01\"\x16\n\x04\x44one\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xb7\x01\n\tPollReply\x12(\n\x05train\x18\x01 \x01(\x0b\x32\x17.fedstream.v1.TrainTaskH\x00\x12\"\n\x04wait\x18\x02 \x01(\x0b\x32\x12.fedstream.v1.WaitH\x00\x12\"\n\x04\x64one\x18\x03 \x01(\x0b\x32\x12.fedstream.v1.DoneH\x00\x12.\n\x08\x65valuate\x18\x04 \x01(\x0b\x32\x1a.fedstream.v1.EvaluateTaskH\x00\x42\x08\n\x06\x61\x63tion\"q\n\x0f\x44ownloadRequest\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\r\x12\x15\n\x08\x66ragment\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0b\n\t_fragment\"n\n\x0bModelHeader\x12\x15\n\rmodel_version\x18\x01 \x01(\x04\x12(\n\x08manifest\x18\x02 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"T\n\nModelChunk\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedstream.v1.ModelHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"\x86\x02\n\x0cUpdateHeader\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x38\n\x07metrics\x18\x04 \x03(\x0b\x32\'.fedstream.v1.UpdateHeader.MetricsEntry\x12(\n\x08manifest\x18\x05 \x01(\x0b\x32\x16.fedstream.v1.Manifest\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x04\x12\x15\n\rresume_offset\x18\x07 \x01(\x04\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x86\x01\n\x0bUpdateChunk\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.fedstream.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12.\n\x07trailer\x18\x03 \x01(\x0b\x32\x1b.fedstream.v1.UpdateTrailerH\x00\x42\t\n\x07payload\"\x1f\n\rUpdateTrailer\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"L\n\x13UploadOffsetRequest\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x04\"#\n\x11UploadOffsetReply\x12\x0e\n\x06offset\x18\x01 \x01(\x04\"/\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\xbc\x01\n\x10\x45valuationReport\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x15\n\rmodel_version\x18\x02 \x01(\x04\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12<\n\x07metrics\x18\x04 \x03(\x0b\x32+.fedstream.v1.EvaluationReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"3\n\x0f\x45valuationReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"!\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x04\"$\n\x0eHeartbeatReply\x12\x12\n\nphase_open\x18\x01 \x01(\x08\x32\x80\x04\n\x0b\x43oordinator\x12:\n\x04Join\x12\x19.fedstream.v1.JoinRequest\x1a\x17.fedstream.v1.JoinReply\x12:\n\x04Poll\x12\x19.fedstream.v1.PollRequest\x1a\x17.fedstream.v1.PollReply\x12\x45\n\x08\x44ownload\x12\x1d.fedstream.v1.DownloadRequest\x1a\x18.fedstream.v1.ModelChunk0\x01\x12@\n\x06Upload\x12\x19.fedstream.v1.UpdateChunk\x1a\x19.fedstream.v1.UploadReply(\x01\x12R\n\x0cUploadOffset\x12!.fedstream.v1.UploadOffsetRequest\x1a\x1f.fedstream.v1.UploadOffsetReply\x12Q\n\x10ReportEvaluation\x12\x1e.fedstream.v1.EvaluationReport\x1a\x1d.fedstream.v1.EvaluationReply\x12I\n\tHeartbeat\x12\x1e.fedstream.v1.HeartbeatRequest\x1a\x1c.fedstream.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -70,35 +70,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_POLLREPLY']._serialized_start=1236
   _globals['_POLLREPLY']._serialized_end=1419
   _globals['_DOWNLOADREQUEST']._serialized_start=1421
-  _globals['_DOWNLOADREQUEST']._serialized_end=1498
-  _globals['_MODELHEADER']._serialized_start=1500
-  _globals['_MODELHEADER']._serialized_end=1610
-  _globals['_MODELCHUNK']._serialized_start=1612
-  _globals['_MODELCHUNK']._serialized_end=1696
-  _globals['_UPDATEHEADER']._serialized_start=1699
-  _globals['_UPDATEHEADER']._serialized_end=1961
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1915
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1961
-  _globals['_UPDATECHUNK']._serialized_start=1964
-  _globals['_UPDATECHUNK']._serialized_end=2098
-  _globals['_UPDATETRAILER']._serialized_start=2100
-  _globals['_UPDATETRAILER']._serialized_end=2131
-  _globals['_UPLOADOFFSETREQUEST']._serialized_start=2133
-  _globals['_UPLOADOFFSETREQUEST']._serialized_end=2209
-  _globals['_UPLOADOFFSETREPLY']._serialized_start=2211
-  _globals['_UPLOADOFFSETREPLY']._serialized_end=2246
-  _globals['_UPLOADREPLY']._serialized_start=2248
-  _globals['_UPLOADREPLY']._serialized_end=2295
-  _globals['_EVALUATIONREPORT']._serialized_start=2298
-  _globals['_EVALUATIONREPORT']._serialized_end=2486
-  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_start=1915
-  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_end=1961
-  _globals['_EVALUATIONREPLY']._serialized_start=2488
-  _globals['_EVALUATIONREPLY']._serialized_end=2539
-  _globals['_HEARTBEATREQUEST']._serialized_start=2541
-  _globals['_HEARTBEATREQUEST']._serialized_end=2574
-  _globals['_HEARTBEATREPLY']._serialized_start=2576
-  _globals['_HEARTBEATREPLY']._serialized_end=2612
-  _globals['_COORDINATOR']._serialized_start=2615
-  _globals['_COORDINATOR']._serialized_end=3127
+  _globals['_DOWNLOADREQUEST']._serialized_end=1534
+  _globals['_MODELHEADER']._serialized_start=1536
+  _globals['_MODELHEADER']._serialized_end=1646
+  _globals['_MODELCHUNK']._serialized_start=1648
+  _globals['_MODELCHUNK']._serialized_end=1732
+  _globals['_UPDATEHEADER']._serialized_start=1735
+  _globals['_UPDATEHEADER']._serialized_end=1997
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1951
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1997
+  _globals['_UPDATECHUNK']._serialized_start=2000
+  _globals['_UPDATECHUNK']._serialized_end=2134
+  _globals['_UPDATETRAILER']._serialized_start=2136
+  _globals['_UPDATETRAILER']._serialized_end=2167
+  _globals['_UPLOADOFFSETREQUEST']._serialized_start=2169
+  _globals['_UPLOADOFFSETREQUEST']._serialized_end=2245
+  _globals['_UPLOADOFFSETREPLY']._serialized_start=2247
+  _globals['_UPLOADOFFSETREPLY']._serialized_end=2282
+  _globals['_UPLOADREPLY']._serialized_start=2284
+  _globals['_UPLOADREPLY']._serialized_end=2331
+  _globals['_EVALUATIONREPORT']._serialized_start=2334
+  _globals['_EVALUATIONREPORT']._serialized_end=2522
+  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_start=1951
+  _globals['_EVALUATIONREPORT_METRICSENTRY']._serialized_end=1997
+  _globals['_EVALUATIONREPLY']._serialized_start=2524
+  _globals['_EVALUATIONREPLY']._serialized_end=2575
+  _globals['_HEARTBEATREQUEST']._serialized_start=2577
+  _globals['_HEARTBEATREQUEST']._serialized_end=2610
+  _globals['_HEARTBEATREPLY']._serialized_start=2612
+  _globals['_HEARTBEATREPLY']._serialized_end=2648
+  _globals['_COORDINATOR']._serialized_start=2651
+  _globals['_COORDINATOR']._serialized_end=3163
 # @@protoc_insertion_point(module_scope)

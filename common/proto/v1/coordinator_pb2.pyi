@@ -465,23 +465,33 @@ class DownloadRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    FRAGMENT_FIELD_NUMBER: _builtins.int
     model_version: _builtins.int
     offset: _builtins.int
     """Resume a broken download from this byte offset of the data stream."""
     chunk_bytes: _builtins.int
     """Preferred chunk size; the coordinator clamps it to its own bounds."""
+    fragment: _builtins.int
+    """Streaming fragments: only this fragment's tensors of the model (the round config's
+    `fragments` says how many the run has; docs/low-communication.md), as their own
+    stream (offset, manifest and sha256 are that stream's). Absent: the whole model.
+    A fragment out of range is refused (INVALID_ARGUMENT).
+    """
     def __init__(
         self,
         *,
         model_version: _builtins.int = ...,
         offset: _builtins.int = ...,
         chunk_bytes: _builtins.int = ...,
+        fragment: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_fragment", b"_fragment", "fragment", b"fragment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "model_version", b"model_version", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_fragment", b"_fragment", "chunk_bytes", b"chunk_bytes", "fragment", b"fragment", "model_version", b"model_version", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__fragment: _TypeAlias = _typing.Literal["fragment"]  # noqa: Y015
+    _WhichOneofArgType__fragment: _TypeAlias = _typing.Literal["_fragment", b"_fragment"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__fragment) -> _WhichOneofReturnType__fragment | None: ...
 
 Global___DownloadRequest: _TypeAlias = DownloadRequest  # noqa: Y015
 
