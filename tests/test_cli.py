@@ -82,6 +82,8 @@ OPTIONS: dict[str, set[str]] = {
         "--dp-noise-multiplier",
         "--dp-delta",
         "--proximal-mu",
+        "--fragments",
+        "--fragment-alpha",
         "--eval-every",
         "--eval-timeout",
         "--min-transfer-rate",
