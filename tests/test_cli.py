@@ -213,6 +213,7 @@ SERVER_GROUPS = [
     "security",
     "rounds",
     "uplink",
+    "streaming",
     "durability",
     "strategy",
     "safeguards",
