@@ -278,6 +278,12 @@ class CoordinatorServicer:
             raise TransferStalled(
                 f"the client read nothing for {self.stall_timeout:.0f}s: download stalled"
             ) from None
+        except Exception:
+            # a cancel that lands while a message is being sent fails the send inside
+            # grpc (ExecuteBatchError) rather than cancelling the handler: it is a cancel
+            if context.cancelled():
+                raise asyncio.CancelledError from None
+            raise
 
     async def upload(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
