@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 def run_identity(config: ServerConfig, task: Task) -> RunIdentity:
     """What a resume must agree on: the task's site options (a data path) may change."""
     shaping = {k: v for k, v in config.task_opt.items() if k not in task.site_options}
-    return RunIdentity(config.task, shaping, config.seed, config.strategy)
+    return RunIdentity(config.task, shaping, config.seed, config.strategy, config.fragments)
 
 
 def streaming(config: ServerConfig, model: GlobalModel) -> Fragments | None:

@@ -90,6 +90,9 @@ class RunIdentity:
     task_opt: dict[str, str]
     seed: int
     strategy: str
+    fragments: int = 1
+    """--fragments: which fragment a round synchronises, and so what its strategy state
+    and clients' anchors mean, depends on it."""
 
 
 @dataclass
@@ -143,6 +146,7 @@ class Checkpoints:
             "task_opt": json.dumps(self.identity.task_opt, sort_keys=True),
             "seed": str(self.identity.seed),
             "strategy": self.identity.strategy,
+            "fragments": str(self.identity.fragments),
             "history": strict_json(history),
             **self.origin,
         }
@@ -236,6 +240,7 @@ class Checkpoints:
             json.loads(metadata["task_opt"]),
             int(metadata["seed"]),
             metadata.get("strategy", "fedavg"),
+            int(metadata.get("fragments", "1")),
         )
         if theirs != self.identity:
             raise ConfigError(

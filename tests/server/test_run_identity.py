@@ -28,8 +28,10 @@ class SiteTask(Task):
         raise NotImplementedError
 
 
-def resume(run_dir: Path, **task_opt: str) -> None:
-    config = ServerConfig(run_dir=run_dir, task="mine:SiteTask", task_opt=task_opt)
+def resume(run_dir: Path, fragments: int = 1, **task_opt: str) -> None:
+    config = ServerConfig(
+        run_dir=run_dir, task="mine:SiteTask", task_opt=task_opt, fragments=fragments
+    )
     store = RunStore(run_dir, run_identity(config, SiteTask(task_opt)))
     try:
         if store.resume() is None:
@@ -44,3 +46,14 @@ def test_a_site_option_may_change_on_resume_a_shaping_one_may_not(tmp_path: Path
     resume(tmp_path, width="1")
     with pytest.raises(ConfigError, match="holds a different run"):
         resume(tmp_path, data="/site/a.csv", width="2")
+
+
+def test_a_resume_with_another_fragment_count_is_another_run(tmp_path: Path) -> None:
+    """Round r synchronises fragment (r - 1) mod F: with another F the checkpoint's
+    strategy state and the clients' anchors would belong to other tensors."""
+    resume(tmp_path, fragments=2, width="1")
+    resume(tmp_path, fragments=2, width="1")
+    with pytest.raises(ConfigError, match="holds a different run"):
+        resume(tmp_path, fragments=3, width="1")
+    with pytest.raises(ConfigError, match="holds a different run"):
+        resume(tmp_path, width="1")
