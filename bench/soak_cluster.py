@@ -35,7 +35,8 @@ TICK_S = 0.1
 LATEST_S = 30.0
 HOLD_S = 30.0
 """Seconds the proxy keeps trying to reach a restarting coordinator before it closes a new
-connection (a client reads a few closes in a row as a TLS mismatch: docs/benchmarks.md)."""
+connection (a client that was never answered reads a few closes in a row as a TLS mismatch:
+client/retry.py)."""
 """A kill of the coordinator whose booked updates do not come fires this long after its
 delay anyway (a round that cannot get them: too few clients back from their kills)."""
 

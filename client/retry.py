@@ -107,11 +107,13 @@ DEFINITE_AFTER = 3
 """Handshake failures in a row, each naming its cause, after which the client gives up."""
 
 CLOSED_AFTER = 5
-LAST_ADDRESS = re.compile(r"last error: [A-Z_]+: (ipv[46]:.*?:\d+):")
-"""The address grpc names in a failed connection's details (`ipv4:127.0.0.1:P`)."""
 """Connections in a row closed by the coordinator during the handshake after which the
 client gives up: such a close names no cause, and a proxy in front of a coordinator
-that is down may close connections too, so it takes more of them."""
+that is down may close connections too, so it takes more of them (and once a call was
+answered, closes never end the client: see `HandshakeWatch`)."""
+
+LAST_ADDRESS = re.compile(r"last error: [A-Z_]+: (ipv[46]:.*?:\d+):")
+"""The address grpc names in a failed connection's details (`ipv4:127.0.0.1:P`)."""
 
 
 class HandshakeWatch:
@@ -125,6 +127,11 @@ class HandshakeWatch:
     listens beside the IPv4 one where the coordinator does). `target` is the HOST:PORT
     dialled; `tls` whether this client speaks TLS (--ca), `mutual` whether it presents a
     certificate (--cert).
+
+    Once a call has been answered, these credentials are known to pass the handshake, so
+    connections closed in it with no cause named are an outage (a proxy whose coordinator
+    is restarting accepts and closes), retried like a refused connection; a named cause
+    (a certificate the coordinator changed) still ends the client.
     """
 
     def __init__(self, target: str, tls: bool, mutual: bool) -> None:
@@ -133,14 +140,19 @@ class HandshakeWatch:
         self.mutual = mutual
         self.in_a_row = 0
         self.address: str | None = None
+        self.answered = False
 
     def reset(self) -> None:
+        """A call was answered."""
         self.in_a_row = 0
+        self.answered = True
 
     def failed(self, code: grpc.StatusCode, details: str) -> str | None:
         """The likely cause, once `code`/`details` make enough handshake failures in a
         row to give up on; None while the client should go on retrying."""
         cause = self.cause(code, details)
+        if cause is not None and self.answered and not cause[0]:
+            cause = None
         named = LAST_ADDRESS.search(details)
         address = named.group(1) if named else None
         if cause is None:

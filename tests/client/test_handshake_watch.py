@@ -94,6 +94,16 @@ def test_an_answered_call_starts_the_count_again():
     assert tries(watch, OTHER_CA, DEFINITE_AFTER - 1) == [None] * (DEFINITE_AFTER - 1)
 
 
+def test_closes_after_an_answered_call_are_an_outage_but_a_named_cause_still_ends_it():
+    """A proxy in front of a restarting coordinator accepts and closes: credentials
+    that were answered before are not the cause."""
+    watch = HandshakeWatch("127.0.0.1:1", False, False)
+    watch.reset()
+    assert tries(watch, CLOSED, 50) == [None] * 50
+    outcomes = tries(watch, NOT_TLS, DEFINITE_AFTER)
+    assert outcomes[-1] is not None and "does not speak TLS" in outcomes[-1]
+
+
 def test_a_call_broken_after_connecting_is_not_a_handshake_failure():
     watch = HandshakeWatch("127.0.0.1:1", True, False)
     assert tries(watch, "Socket closed", 50) == [None] * 50
