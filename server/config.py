@@ -56,7 +56,8 @@ class TransportConfig:
     max_chunk_bytes: int = 16 * MIB
     """Largest chunk accepted from a client."""
     poll_timeout: float = 20.0
-    """Seconds a long-poll waits for work before telling the client to poll again."""
+    """Seconds a long-poll waits for work before telling the client to poll again (at
+    most half of --client-timeout, so that a waiting client stays live)."""
     client_timeout: float = 120.0
     """Seconds without any call after which an idle client is no longer selected."""
     stall_timeout: float = 60.0

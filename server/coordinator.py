@@ -202,8 +202,12 @@ class Coordinator:
         )
 
     async def poll(self, client: ClientRecord) -> Work:
-        """Work for `client`, waiting up to the poll timeout for some to appear."""
-        deadline = self.clock.now() + self.transport.poll_timeout
+        """Work for `client`, waiting up to the poll timeout for some to appear, and never
+        more than half the client timeout: a client in a held poll sends nothing else, so
+        a longer hold would count it gone (and with two clients whose polls are held in
+        turn, no round would find both live)."""
+        hold = min(self.transport.poll_timeout, self.transport.client_timeout / 2)
+        deadline = self.clock.now() + hold
         while True:
             work = self._work_for(client)
             if not isinstance(work, NoWork):

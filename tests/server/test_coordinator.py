@@ -312,6 +312,27 @@ def test_a_poll_without_work_waits_for_the_poll_timeout(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_a_poll_is_held_at_most_half_the_client_timeout_so_its_client_stays_live(
+    tmp_path: Path,
+) -> None:
+    """Two clients whose polls are held in turn: were a poll held past the client
+    timeout, each would be counted gone while the other polls, and no round would open."""
+
+    async def scenario() -> None:
+        h = Harness(tmp_path, poll_timeout=20.0, client_timeout=3.0)
+        h.join("a", 0)
+        poll = asyncio.create_task(h.poll("a"))
+        await asyncio.sleep(0)
+        h.clock.advance(1.4)
+        await asyncio.sleep(0)
+        assert not poll.done()
+        h.clock.advance(0.1)
+        assert isinstance(await asyncio.wait_for(poll, REAL_DEADLINE_S), NoWork)
+        assert [r.name for r in h.coordinator.admission.live()] == ["a"]
+
+    run(scenario)
+
+
 class CoordinateMax(Strategy):
     """A strategy that holds its round's updates and reads them all at the end:
     w <- w + max_k delta_k, coordinate by coordinate."""
