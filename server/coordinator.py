@@ -202,10 +202,9 @@ class Coordinator:
         )
 
     async def poll(self, client: ClientRecord) -> Work:
-        """Work for `client`, waiting up to the poll timeout for some to appear, and never
-        more than half the client timeout: a client in a held poll sends nothing else, so
-        a longer hold would count it gone (and with two clients whose polls are held in
-        turn, no round would find both live)."""
+        """Work for `client`, waiting up to the poll timeout for some to appear, but at
+        most half the client timeout: a client in a held poll sends nothing else, and a
+        longer hold would count it gone."""
         hold = min(self.transport.poll_timeout, self.transport.client_timeout / 2)
         deadline = self.clock.now() + hold
         while True:
