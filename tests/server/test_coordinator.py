@@ -297,33 +297,24 @@ def test_done_answers_every_poll_and_waits_for_clients_to_hear_it(tmp_path: Path
     run(scenario)
 
 
-def test_a_poll_without_work_waits_for_the_poll_timeout(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        h = Harness(tmp_path, poll_timeout=20.0)
-        h.join("a", 0)
-        poll = asyncio.create_task(h.poll("a"))
-        await asyncio.sleep(0)
-        h.clock.advance(19.0)
-        await asyncio.sleep(0)
-        assert not poll.done()
-        h.clock.advance(1.0)
-        assert isinstance(await asyncio.wait_for(poll, REAL_DEADLINE_S), NoWork)
-
-    run(scenario)
-
-
-def test_a_poll_is_held_at_most_half_the_client_timeout_so_its_client_stays_live(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("client_timeout", "held"),
+    [(120.0, 20.0), (3.0, 1.5)],
+    ids=["the poll timeout", "half the client timeout"],
+)
+def test_a_poll_without_work_is_held_so_long_that_its_client_stays_live(
+    tmp_path: Path, client_timeout: float, held: float
 ) -> None:
-    """Two clients whose polls are held in turn: were a poll held past the client
-    timeout, each would be counted gone while the other polls, and no round would open."""
+    """Held for the poll timeout (20 s), but at most half the client timeout: two clients
+    whose polls were held past it in turn would each be counted gone while the other
+    polls, and no round would open."""
 
     async def scenario() -> None:
-        h = Harness(tmp_path, poll_timeout=20.0, client_timeout=3.0)
+        h = Harness(tmp_path, poll_timeout=20.0, client_timeout=client_timeout)
         h.join("a", 0)
         poll = asyncio.create_task(h.poll("a"))
         await asyncio.sleep(0)
-        h.clock.advance(1.4)
+        h.clock.advance(held - 0.1)
         await asyncio.sleep(0)
         assert not poll.done()
         h.clock.advance(0.1)
