@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -95,14 +95,19 @@ def plan(
 def apply(correction: Correction, strategy: MeanOfUpdates) -> None:
     """Add the correction to the strategy's running sum: one pass over its updates'
     spools in lockstep."""
-    if correction.terms:
-        updates = [update for update, _ in correction.terms]
-        coefficients = torch.tensor([beta for _, beta in correction.terms], dtype=torch.float64)
-        combined = torch.empty(0)
-        for name, start, rows in lockstep(updates, reuse=True):
-            if combined.dtype != rows.dtype or combined.numel() < rows.shape[1]:
-                combined = torch.empty(rows.shape[1], dtype=rows.dtype)
-            block = combined[: rows.shape[1]]
-            torch.mv(rows.T, coefficients.to(rows.dtype), out=block)
-            strategy.running.correct([DeltaBlock(name, start, block)], 0.0)
-    strategy.running.correct([], correction.weight)
+    strategy.running.correct(_combined(correction.terms), correction.weight)
+
+
+def _combined(terms: Sequence[tuple[VerifiedUpdate, float]]) -> Iterator[DeltaBlock]:
+    """sum_j beta_j x_j, block by block, in one reused buffer (each block is added to the
+    sum before the next is made)."""
+    if not terms:
+        return
+    coefficients = torch.tensor([beta for _, beta in terms], dtype=torch.float64)
+    buffer = torch.empty(0)
+    for name, start, rows in lockstep([update for update, _ in terms], reuse=True):
+        if buffer.dtype != rows.dtype or buffer.numel() < rows.shape[1]:
+            buffer = torch.empty(rows.shape[1], dtype=rows.dtype)
+        block = buffer[: rows.shape[1]]
+        torch.mv(rows.T, coefficients.to(rows.dtype), out=block)
+        yield DeltaBlock(name, start, block)

@@ -68,24 +68,21 @@ class RunningMean:
 
     def add(self, weight: float, update: DeltaStream) -> None:
         """sum += weight * update, block by block."""
-        self._allocate()
-        for block in update:
-            block.target(self.sums).add_(block.values, alpha=weight)
-        self.weight += weight
+        self._fold(update, weight, weight)
 
     def correct(self, change: DeltaStream, weight: float) -> None:
         """sum += change (already weighted), total weight += `weight`: a fold corrected
         after the round's review (`server/fold_corrections.py`)."""
-        self._allocate()
-        for block in change:
-            block.target(self.sums).add_(block.values)
-        self.weight += weight
+        self._fold(change, 1.0, weight)
 
-    def _allocate(self) -> None:
+    def _fold(self, blocks: DeltaStream, alpha: float, weight: float) -> None:
         if not self.sums:
             self.sums = {
                 name: torch.zeros(shape, dtype=dt) for name, (shape, dt) in self.like.items()
             }
+        for block in blocks:
+            block.target(self.sums).add_(block.values, alpha=alpha)
+        self.weight += weight
 
     def take(self) -> dict[str, torch.Tensor]:
         """The weighted mean (computed in place over the sums, which are then dropped)."""
