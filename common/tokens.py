@@ -19,7 +19,9 @@ _LINE = re.compile(r"(\S+)\s+([0-9a-f]{64})")
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    """256 random bits in hex: a token never begins with "-", which `--token TOKEN` would
+    read as a missing argument (base64's alphabet has "-" as one of 64 first letters)."""
+    return secrets.token_hex(32)
 
 
 def token_hash(token: str) -> str:
