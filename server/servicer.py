@@ -278,12 +278,11 @@ class CoordinatorServicer:
             raise TransferStalled(
                 f"the client read nothing for {self.stall_timeout:.0f}s: download stalled"
             ) from None
-        except Exception:
-            # a cancel that lands while a message is being sent fails the send inside
-            # grpc (ExecuteBatchError) rather than cancelling the handler: it is a cancel
-            if context.cancelled():
-                raise asyncio.CancelledError from None
-            raise
+        except grpc.aio.InternalError:
+            # a send that fails inside grpc (ExecuteBatchError) means the stream is gone:
+            # its client cancelled or dropped it, and the handler's own cancel may not
+            # have landed yet (context.cancelled() can still be False): it is a cancel
+            raise asyncio.CancelledError from None
 
     async def upload(
         self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
